@@ -1,0 +1,28 @@
+"""Distributional Dataset Distillation (D3) for the Hugging Face ecosystem."""
+
+from .models import (
+    ConvNetConfig,
+    ConvNetForImageClassification,
+    D3Decoder,
+    GaussianLatentStore,
+    ResNet18APConfig,
+    ResNet18APForImageClassification,
+    build_classifier,
+)
+from .pipelines import D3Pipeline, D3PipelineOutput
+from .storage import StorageReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvNetConfig",
+    "ConvNetForImageClassification",
+    "D3Decoder",
+    "D3Pipeline",
+    "D3PipelineOutput",
+    "GaussianLatentStore",
+    "ResNet18APConfig",
+    "ResNet18APForImageClassification",
+    "StorageReport",
+    "build_classifier",
+]

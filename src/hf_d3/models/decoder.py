@@ -1,0 +1,138 @@
+"""The conv generator that turns D3 latents into images: the shared half of a D3 dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+# Channels of the paper's three decoders at 64x64 (DESIGN.md section 1): the first entry is the feature
+# map the latent becomes, each next one an upsampling stage that doubles the side.
+PRESETS: dict[str, dict] = {
+    "small": {"latent_dim": 64, "channels": [256, 128, 64, 32, 32, 32], "latent_projection": True,
+              "upsample_kernel_size": 4},
+    "medium": {"latent_dim": 2048, "channels": [512, 256, 128, 64, 32, 32], "latent_projection": True,
+               "upsample_kernel_size": 3},
+    "large": {"latent_dim": 4096, "channels": [1024, 512, 256, 128, 64, 64], "latent_projection": False,
+              "upsample_kernel_size": 3},
+}
+
+
+def _upsampling_stages(resolution: int, max_stages: int) -> int:
+    """The most doublings (<= max_stages) that reach `resolution` from an integer side of at least 2."""
+    for stages in range(max_stages, 0, -1):
+        if resolution % 2**stages == 0 and resolution // 2**stages >= 2:
+            return stages
+    raise ValueError(f"resolution={resolution} cannot be reached by doubling; use an even size such as 28, 32 or 64")
+
+
+class _Generator(nn.Module):
+    def __init__(self, latent_dim, out_channels, start_size, channels, latent_projection, kernel_size):
+        super().__init__()
+        self.start_shape = (channels[0], start_size, start_size)
+        feature_values = channels[0] * start_size**2
+        self.project = nn.Linear(latent_dim, feature_values) if latent_projection else nn.Identity()
+        layers = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [
+                nn.ConvTranspose2d(c_in, c_out, kernel_size, stride=2, padding=1,
+                                   output_padding=1 if kernel_size == 3 else 0),
+                nn.BatchNorm2d(c_out),
+                nn.LeakyReLU(0.2),
+            ]
+        layers += [nn.Conv2d(channels[-1], out_channels, 3, padding=1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, latents):
+        return self.body(self.project(latents).view(-1, *self.start_shape))
+
+
+class D3Decoder(ModelMixin, ConfigMixin):
+    """One conv generator per subtask; each latent is decoded by its subtask's generator.
+
+    Output images are in [0, 1] (a rescaled tanh, so the whole pixel range is reachable); classifiers
+    normalise their own inputs.
+
+    Args:
+        latent_dim: size of a latent.
+        resolution: side of the square output image.
+        out_channels: 1 (grayscale) or 3 (RGB).
+        channels: channels of the first feature map, then of each x2 upsampling stage; the number of
+            stages fixes the starting side, `resolution / 2**(len(channels) - 1)`, which must be an integer.
+        latent_projection: map the latent through a Linear layer to the first feature map; without it
+            the latent is reshaped, so `latent_dim` must equal `channels[0] * start_side**2`.
+        upsample_kernel_size: 4 (padding 1) or 3 (padding 1, output padding 1); both double the side.
+        num_subtasks: number of independent generators.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_dim: int = 64,
+        resolution: int = 32,
+        out_channels: int = 3,
+        channels: Sequence[int] = (256, 128, 64, 32, 32),
+        latent_projection: bool = True,
+        upsample_kernel_size: int = 4,
+        num_subtasks: int = 1,
+    ):
+        super().__init__()
+        channels = list(channels)
+        stages = len(channels) - 1
+        if out_channels not in (1, 3):
+            raise ValueError(f"out_channels={out_channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+        if upsample_kernel_size not in (3, 4):
+            raise ValueError(f"upsample_kernel_size={upsample_kernel_size} must be 3 or 4")
+        if stages < 1 or resolution % 2**stages or resolution // 2**stages < 1:
+            valid = [s * 2**stages for s in range(2, 9)]
+            raise ValueError(
+                f"resolution={resolution} cannot be produced with {stages} x2 upsampling stages "
+                f"(channels={channels}); with this many stages valid resolutions are {valid}, "
+                "or change the number of channel entries"
+            )
+        start_size = resolution // 2**stages
+        if not latent_projection and latent_dim != channels[0] * start_size**2:
+            raise ValueError(
+                f"latent_dim={latent_dim} must equal channels[0] * {start_size}**2 = "
+                f"{channels[0] * start_size**2} when latent_projection is False"
+            )
+        self.generators = nn.ModuleList(
+            _Generator(latent_dim, out_channels, start_size, channels, latent_projection, upsample_kernel_size)
+            for _ in range(num_subtasks)
+        )
+
+    @classmethod
+    def from_preset(
+        cls, name: str, resolution: int, out_channels: int, num_subtasks: int = 1, **overrides
+    ) -> D3Decoder:
+        """The paper's "small" (1 IPC), "medium" (2 IPC) or "large" (10 IPC) decoder at `resolution`.
+
+        Smaller resolutions keep the preset's first (widest) stages and drop the rest.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"decoder preset {name!r} is unknown; valid: {sorted(PRESETS)}")
+        config = dict(PRESETS[name])
+        stages = _upsampling_stages(resolution, len(config["channels"]) - 1)
+        config["channels"] = config["channels"][: stages + 1]
+        if not config["latent_projection"]:
+            config["latent_dim"] = config["channels"][0] * (resolution // 2**stages) ** 2
+        config.update(overrides)
+        return cls(resolution=resolution, out_channels=out_channels, num_subtasks=num_subtasks, **config)
+
+    def forward(self, latents: torch.Tensor, subtask_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode `latents` [N, latent_dim] to images [N, C, H, W] in [0, 1]."""
+        if subtask_ids is None:
+            if len(self.generators) != 1:
+                raise ValueError(f"this decoder has {len(self.generators)} generators: pass subtask_ids")
+            return (self.generators[0](latents) + 1) / 2
+        c, r = self.config.out_channels, self.config.resolution
+        images = latents.new_empty(latents.shape[0], c, r, r)
+        for subtask in subtask_ids.unique().tolist():
+            picked = subtask_ids == subtask
+            images[picked] = self.generators[subtask](latents[picked])
+        return (images + 1) / 2

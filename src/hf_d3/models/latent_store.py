@@ -1,0 +1,112 @@
+"""Per-class diagonal Gaussians in a decoder's latent space: the statistics half of a D3 dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+
+class GaussianLatentStore(ModelMixin, ConfigMixin):
+    """`latents_per_class` diagonal Gaussians per class, with one soft label per component.
+
+    Components are ordered by class (in `class_ids` order), then by index within the class. The classes
+    are split into contiguous subtasks of `subtask_sizes` classes; each subtask has its own generator in
+    the decoder, and `component_subtask` says which one decodes a component.
+
+    Args:
+        class_ids: global ids of the classes this store covers, in order.
+        num_classes: size of the global label space (the length of a soft label).
+        latents_per_class: Gaussians per class ("M" in the paper).
+        latent_dim: dimension of each Gaussian.
+        class_names: names of all `num_classes` classes; defaults to their ids as strings.
+        subtask_sizes: classes per subtask, summing to `len(class_ids)`; defaults to one subtask.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        class_ids: Sequence[int],
+        num_classes: int,
+        latents_per_class: int = 1,
+        latent_dim: int = 64,
+        class_names: Sequence[str] | None = None,
+        subtask_sizes: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        class_ids = list(class_ids)
+        subtask_sizes = list(subtask_sizes or [len(class_ids)])
+        if latents_per_class < 1 or latent_dim < 1:
+            raise ValueError(
+                f"latents_per_class={latents_per_class} and latent_dim={latent_dim} must both be >= 1"
+            )
+        if not class_ids or min(class_ids) < 0 or max(class_ids) >= num_classes:
+            raise ValueError(f"class_ids={class_ids} must be non-empty ids in [0, {num_classes})")
+        if sum(subtask_sizes) != len(class_ids) or min(subtask_sizes) < 1:
+            raise ValueError(
+                f"subtask_sizes={subtask_sizes} must be positive and sum to the {len(class_ids)} classes"
+            )
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names, expected num_classes={num_classes}")
+
+        num_components = len(class_ids) * latents_per_class
+        self.mean = nn.Parameter(torch.randn(num_components, latent_dim))
+        self.logvar = nn.Parameter(torch.randn(num_components, latent_dim))
+        subtask_of_class = torch.repeat_interleave(
+            torch.arange(len(subtask_sizes)), torch.tensor(subtask_sizes)
+        )
+        component_class = torch.tensor(class_ids).repeat_interleave(latents_per_class)
+        self.register_buffer("component_class", component_class)
+        self.register_buffer("component_subtask", subtask_of_class.repeat_interleave(latents_per_class))
+        self.register_buffer(
+            "soft_labels", nn.functional.one_hot(component_class, num_classes).float()
+        )
+
+    @property
+    def num_components(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.config.class_names
+        return list(names) if names is not None else [str(i) for i in range(self.config.num_classes)]
+
+    def components_of(self, class_labels: Sequence[int] | None = None) -> torch.Tensor:
+        """Indices of the components of `class_labels` (global ids), or of every component."""
+        if class_labels is None:
+            return torch.arange(self.num_components, device=self.mean.device)
+        unknown = sorted(set(int(c) for c in class_labels) - set(self.config.class_ids))
+        if unknown:
+            raise ValueError(f"class_labels {unknown} are not in this store; valid: {self.config.class_ids}")
+        wanted = torch.as_tensor(list(class_labels), device=self.component_class.device)
+        return torch.nonzero(torch.isin(self.component_class, wanted)).flatten()
+
+    def sample(
+        self,
+        components: torch.Tensor | None = None,
+        num_samples_per_component: int = 1,
+        include_means: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw `mean + exp(logvar / 2) * eps` for each component.
+
+        Returns the latents and, for each, the index of its component. With `include_means`, every
+        component's mean comes first, then the samples.
+        """
+        if components is None:
+            components = self.components_of()
+        index = components.repeat(num_samples_per_component)
+        mean, logvar = self.mean[index], self.logvar[index]
+        # Draw on the generator's device so a CPU generator gives the same samples on any device.
+        device = generator.device if generator is not None else mean.device
+        eps = torch.randn(mean.shape, generator=generator, device=device).to(mean)
+        latents = mean + torch.exp(logvar / 2) * eps
+        if include_means:
+            latents = torch.cat([self.mean[components], latents])
+            index = torch.cat([components, index])
+        return latents, index

@@ -1,0 +1,123 @@
+"""D3Pipeline: a distilled dataset as a diffusers pipeline (latent store + decoder)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..models.decoder import D3Decoder
+from ..models.latent_store import GaussianLatentStore
+from ..storage import StorageReport, storage_report
+
+
+@dataclass
+class D3PipelineOutput(BaseOutput):
+    """Images drawn from the distilled dataset with their labels.
+
+    Args:
+        images: PIL images, a NHWC numpy array or a NCHW tensor, pixels in [0, 1] for the array types.
+        labels: global class id of each image.
+        soft_labels: [N, num_classes] probabilities of each image's component.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    labels: torch.Tensor
+    soft_labels: torch.Tensor
+
+
+class D3Pipeline(DiffusionPipeline):
+    """Generates the training set of a D3 distilled dataset.
+
+    Every component (a diagonal Gaussian of a class in `latent_store`) is decoded by its subtask's
+    generator in `decoder`: its mean gives the component's mean image, samples give fresh images.
+    """
+
+    model_cpu_offload_seq = "latent_store->decoder"
+
+    def __init__(self, latent_store: GaussianLatentStore, decoder: D3Decoder):
+        super().__init__()
+        self.register_modules(latent_store=latent_store, decoder=decoder)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> D3Pipeline:
+        """Load from a local folder or a Hub repo id (the snapshot is downloaded, then loaded as a folder).
+
+        Hub keyword arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are honoured.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            path = _download_snapshot(str(pretrained_model_name_or_path), kwargs)
+        for name in ("model_index.json", "latent_store/config.json", "decoder/config.json"):
+            if not (path / name).is_file():
+                raise OSError(f"{path} is not a D3Pipeline folder: {name} is missing")
+        try:
+            return super().from_pretrained(path, **_load_kwargs(kwargs))
+        except Exception as error:  # a truncated or corrupt safetensors file, a bad config
+            raise OSError(f"could not load a D3Pipeline from {path}: {error}") from error
+
+    def storage_report(self) -> StorageReport:
+        """Values and bytes needed to regenerate the training data, and the IPC equivalent."""
+        return storage_report(self.latent_store, self.decoder)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | int | None = None,
+        num_samples_per_component: int = 1,
+        include_means: bool = False,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> D3PipelineOutput | tuple:
+        """Draw images from the distilled dataset.
+
+        Args:
+            class_labels: global class ids to draw from (default: every class).
+            num_samples_per_component: fresh samples drawn from each component.
+            include_means: also return every component's mean image (first).
+            generator: a `torch.Generator` for reproducible samples.
+            output_type: "pil", "np" (NHWC in [0, 1]) or "pt" (NCHW in [0, 1]).
+            return_dict: return a `D3PipelineOutput` rather than a tuple.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type={output_type!r} is not supported; use 'pil', 'np' or 'pt'")
+        if isinstance(class_labels, int):
+            class_labels = [class_labels]
+
+        # A stored dataset must not depend on how images are batched: decode with running statistics.
+        self.decoder.eval()
+        store = self.latent_store
+        components = store.components_of(class_labels)
+        latents, index = store.sample(components, num_samples_per_component, include_means, generator)
+        images = self.decoder(latents.to(self.decoder.dtype), store.component_subtask[index]).clamp(0, 1)
+        labels, soft_labels = store.component_class[index], store.soft_labels[index]
+
+        images = images.cpu().float()
+        if output_type != "pt":
+            images = images.permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        if not return_dict:
+            return images, labels, soft_labels
+        return D3PipelineOutput(images=images, labels=labels, soft_labels=soft_labels)
+
+
+def _download_snapshot(repo_id: str, kwargs: dict) -> Path:
+    from huggingface_hub import snapshot_download
+
+    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+    return Path(snapshot_download(repo_id, **{k: kwargs[k] for k in hub_keys if k in kwargs}))
+
+
+def _load_kwargs(kwargs: dict) -> dict:
+    # Everything Hub-related was resolved by the download; the rest (torch_dtype, ...) goes to diffusers.
+    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+    return {k: v for k, v in kwargs.items() if k not in hub_keys}
