@@ -75,12 +75,22 @@ class _D3Classifier(PreTrainedModel):
         """Penultimate features: the flattened output of the last block."""
         return self.body((pixel_values - self._mean) / self._std).flatten(1)
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
-        logits = self.classifier(self.features(pixel_values))
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        """Logits, the loss when `labels` are given, and the penultimate features as the last hidden state."""
+        features = self.features(pixel_values)
+        logits = self.classifier(features)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits, labels)
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=(features,) if output_hidden_states else None
+        )
 
 
 class ConvNetForImageClassification(_D3Classifier):

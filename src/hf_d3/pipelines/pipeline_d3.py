@@ -67,6 +67,13 @@ class D3Pipeline(DiffusionPipeline):
         """Values and bytes needed to regenerate the training data, and the IPC equivalent."""
         return storage_report(self.latent_store, self.decoder)
 
+    def to_dataset(self, num_samples_per_component: int = 1, include_means: bool = True, seed: int = 0):
+        """The distilled training set as a `datasets.Dataset` (`image`, `label`, `soft_label`); see
+        `hf_d3.hub.pipeline_to_dataset`."""
+        from ..hub import pipeline_to_dataset
+
+        return pipeline_to_dataset(self, num_samples_per_component, include_means, seed)
+
     @torch.no_grad()
     def __call__(
         self,

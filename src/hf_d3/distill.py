@@ -1,0 +1,243 @@
+"""Distilling one subtask: trajectory matching (MTT) and distribution matching (MMD) into latents + decoder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .models.decoder import D3Decoder
+from .models.latent_store import GaussianLatentStore
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
+    """Unbiased MMD^2 between samples x [n, d] and y [m, d] with a sum of Gaussian kernels."""
+    xy = torch.cat([x, y])
+    sq_dist = torch.cdist(xy, xy).pow(2)
+    kernel = sum(torch.exp(-sq_dist / (2 * s**2)) for s in bandwidths)
+    n, m = len(x), len(y)
+    k_xx, k_yy, k_xy = kernel[:n, :n], kernel[n:, n:], kernel[:n, n:]
+    return ((k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
+            + (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+            - 2 * k_xy.mean())
+
+
+class FlatModel:
+    """Calls a network with its parameters given as one flat vector, so an unrolled SGD loop is differentiable."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shapes = [p.shape for p in model.parameters()]
+        self.sizes = [p.numel() for p in model.parameters()]
+
+    def params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def logits(self, flat: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.params(flat), (images,)).logits
+
+    def features(self, flat: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        kwargs = {"output_hidden_states": True}
+        return functional_call(self.model, self.params(flat), (images,), kwargs).hidden_states[-1]
+
+
+def trajectory_matching_loss(
+    net: FlatModel,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    syn_lr: torch.Tensor,
+) -> torch.Tensor:
+    """||theta_N - theta_target||^2 / ||theta_start - theta_target||^2 after one SGD step per batch.
+
+    The inner steps keep their graph (create_graph), so the loss is differentiable in the images and
+    in `syn_lr`.
+    """
+    params = start.clone().requires_grad_(True)
+    for images, labels in batches:
+        loss = nn.functional.cross_entropy(net.logits(params, images), labels)
+        (grad,) = torch.autograd.grad(loss, params, create_graph=True)
+        params = params - syn_lr * grad
+    return (params - target).pow(2).sum() / (start - target).pow(2).sum()
+
+
+@dataclass
+class SubtaskData:
+    """The real data of one subtask; `labels` are local (0..n-1), `class_ids` maps them to global ids."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_ids: list[int]
+
+
+def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData, steps: int,
+               lr: float, generator: torch.Generator) -> None:
+    """`init: real`: fit each component's mean and the decoder to reconstruct one real image of its class.
+
+    Log-variances start small so samples stay near the fitted means; distillation then widens them.
+    """
+    m = store.config.latents_per_class
+    targets = torch.cat([
+        data.images[data.labels == local][torch.randperm(int((data.labels == local).sum()), generator=generator)[:m]]
+        for local in range(len(data.class_ids))
+    ])
+    if len(targets) != store.num_components:
+        raise ValueError(f"init=real needs {m} real images per class; some class of {data.class_ids} has fewer")
+    with torch.no_grad():
+        store.logvar.fill_(math.log(0.01))
+    optimizer = torch.optim.Adam([store.mean, *decoder.parameters()], lr=lr)
+    decoder.train()
+    for _ in tqdm(range(steps), desc="warm start", leave=False):
+        loss = nn.functional.mse_loss(decoder(store.mean), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def _mmd_step_loss(store, decoder, data, embed, samples_per_class, bandwidths, generator) -> torch.Tensor:
+    """Sum over classes of MMD^2 between embedded real images and decoded samples (all classes in one batch)."""
+    m = store.config.latents_per_class
+    n_classes = len(data.class_ids)
+    # n samples per class spread evenly over the class's m components
+    per_class = torch.arange(samples_per_class) % m
+    components = (torch.arange(n_classes).repeat_interleave(samples_per_class) * m + per_class.repeat(n_classes))
+    latents, _ = store.sample(components.to(store.mean.device), generator=generator)
+    fake = embed(decoder(latents))
+    real_index = torch.cat([
+        torch.nonzero(data.labels == c).flatten()[
+            torch.randint(int((data.labels == c).sum()), (samples_per_class,), generator=generator)]
+        for c in range(n_classes)
+    ])
+    real = embed(data.images[real_index])
+    return sum(
+        mmd2_unbiased(real[c * samples_per_class:(c + 1) * samples_per_class],
+                      fake[c * samples_per_class:(c + 1) * samples_per_class], bandwidths)
+        for c in range(n_classes)
+    )
+
+
+@torch.no_grad()
+def refresh_batchnorm(decoder: D3Decoder, store: GaussianLatentStore, passes: int, generator: torch.Generator):
+    """Recompute the decoder's running statistics as an average over batches of all components, so that
+    eval-mode decoding (what the pipeline does) matches what distillation optimised."""
+    norms = [m for m in decoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    decoder.train()
+    for _ in range(passes):
+        latents, index = store.sample(generator=generator)
+        decoder(latents, store.component_subtask[index])
+    for norm in norms:
+        norm.momentum = 0.1
+    decoder.eval()
+
+
+def distill_subtask(
+    store: GaussianLatentStore,
+    decoder: D3Decoder,
+    data: SubtaskData,
+    trajectories: list[tuple[nn.Module, torch.Tensor]],
+    config,
+    generator: torch.Generator,
+    checkpoint_dir: Path | None = None,
+    desc: str = "distill",
+) -> dict:
+    """Optimise `store` and `decoder` (both of one subtask) for `config.iterations` iterations.
+
+    Each iteration is up to two optimiser steps: trajectory matching against a random expert and start
+    epoch (if `mtt_weight` > 0), then per-class MMD on a random expert's penultimate features (if
+    `mmd_weight` > 0). Returns the loss history and the final synthetic learning rate.
+    """
+    syn_lr = torch.tensor(config.syn_lr_init, requires_grad=True)
+    opt_latents = torch.optim.SGD([store.mean, store.logvar], lr=config.lr_latents, momentum=0.5)
+    opt_decoder = torch.optim.Adam(decoder.parameters(), lr=config.lr_decoder, weight_decay=1e-5)
+    opt_lr = torch.optim.SGD([syn_lr], lr=config.lr_lr, momentum=0.5)
+    local_label = torch.arange(store.num_components) // store.config.latents_per_class
+    batch = config.syn_batch_size or store.num_components
+    nets = [FlatModel(model) for model, _ in trajectories]
+    history = {"mtt": [], "mmd": []}
+
+    def pick_expert():
+        i = int(torch.randint(len(trajectories), (1,), generator=generator))
+        return nets[i], trajectories[i][1]
+
+    decoder.train()
+    for iteration in tqdm(range(config.iterations), desc=desc, leave=False):
+        losses = {}
+        if config.mtt_weight > 0:
+            net, trajectory = pick_expert()
+            start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
+            batches = []
+            for _ in range(config.syn_steps):
+                components = torch.randperm(store.num_components, generator=generator)[:batch]
+                latents, _ = store.sample(components, generator=generator)
+                batches.append((decoder(latents), local_label[components]))
+            loss = trajectory_matching_loss(net, trajectory[start_epoch],
+                                            trajectory[start_epoch + config.expert_epochs], batches, syn_lr)
+            losses["mtt"] = loss
+            _check_finite(loss, "trajectory matching", iteration, store, decoder, checkpoint_dir)
+            for opt in (opt_latents, opt_decoder, opt_lr):
+                opt.zero_grad(set_to_none=True)
+            (config.mtt_weight * loss).backward()
+            for opt in (opt_latents, opt_decoder, opt_lr):
+                opt.step()
+        if config.mmd_weight > 0:
+            net, trajectory = pick_expert()
+            flat = trajectory[int(torch.randint(len(trajectory), (1,), generator=generator))]
+            loss = _mmd_step_loss(store, decoder, data, lambda x: net.features(flat, x),
+                                  config.mmd_samples_per_class, config.mmd_bandwidths, generator)
+            losses["mmd"] = loss
+            _check_finite(loss, "MMD", iteration, store, decoder, checkpoint_dir)
+            opt_latents.zero_grad(set_to_none=True)
+            opt_decoder.zero_grad(set_to_none=True)
+            (config.mmd_weight * loss).backward()
+            opt_latents.step()
+            opt_decoder.step()
+        for name, loss in losses.items():
+            history[name].append(loss.item())
+        if checkpoint_dir is not None and (iteration + 1) % config.checkpoint_every == 0:
+            _save_checkpoint(store, decoder, checkpoint_dir)
+    refresh_batchnorm(decoder, store, passes=10, generator=generator)
+    return {"loss_history": history, "syn_lr": syn_lr.item()}
+
+
+def _save_checkpoint(store, decoder, checkpoint_dir: Path) -> None:
+    store.save_pretrained(checkpoint_dir / "latent_store")
+    decoder.save_pretrained(checkpoint_dir / "decoder")
+
+
+def _check_finite(loss, term, iteration, store, decoder, checkpoint_dir) -> None:
+    if torch.isfinite(loss):
+        return
+    # The parameters have not been stepped with this loss yet: they are the last good state.
+    where = ""
+    if checkpoint_dir is not None:
+        _save_checkpoint(store, decoder, checkpoint_dir)
+        where = f"; the last good latents and decoder are saved in {checkpoint_dir}"
+    raise FloatingPointError(
+        f"the {term} loss became {loss.item()} at iteration {iteration}{where}. "
+        "Lower the learning rates (lr_latents, lr_decoder, lr_lr) or syn_lr_init."
+    )
+
+
+@torch.no_grad()
+def relabel(store: GaussianLatentStore, decoder: D3Decoder, teacher: nn.Module, temperature: float = 1.0) -> None:
+    """Give every component the soft label softmax(teacher(decoder(mean)) / temperature)."""
+    num_classes = store.config.num_classes
+    if teacher.config.num_labels != num_classes:
+        raise ValueError(
+            f"the teacher predicts {teacher.config.num_labels} classes but the dataset has {num_classes}; "
+            "give a teacher trained on this dataset's label space"
+        )
+    teacher.eval()
+    decoder.eval()
+    images = decoder(store.mean, store.component_subtask)
+    store.soft_labels.copy_((teacher(images).logits / temperature).softmax(dim=1))

@@ -1,0 +1,90 @@
+"""Expert trajectories: networks trained on real data, their parameters saved after every epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import dsa_augmentation
+from .models.classifiers import CLASSIFIERS
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def train_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: bool = True,
+    desc: str = "expert",
+) -> list[torch.Tensor]:
+    """Plain SGD (no momentum) on hard labels; returns the flat parameters before and after every epoch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    augmentation = dsa_augmentation(images.shape[-1], images.shape[1]) if augment else nn.Identity()
+    trajectory = [flat_parameters(model)]
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, leave=False):
+        for batch in torch.randperm(len(images), generator=generator).split(batch_size):
+            loss = nn.functional.cross_entropy(model(augmentation(images[batch])).logits, labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        trajectory.append(flat_parameters(model))
+    return trajectory
+
+
+def save_trajectory(path: Path, model: nn.Module, trajectory: list[torch.Tensor]) -> None:
+    """One safetensors file per expert (epoch 0..E as `epoch_{e}`), its classifier config beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"epoch_{e}": p.contiguous() for e, p in enumerate(trajectory)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"num_epochs": str(len(trajectory) - 1)})
+    path.with_suffix(".json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    tmp.rename(path)  # the file appears only once complete, so a rerun can trust what exists
+
+
+def load_trajectory(path: Path) -> tuple[nn.Module, torch.Tensor]:
+    """An untrained network of the expert's architecture, and its trajectory [epochs + 1, num_params]."""
+    config = json.loads(Path(path).with_suffix(".json").read_text())
+    config_cls, model_cls = next(v for v in CLASSIFIERS.values() if v[0].model_type == config["model_type"])
+    model = model_cls(config_cls.from_dict(config))
+    tensors = load_file(str(path))
+    return model, torch.stack([tensors[f"epoch_{e}"] for e in range(len(tensors))])
+
+
+def train_expert_trajectories(
+    build_model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    out_dir: Path,
+    num_experts: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    augment: bool = True,
+) -> list[Path]:
+    """Train `num_experts` experts (labels must be 0..n-1), skipping those already on disk."""
+    paths = []
+    for i in range(num_experts):
+        path = Path(out_dir) / f"expert_{i}.safetensors"
+        if not path.is_file():
+            torch.manual_seed(seed + i)
+            model = build_model()
+            generator = torch.Generator().manual_seed(seed + i)
+            trajectory = train_classifier(model, images, labels, epochs, lr, batch_size, generator, augment,
+                                          desc=f"expert {i + 1}/{num_experts}")
+            save_trajectory(path, model, trajectory)
+        paths.append(path)
+    return paths

@@ -1,0 +1,77 @@
+"""Federated distillation: split classes into subtasks, spread them over processes, gather the results."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .models.decoder import D3Decoder
+from .models.latent_store import GaussianLatentStore
+
+
+def plan_subtasks(class_ids: list[int], num_subtasks: int) -> list[list[int]]:
+    """Contiguous blocks of classes, as the paper splits them; sizes differ by at most one."""
+    if not 1 <= num_subtasks <= len(class_ids):
+        raise ValueError(f"num_subtasks={num_subtasks} must be between 1 and the {len(class_ids)} classes")
+    return [block.tolist() for block in np.array_split(np.asarray(class_ids), num_subtasks)]
+
+
+def subtasks_of_rank(num_subtasks: int, rank: int, world_size: int) -> list[int]:
+    """Round-robin assignment: subtask k runs on rank k % world_size."""
+    return [k for k in range(num_subtasks) if k % world_size == rank]
+
+
+def subtask_seed(seed: int, subtask: int) -> int:
+    """A subtask's seed depends only on the run seed and its index, never on the number of processes."""
+    return seed * 100_003 + subtask
+
+
+def gather_to_all(obj: Any) -> list[Any]:
+    """Every rank's `obj`, on every rank, through the process group (no shared filesystem needed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def run_and_gather(work) -> list[Any]:
+    """Run `work()` on every rank and gather the results; if any rank failed, every rank raises with
+    the failing ranks' tracebacks (so the job exits non-zero everywhere and nothing is aggregated)."""
+    try:
+        outcome = {"result": work(), "error": None}
+    except Exception:
+        outcome = {"result": None, "error": traceback.format_exc()}
+    gathered = gather_to_all(outcome)
+    failures = [(rank, o["error"]) for rank, o in enumerate(gathered) if o["error"] is not None]
+    if failures:
+        details = "\n".join(f"--- rank {rank} ---\n{error}" for rank, error in failures)
+        raise RuntimeError(f"{len(failures)} rank(s) failed; nothing was aggregated:\n{details}")
+    return [o["result"] for o in gathered]
+
+
+def aggregate(
+    subtask_stores: list[GaussianLatentStore], subtask_decoders: list[D3Decoder]
+) -> tuple[GaussianLatentStore, D3Decoder]:
+    """Join K single-subtask (store, decoder) pairs, in subtask order, into one store and a K-generator decoder."""
+    first = subtask_stores[0].config
+    store = GaussianLatentStore(
+        class_ids=[c for s in subtask_stores for c in s.config.class_ids],
+        num_classes=first.num_classes,
+        latents_per_class=first.latents_per_class,
+        latent_dim=first.latent_dim,
+        class_names=first.class_names,
+        subtask_sizes=[len(s.config.class_ids) for s in subtask_stores],
+    )
+    decoder = D3Decoder.from_config({**subtask_decoders[0].config, "num_subtasks": len(subtask_decoders)})
+    with torch.no_grad():
+        store.mean.copy_(torch.cat([s.mean for s in subtask_stores]))
+        store.logvar.copy_(torch.cat([s.logvar for s in subtask_stores]))
+        store.soft_labels.copy_(torch.cat([s.soft_labels for s in subtask_stores]))
+    for generator, sub in zip(decoder.generators, subtask_decoders):
+        generator.load_state_dict(sub.generators[0].state_dict())
+    return store, decoder

@@ -1,0 +1,236 @@
+"""The main job: real data -> expert trajectories -> distilled subtasks -> aggregated, relabelled, evaluated pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.utils import make_image_grid
+from transformers import AutoModelForImageClassification
+
+from .config import D3Config
+from .data import ImageTensors, find_columns, load_image_dataset, to_tensors
+from .distill import SubtaskData, distill_subtask, relabel, warm_start
+from .evaluation import evaluate_sampler, pipeline_sampler
+from .experts import load_trajectory, train_classifier, train_expert_trajectories
+from .federated import aggregate, plan_subtasks, run_and_gather, subtask_seed, subtasks_of_rank
+from .models.classifiers import build_classifier
+from .models.decoder import D3Decoder
+from .models.latent_store import GaussianLatentStore
+from .pipelines.pipeline_d3 import D3Pipeline
+
+
+@dataclass
+class RunResult:
+    pipeline: D3Pipeline
+    metrics: dict
+
+
+def build_decoder(config: D3Config, num_subtasks: int = 1) -> D3Decoder:
+    if config.decoder_preset:
+        return D3Decoder.from_preset(config.decoder_preset, config.resolution, config.channels, num_subtasks,
+                                     latent_dim=config.latent_dim)
+    return D3Decoder(
+        latent_dim=config.latent_dim, resolution=config.resolution, out_channels=config.channels,
+        channels=config.decoder_channels, latent_projection=config.decoder_latent_projection,
+        upsample_kernel_size=config.decoder_kernel_size, num_subtasks=num_subtasks,
+    )
+
+
+def net_kwargs(config: D3Config, architecture: str) -> dict:
+    return {"width": config.net_width, **({"depth": config.net_depth} if architecture == "convnet" else {})}
+
+
+def build_net(config: D3Config, num_labels: int):
+    return build_classifier(config.architecture, config.channels, config.resolution, num_labels,
+                            **net_kwargs(config, config.architecture))
+
+
+def _peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def check_storage_budget(config: D3Config, class_ids: list[int], num_subtasks: int) -> dict:
+    """The storage of the full pipeline these sizes give; fails early if it exceeds `storage_budget_ipc`."""
+    store = GaussianLatentStore(class_ids, len(class_ids), config.latents_per_class, config.latent_dim,
+                                subtask_sizes=[len(b) for b in plan_subtasks(class_ids, num_subtasks)])
+    report = D3Pipeline(latent_store=store, decoder=build_decoder(config, num_subtasks)).storage_report()
+    if config.storage_budget_ipc is not None and report.ipc_equivalent > config.storage_budget_ipc:
+        raise ValueError(
+            f"these sizes store {report.total_values:,} values = {report.ipc_equivalent:.2f} IPC-equivalent, over "
+            f"storage_budget_ipc={config.storage_budget_ipc} (decoder {report.decoder_values:,}, latents "
+            f"{report.latent_values:,}, labels {report.label_values:,}); shrink latents_per_class, latent_dim "
+            "or decoder_channels"
+        )
+    return report.to_dict()
+
+
+def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], train, class_names,
+                        device: torch.device) -> dict:
+    """Experts, then distillation, of one subtask; reuses finished experts and a finished subtask on disk."""
+    out = Path(config.output_dir) / "subtasks" / f"subtask_{subtask}"
+    if (out / "done.json").is_file():
+        return _load_subtask(out)
+    seed = subtask_seed(config.seed, subtask)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    real = to_tensors(train, config.resolution, config.channels, classes=class_ids,
+                      image_column=config.image_column, label_column=config.label_column,
+                      max_per_class=config.max_train_per_class, seed=seed)
+    local = torch.searchsorted(torch.tensor(class_ids), real.labels)
+    data = SubtaskData(real.images.to(device), local.to(device), class_ids)
+
+    start = time.perf_counter()
+    paths = train_expert_trajectories(lambda: build_net(config, len(class_ids)).to(device), data.images, data.labels,
+                                      out / "experts", config.num_experts, config.trajectory_epochs,
+                                      config.expert_lr, config.expert_batch_size, seed, config.expert_augment)
+    trajectories = [(model.to(device), trajectory.to(device)) for model, trajectory in map(load_trajectory, paths)]
+    expert_time = time.perf_counter() - start
+
+    store = GaussianLatentStore(class_ids, len(class_names), config.latents_per_class, config.latent_dim,
+                                class_names=class_names).to(device)
+    decoder = build_decoder(config).to(device)
+    start = time.perf_counter()
+    if config.init == "real":
+        warm_start(store, decoder, data, config.init_steps, lr=1e-3, generator=generator)
+    stats = distill_subtask(store, decoder, data, trajectories, config, generator,
+                            checkpoint_dir=out / "checkpoint", desc=f"distill subtask {subtask}")
+    stats.update(subtask=subtask, classes=class_ids, expert_wall_time_s=expert_time,
+                 distill_wall_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory_bytes())
+    store.save_pretrained(out / "latent_store")
+    decoder.save_pretrained(out / "decoder")
+    (out / "done.json").write_text(json.dumps(stats))
+    return _load_subtask(out)
+
+
+def _load_subtask(folder: Path) -> dict:
+    return {"latent_store": GaussianLatentStore.from_pretrained(folder / "latent_store"),
+            "decoder": D3Decoder.from_pretrained(folder / "decoder"),
+            "stats": json.loads((folder / "done.json").read_text())}
+
+
+def load_teacher(config: D3Config, train, num_classes: int, device: torch.device):
+    """The relabelling teacher: a given checkpoint, the single subtask's first expert, or a global expert
+    trained on all classes (saved in `<output_dir>/teacher` and reused on a rerun)."""
+    if config.teacher:
+        return AutoModelForImageClassification.from_pretrained(config.teacher).to(device)
+    if config.num_subtasks == 1:
+        path = Path(config.output_dir) / "subtasks" / "subtask_0" / "experts" / "expert_0.safetensors"
+        model, trajectory = load_trajectory(path)
+        torch.nn.utils.vector_to_parameters(trajectory[-1], model.parameters())
+        return model.to(device)
+    folder = Path(config.output_dir) / "teacher"
+    if (folder / "config.json").is_file():
+        return AutoModelForImageClassification.from_pretrained(folder).to(device)
+    real = to_tensors(train, config.resolution, config.channels, image_column=config.image_column,
+                      label_column=config.label_column, max_per_class=config.max_train_per_class, seed=config.seed)
+    torch.manual_seed(config.seed)
+    teacher = build_net(config, num_classes).to(device)
+    train_classifier(teacher, real.images.to(device), real.labels.to(device), config.teacher_epochs,
+                     config.expert_lr, config.expert_batch_size, torch.Generator().manual_seed(config.seed),
+                     config.expert_augment, desc="global teacher")
+    teacher.save_pretrained(folder)
+    return teacher
+
+
+def save_sample_grid(pipe: D3Pipeline, path: Path, per_class: int = 8, seed: int = 0) -> None:
+    """A grid with one row per class: its mean images first, then samples."""
+    m = pipe.latent_store.config.latents_per_class
+    rows = []
+    for c in pipe.latent_store.config.class_ids:
+        out = pipe(class_labels=[c], include_means=True, num_samples_per_component=math.ceil(per_class / m),
+                   generator=torch.Generator().manual_seed(seed))
+        rows += out.images[:per_class]
+    make_image_grid(rows, rows=len(pipe.latent_store.config.class_ids), cols=per_class).save(path)
+
+
+def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -> RunResult | None:
+    """Run the whole job. Every rank distils its own subtasks; the main process aggregates, relabels,
+    evaluates and writes `<output_dir>/pipeline`, `metrics.json` and `samples.png`. Returns the result on
+    the main process and None elsewhere."""
+    accelerator = accelerator or Accelerator()
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    output_dir = Path(config.output_dir)
+    start = time.perf_counter()
+
+    train = load_image_dataset(config.dataset, config.train_split)
+    class_names = list(train.features[find_columns(train, config.image_column, config.label_column)[1]].names)
+    class_ids = list(range(len(class_names)))
+    plan = plan_subtasks(class_ids, config.num_subtasks)
+    storage = check_storage_budget(config, class_ids, config.num_subtasks)
+    mine = subtasks_of_rank(config.num_subtasks, rank, world)
+
+    gathered = run_and_gather(lambda: {
+        k: _portable(distill_one_subtask(config, k, plan[k], train, class_names, device)) for k in mine
+    })
+    distill_wall_time = time.perf_counter() - start
+    if not accelerator.is_main_process:
+        return None
+
+    results = {k: v for per_rank in gathered for k, v in per_rank.items()}
+    subtasks = [_restore(results[k]) for k in range(config.num_subtasks)]
+    store, decoder = aggregate([s["latent_store"] for s in subtasks], [s["decoder"] for s in subtasks])
+    pipe = D3Pipeline(latent_store=store, decoder=decoder).to(device)
+
+    teacher = load_teacher(config, train, len(class_names), device)
+    relabel(store, decoder, teacher, config.relabel_temperature)
+
+    test = to_tensors(load_image_dataset(config.dataset, config.test_split), config.resolution, config.channels,
+                      image_column=config.image_column, label_column=config.label_column)
+    if config.max_test_examples:
+        test = ImageTensors(test.images[:config.max_test_examples], test.labels[:config.max_test_examples],
+                            test.class_names)
+    evaluation = evaluate_sampler(
+        pipeline_sampler(pipe), test.images.to(device), test.labels.to(device), len(class_names),
+        config.eval_architecture, config.eval_steps, config.eval_batch_size, config.eval_lr, config.eval_augment,
+        config.eval_seeds, **net_kwargs(config, config.eval_architecture),
+    )
+    metrics = {
+        **evaluation,
+        "storage": pipe.storage_report().to_dict(),
+        "planned_storage": storage,
+        "distill_wall_time_s": distill_wall_time,
+        "distill_peak_memory_bytes": max(s["stats"]["peak_memory_bytes"] for s in subtasks),
+        "total_wall_time_s": time.perf_counter() - start,
+        "num_processes": world,
+        "subtasks": [s["stats"] for s in subtasks],
+    }
+    _write_outputs(pipe, metrics, output_dir)
+    return RunResult(pipe, metrics)
+
+
+def _write_outputs(pipe: D3Pipeline, metrics: dict, output_dir: Path) -> None:
+    # Written beside the final names, then moved: a folder that has metrics.json is complete.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / "pipeline.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging)
+    shutil.rmtree(output_dir / "pipeline", ignore_errors=True)
+    staging.rename(output_dir / "pipeline")
+    save_sample_grid(pipe, output_dir / "samples.png")
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _portable(result: dict) -> dict:
+    # Modules are sent between processes as config + state dict of CPU tensors.
+    return {name: (module.config, {k: v.cpu() for k, v in module.state_dict().items()})
+            if name != "stats" else module for name, module in result.items()}
+
+
+def _restore(portable: dict) -> dict:
+    store_config, store_state = portable["latent_store"]
+    decoder_config, decoder_state = portable["decoder"]
+    store = GaussianLatentStore.from_config(store_config)
+    store.load_state_dict(store_state)
+    decoder = D3Decoder.from_config(decoder_config)
+    decoder.load_state_dict(decoder_state)
+    return {"latent_store": store, "decoder": decoder, "stats": portable["stats"]}
