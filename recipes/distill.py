@@ -15,7 +15,8 @@ from hf_d3.run import run_distillation
 def main():
     config = parse_config()
     # A rank waits at most this long for its peers, so a dead peer cannot hang the job forever.
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))])
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))
+    accelerator = Accelerator(kwargs_handlers=[timeout])
     result = run_distillation(config, accelerator)
     if result is not None:
         m = result.metrics

@@ -16,7 +16,8 @@ class D3Config:
     apply (DESIGN.md section 1); the YAML files in `recipes/configs` size them for a dataset and budget."""
 
     # Data
-    dataset: str = field(default="builtin:fashion_mnist", metadata={"help": "Hub id, local folder or builtin:fashion_mnist"})
+    dataset: str = field(default="builtin:fashion_mnist",
+                         metadata={"help": "Hub id, local folder or builtin:fashion_mnist"})
     train_split: str = "train"
     test_split: str = "test"
     image_column: str | None = None
@@ -87,6 +88,7 @@ class D3Config:
     # Hub
     push_to_hub: bool = False
     hub_model_id: str | None = None
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "also publish the materialised dataset"})
     hub_private: bool = False
 
     def __post_init__(self):

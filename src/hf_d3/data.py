@@ -78,7 +78,9 @@ def load_image_dataset(name: str, split: str, cache_dir: str | None = None) -> D
     return dataset
 
 
-def find_columns(dataset: Dataset, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
+def find_columns(
+    dataset: Dataset, image_column: str | None = None, label_column: str | None = None
+) -> tuple[str, str]:
     """The image and label columns: the named ones, else the first `Image` and `ClassLabel` features."""
     features = dataset.features
     if image_column is None:
@@ -92,7 +94,8 @@ def find_columns(dataset: Dataset, image_column: str | None = None, label_column
                 f"{ {k: type(f).__name__ for k, f in features.items()} }; name one with {kind}_column"
             )
         if not isinstance(features[column], wanted):
-            raise ValueError(f"{kind} column {column!r} is a {type(features[column]).__name__}, not a {wanted.__name__}")
+            found = type(features[column]).__name__
+            raise ValueError(f"{kind} column {column!r} is a {found}, not a {wanted.__name__}")
     return image_column, label_column
 
 

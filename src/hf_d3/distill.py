@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -192,7 +193,7 @@ def distill_subtask(
         if config.mmd_weight > 0:
             net, trajectory = pick_expert()
             flat = trajectory[int(torch.randint(len(trajectory), (1,), generator=generator))]
-            loss = _mmd_step_loss(store, decoder, data, lambda x: net.features(flat, x),
+            loss = _mmd_step_loss(store, decoder, data, partial(net.features, flat),
                                   config.mmd_samples_per_class, config.mmd_bandwidths, generator)
             losses["mmd"] = loss
             _check_finite(loss, "MMD", iteration, store, decoder, checkpoint_dir)

@@ -616,3 +616,35 @@ def push_dataset_to_hub(
         raise _publish_error("the dataset card", repo_id, error, token, state) from error
     logger.info("Published config %s of the D3 dataset %s at %s", config_name, repo_id, info.commit_url)
     return info
+
+
+def publish_run(
+    run_dir: str | os.PathLike,
+    hub_model_id: str,
+    hub_dataset_id: str | None = None,
+    *,
+    token: str | None = None,
+    private: bool = False,
+) -> dict[str, CommitInfo]:
+    """Publish a finished run folder (`pipeline/`, `metrics.json`, `config.json`, `samples.png`): the pipeline
+    to `hub_model_id` and, if given, its materialised dataset to `hub_dataset_id` under config `ipc<N>`."""
+    import json
+
+    from .pipelines.pipeline_d3 import D3Pipeline
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise ValueError(f"{run_dir} is not a finished run: metrics.json is missing (did the run fail?)")
+    pipe = D3Pipeline.from_pretrained(run_dir / "pipeline")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    settings = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
+    samples = run_dir / "samples.png"
+    commits = {"pipeline": push_pipeline_to_hub(
+        pipe, hub_model_id, metrics=metrics, settings=settings, token=token, private=private,
+        samples_png=samples if samples.is_file() else None,
+    )}
+    if hub_dataset_id:
+        budget = f"ipc{round(pipe.storage_report().ipc_equivalent)}"
+        commits["dataset"] = push_dataset_to_hub(pipe, hub_dataset_id, config_name=budget, token=token,
+                                                 private=private, pipeline_repo_id=hub_model_id)
+    return commits

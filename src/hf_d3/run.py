@@ -1,4 +1,5 @@
-"""The main job: real data -> expert trajectories -> distilled subtasks -> aggregated, relabelled, evaluated pipeline."""
+"""The main job: real data -> expert trajectories -> distilled subtasks -> aggregated, relabelled and
+evaluated pipeline."""
 
 from __future__ import annotations
 
@@ -204,11 +205,15 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
         "num_processes": world,
         "subtasks": [s["stats"] for s in subtasks],
     }
-    _write_outputs(pipe, metrics, output_dir)
+    _write_outputs(pipe, metrics, config, output_dir)
+    if config.push_to_hub:
+        from .hub import publish_run
+
+        publish_run(output_dir, config.hub_model_id, config.hub_dataset_id, private=config.hub_private)
     return RunResult(pipe, metrics)
 
 
-def _write_outputs(pipe: D3Pipeline, metrics: dict, output_dir: Path) -> None:
+def _write_outputs(pipe: D3Pipeline, metrics: dict, config: D3Config, output_dir: Path) -> None:
     # Written beside the final names, then moved: a folder that has metrics.json is complete.
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = output_dir / "pipeline.partial"
@@ -217,6 +222,7 @@ def _write_outputs(pipe: D3Pipeline, metrics: dict, output_dir: Path) -> None:
     shutil.rmtree(output_dir / "pipeline", ignore_errors=True)
     staging.rename(output_dir / "pipeline")
     save_sample_grid(pipe, output_dir / "samples.png")
+    (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
