@@ -81,3 +81,114 @@ def new_repo_id(local_hub):
         return f"{local_hub.user}/{stem}-{uuid.uuid4().hex[:8]}"
 
     return make
+
+
+# ======================================================================================================
+# 3. Non-Hub tests (test_models, test_pipeline, test_data, test_config, test_distill, test_federated)
+# ======================================================================================================
+# hf_d3.data reads HF_D3_CACHE when it is imported: point it at a session temp dir before any test module imports
+# hf_d3, so no test reads or writes the user's ~/.cache/hf_d3. Subprocesses (accelerate launch) inherit it, and the
+# allocator settings of DESIGN.md section 3 that make torch on CPU much faster (glibc reads them at process start).
+HF_D3_CACHE = tempfile.mkdtemp(prefix="hf_d3-tests-cache-")
+atexit.register(shutil.rmtree, HF_D3_CACHE, ignore_errors=True)
+os.environ["HF_D3_CACHE"] = HF_D3_CACHE
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")
+os.environ.setdefault("MALLOC_TOP_PAD_", "1073741824")
+# One intra-op thread (read by torch when it is first imported, and by `accelerate launch` for its ranks): the test
+# networks are tiny, and on a busy 2-core machine a second OpenMP thread spin-waiting for a core made a 3-iteration
+# distillation 80x slower (9.4 s instead of 0.12 s). It also gives every process the same reduction order, so the
+# 1-process and 2-process runs of test_federated can be compared bit for bit.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+FMNIST4_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress"]  # Fashion-MNIST classes 0-3
+FMNIST4_TRAIN_PER_CLASS = 24
+FMNIST4_TEST_PER_CLASS = 25
+
+
+def write_parquet_dataset(folder: Path, splits: dict) -> Path:
+    """Write `{split: datasets.Dataset}` in the layout of a Hub dataset repo (`data/<split>-00000-of-00001.parquet`),
+    which `datasets.load_dataset(str(folder))` reads back with the features (Image, ClassLabel) intact."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for split, dataset in splits.items():
+        dataset.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fmnist4_splits():
+    """Real Fashion-MNIST images (from the Debian package's t10k IDX files) of classes 0-3, as `datasets.Dataset`s
+    with Image + ClassLabel features: {"train": 24 per class, "test": 25 other images per class}."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    from hf_d3.data import FASHION_MNIST_DIR, _read_idx
+
+    images = _read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    labels = _read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    features = Features({"image": Image(), "label": ClassLabel(names=FMNIST4_CLASSES)})
+
+    def split(start: int, per_class: int) -> Dataset:
+        index = np.concatenate([np.flatnonzero(labels == c)[start:start + per_class] for c in range(4)])
+        return Dataset.from_dict({"image": list(images[index]), "label": labels[index].tolist()}, features=features)
+
+    return {"train": split(0, FMNIST4_TRAIN_PER_CLASS), "test": split(100, FMNIST4_TEST_PER_CLASS)}
+
+
+@pytest.fixture(scope="session")
+def fmnist4_folder(tmp_path_factory, fmnist4_splits) -> Path:
+    """`fmnist4_splits` as a local dataset folder (Parquet, Hub repo layout), its `load_dataset` cache already built
+    (in this session's HF_HOME, which subprocesses share) so concurrent ranks only read it."""
+    from datasets import load_dataset
+
+    folder = write_parquet_dataset(tmp_path_factory.mktemp("fmnist4"), fmnist4_splits)
+    for split in fmnist4_splits:
+        load_dataset(str(folder), split=split)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fmnist4_tensors(fmnist4_folder):
+    """The train split of `fmnist4_folder` at 16x16, grayscale, as `hf_d3.data.ImageTensors`."""
+    from hf_d3.data import load_image_dataset, to_tensors
+
+    return to_tensors(load_image_dataset(str(fmnist4_folder), "train"), resolution=16, channels=1)
+
+
+# A whole distillation run in seconds: 16x16 images, ConvNet-D2 of width 8, one expert of 2 epochs, 2 iterations.
+TINY_RUN = {
+    "resolution": 16,
+    "channels": 1,
+    "max_train_per_class": 20,
+    "max_test_examples": 60,
+    "seed": 0,
+    "architecture": "convnet",
+    "net_width": 8,
+    "net_depth": 2,
+    "num_experts": 1,
+    "trajectory_epochs": 2,
+    "expert_batch_size": 32,
+    "latents_per_class": 2,
+    "latent_dim": 8,
+    "decoder_channels": [8, 8, 8],
+    "init_steps": 5,
+    "iterations": 2,
+    "syn_steps": 2,
+    "expert_epochs": 1,
+    "max_start_epoch": 1,
+    "mmd_samples_per_class": 4,
+    "teacher_epochs": 2,
+    "eval_steps": 4,
+    "eval_batch_size": 64,
+    "eval_seeds": 1,
+}
+
+
+@pytest.fixture
+def tiny_run(fmnist4_folder):
+    """A factory of tiny `D3Config`s on `fmnist4_folder`: `tiny_run(output_dir=..., num_subtasks=2)`."""
+    from hf_d3.config import D3Config
+
+    def make(**overrides) -> D3Config:
+        return D3Config(**{"dataset": str(fmnist4_folder), **TINY_RUN, **overrides})
+
+    return make

@@ -103,8 +103,8 @@ class D3Config:
                 f"+ expert_epochs={self.expert_epochs}: train at least {self.max_start_epoch + self.expert_epochs} "
                 "epochs per expert, or lower max_start_epoch"
             )
-        if self.num_subtasks < 1 or self.num_experts < 1 or self.latents_per_class < 1:
-            raise ValueError("num_subtasks, num_experts and latents_per_class must all be >= 1")
+        if min(self.num_subtasks, self.num_experts, self.latents_per_class, self.max_start_epoch) < 1:
+            raise ValueError("num_subtasks, num_experts, latents_per_class and max_start_epoch must all be >= 1")
         if self.mtt_weight < 0 or self.mmd_weight < 0 or self.mtt_weight + self.mmd_weight == 0:
             raise ValueError(f"mtt_weight={self.mtt_weight}, mmd_weight={self.mmd_weight}: need >= 0, not both 0")
         if self.push_to_hub and not self.hub_model_id:
@@ -116,9 +116,11 @@ class D3Config:
 
 def parse_config(args: list[str] | None = None) -> D3Config:
     """Parse `--config file.yaml` and `--key value` overrides (the command line wins over the file)."""
-    parser = HfArgumentParser(D3Config)
+    parser = HfArgumentParser(D3Config, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config fields")
-    known, _ = parser.parse_known_args(args)
+    known, unknown = parser.parse_known_args(args)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if known.config:
         parser.set_defaults(**load_yaml(known.config))
     config, _ = parser.parse_args_into_dataclasses(args, look_for_args_file=False)

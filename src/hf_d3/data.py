@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,12 @@ def fashion_mnist_offline(split: str) -> Dataset:
     labels = _read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz")
     features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
     dataset = Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
-    dataset.save_to_disk(str(cached))
+    staging = cached.with_name(f"{split}.partial-{os.getpid()}")
+    dataset.save_to_disk(str(staging))
+    try:
+        staging.rename(cached)  # atomic: concurrent ranks never read (or overwrite) a half-written cache
+    except OSError:  # another process published it first
+        shutil.rmtree(staging, ignore_errors=True)
     return datasets.load_from_disk(str(cached))
 
 

@@ -67,11 +67,12 @@ def aggregate(
         class_names=first.class_names,
         subtask_sizes=[len(s.config.class_ids) for s in subtask_stores],
     )
-    decoder = D3Decoder.from_config({**subtask_decoders[0].config, "num_subtasks": len(subtask_decoders)})
+    settings = {k: v for k, v in subtask_decoders[0].config.items() if not k.startswith("_")}
+    decoder = D3Decoder.from_config({**settings, "num_subtasks": len(subtask_decoders)})
     with torch.no_grad():
         store.mean.copy_(torch.cat([s.mean for s in subtask_stores]))
         store.logvar.copy_(torch.cat([s.logvar for s in subtask_stores]))
         store.soft_labels.copy_(torch.cat([s.soft_labels for s in subtask_stores]))
-    for generator, sub in zip(decoder.generators, subtask_decoders):
+    for generator, sub in zip(decoder.generators, subtask_decoders, strict=True):
         generator.load_state_dict(sub.generators[0].state_dict())
     return store, decoder

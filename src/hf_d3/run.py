@@ -82,7 +82,6 @@ def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], tr
     if (out / "done.json").is_file():
         return _load_subtask(out)
     seed = subtask_seed(config.seed, subtask)
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     real = to_tensors(train, config.resolution, config.channels, classes=class_ids,
                       image_column=config.image_column, label_column=config.label_column,
@@ -97,6 +96,7 @@ def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], tr
     trajectories = [(model.to(device), trajectory.to(device)) for model, trajectory in map(load_trajectory, paths)]
     expert_time = time.perf_counter() - start
 
+    torch.manual_seed(seed)  # after the experts, so reusing them from disk starts from the same state
     store = GaussianLatentStore(class_ids, len(class_names), config.latents_per_class, config.latent_dim,
                                 class_names=class_names).to(device)
     decoder = build_decoder(config).to(device)
@@ -161,6 +161,8 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
     accelerator = accelerator or Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:  # a folder with metrics.json must be a finished run of this config
+        (output_dir / "metrics.json").unlink(missing_ok=True)
     start = time.perf_counter()
 
     train = load_image_dataset(config.dataset, config.train_split)

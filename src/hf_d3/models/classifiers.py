@@ -68,8 +68,12 @@ class _D3Classifier(PreTrainedModel):
         self.register_buffer("_std", torch.tensor(config.image_std).view(1, -1, 1, 1), persistent=False)
 
     def _init_weights(self, module):
-        # The torch defaults are the networks' reference initialisation.
-        pass
+        # The torch defaults are the networks' reference initialisation. `from_pretrained` leaves the
+        # non-persistent normalisation buffers empty (the model is built on the meta device): refill them.
+        if isinstance(module, _D3Classifier):
+            with torch.no_grad():
+                module._mean.copy_(torch.tensor(module.config.image_mean).view(1, -1, 1, 1))
+                module._std.copy_(torch.tensor(module.config.image_std).view(1, -1, 1, 1))
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Penultimate features: the flattened output of the last block."""

@@ -59,7 +59,7 @@ class D3Pipeline(DiffusionPipeline):
             if not (path / name).is_file():
                 raise OSError(f"{path} is not a D3Pipeline folder: {name} is missing")
         try:
-            return super().from_pretrained(path, **_load_kwargs(kwargs))
+            return super().from_pretrained(path, **{"use_safetensors": True, **_load_kwargs(kwargs)})
         except Exception as error:  # a truncated or corrupt safetensors file, a bad config
             raise OSError(f"could not load a D3Pipeline from {path}: {error}") from error
 

@@ -1,0 +1,53 @@
+"""Issue 4 benchmark: K=2 subtasks on 2 processes x 1 thread against 1 process x 1 thread doing the same work.
+
+    python benchmarks/federated_speedup.py [--iterations 30]
+
+Prints the wall time of the distillation phase (data, experts, distillation, gather) of each, the speedup,
+and the peak memory of every rank. Check that the machine is otherwise idle (/proc/pressure/cpu) first.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ["--num_subtasks", "2", "--max_train_per_class", "300", "--net_width", "32", "--num_experts", "1",
+            "--trajectory_epochs", "7", "--teacher_epochs", "1", "--eval_steps", "20", "--eval_seeds", "1",
+            "--init", "random", "--max_test_examples", "1000"]
+
+
+def run(processes: int, output_dir: str, iterations: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+           "MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "1073741824"}
+    args = ["--config", str(ROOT / "recipes/configs/fashion_mnist.yaml"), "--output_dir", output_dir,
+            "--iterations", str(iterations), *SETTINGS]
+    if processes == 1:
+        command = [sys.executable, str(ROOT / "recipes/distill.py"), *args]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   str(ROOT / "recipes/distill.py"), *args]
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((Path(output_dir) / "metrics.json").read_text())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iterations", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {n: run(n, f"{tmp}/p{n}", args.iterations) for n in (1, 2)}
+    for n, m in results.items():
+        memory = ", ".join(f"subtask {s['subtask']}: {s['peak_memory_bytes'] / 2**20:.0f} MiB" for s in m["subtasks"])
+        print(f"{n} process(es) x 1 thread: distillation phase {m['distill_wall_time_s']:.1f} s, "
+              f"peak memory per rank ({memory}), world size {m['num_processes']}")
+    speedup = results[1]["distill_wall_time_s"] / results[2]["distill_wall_time_s"]
+    print(f"speedup 2 processes vs 1: {speedup:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""The D3 objective and training loop: MMD, trajectory matching, expert trajectories, relabelling, evaluation, and
+a whole (tiny) `run_distillation` on a real local dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from conftest import TINY_RUN
+from safetensors import safe_open
+from torch import nn
+
+from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore, build_classifier
+from hf_d3.config import D3Config
+from hf_d3.distill import (
+    FlatModel,
+    SubtaskData,
+    distill_subtask,
+    mmd2_unbiased,
+    relabel,
+    trajectory_matching_loss,
+    warm_start,
+)
+from hf_d3.evaluation import evaluate_sampler, pipeline_sampler, soft_cross_entropy, train_student
+from hf_d3.experts import (
+    flat_parameters,
+    load_trajectory,
+    save_trajectory,
+    train_classifier,
+    train_expert_trajectories,
+)
+from hf_d3.run import distill_one_subtask, run_distillation
+
+CONFIG = D3Config(**TINY_RUN)  # 16x16 grayscale, 2 latents of 8 dims per class, decoder [8, 8, 8]
+
+
+def make_net(num_labels: int = 4) -> nn.Module:
+    return build_classifier("convnet", num_channels=1, image_size=16, num_labels=num_labels, width=8, depth=2)
+
+
+def make_store_and_decoder(seed: int = 0, class_ids=(0, 1, 2, 3)) -> tuple[GaussianLatentStore, D3Decoder]:
+    torch.manual_seed(seed)
+    store = GaussianLatentStore(list(class_ids), num_classes=4, latents_per_class=2, latent_dim=8)
+    decoder = D3Decoder(latent_dim=8, resolution=16, out_channels=1, channels=[8, 8, 8])
+    return store, decoder
+
+
+@pytest.fixture(scope="module")
+def data(fmnist4_tensors) -> SubtaskData:
+    """Real Fashion-MNIST images of the 4 classes, one subtask (local labels = global ids here)."""
+    return SubtaskData(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def trajectory(data) -> tuple[nn.Module, torch.Tensor]:
+    """One expert trained 2 epochs on the real data: (network, trajectory [3, num_params])."""
+    torch.manual_seed(0)
+    net = make_net()
+    steps = train_classifier(net, data.images, data.labels, epochs=2, lr=0.01, batch_size=32,
+                             generator=torch.Generator().manual_seed(0), augment=False)
+    return net, torch.stack(steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MMD
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_mmd_matches_a_direct_double_loop():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    y += 0.7
+    bandwidths = [1.0, 2.0, 4.0]
+
+    def k(a, b):
+        return sum(math.exp(-float(((a - b) ** 2).sum()) / (2 * s * s)) for s in bandwidths)
+
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    assert mmd2_unbiased(x, y, bandwidths).item() == pytest.approx(xx + yy - 2 * xy, rel=1e-9, abs=1e-12)
+
+
+def test_mmd_of_samples_of_one_distribution_is_zero_in_expectation():
+    gen = torch.Generator().manual_seed(0)
+    bandwidths = [1.0, 2.0, 4.0, 8.0, 16.0]
+    big = mmd2_unbiased(torch.randn(1000, 4, generator=gen), torch.randn(1000, 4, generator=gen), bandwidths)
+    assert abs(big.item()) < 1e-2
+    shifted = mmd2_unbiased(torch.randn(1000, 4, generator=gen), torch.randn(1000, 4, generator=gen) + 1, bandwidths)
+    assert shifted.item() > 0.1
+    # unbiased: small samples average to 0 (a biased estimator would average clearly above 0)
+    values = torch.stack([mmd2_unbiased(torch.randn(4, 2, generator=gen), torch.randn(4, 2, generator=gen),
+                                        bandwidths) for _ in range(2000)])
+    assert abs(values.mean().item()) < 3 * values.std().item() / math.sqrt(len(values))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trajectory matching
+# ----------------------------------------------------------------------------------------------------------
+
+
+def decoded_batches(store, decoder, steps: int, generator: torch.Generator):
+    local_label = torch.arange(store.num_components) // store.config.latents_per_class
+    batches = []
+    for _ in range(steps):
+        components = torch.randperm(store.num_components, generator=generator)
+        latents, _ = store.sample(components, generator=generator)
+        batches.append((decoder(latents), local_label[components]))
+    return batches
+
+
+def test_mtt_loss_is_one_when_the_synthetic_lr_is_zero(trajectory):
+    net, steps = trajectory
+    store, decoder = make_store_and_decoder()
+    batches = decoded_batches(store, decoder, 3, torch.Generator().manual_seed(0))
+    loss = trajectory_matching_loss(FlatModel(net), steps[0], steps[2], batches, torch.tensor(0.0))
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    moved = trajectory_matching_loss(FlatModel(net), steps[0], steps[2], batches, torch.tensor(0.05))
+    assert moved.item() != pytest.approx(1.0, abs=1e-6)
+
+
+def test_mtt_loss_matches_one_explicit_sgd_step(trajectory):
+    net, steps = trajectory
+    store, decoder = make_store_and_decoder()
+    ((images, labels),) = decoded_batches(store, decoder, 1, torch.Generator().manual_seed(1))
+    images = images.detach()
+    start, target, lr = steps[0], steps[2], 0.05
+
+    model = make_net()  # an ordinary network holding the start parameters, trained the ordinary way
+    nn.utils.vector_to_parameters(start.clone(), model.parameters())
+    loss = nn.functional.cross_entropy(model(images).logits, labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    after = start - lr * torch.cat([g.flatten() for g in grads])
+    expected = (after - target).pow(2).sum() / (start - target).pow(2).sum()
+
+    got = trajectory_matching_loss(FlatModel(net), start, target, [(images, labels)], torch.tensor(lr))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mtt_gradients_reach_latents_decoder_and_lr(trajectory):
+    net, steps = trajectory
+    net.zero_grad(set_to_none=True)
+    store, decoder = make_store_and_decoder()
+    syn_lr = torch.tensor(0.01, requires_grad=True)
+    batches = decoded_batches(store, decoder, 3, torch.Generator().manual_seed(0))
+    trajectory_matching_loss(FlatModel(net), steps[0], steps[1], batches, syn_lr).backward()
+    for name, tensor in (("mean", store.mean), ("logvar", store.logvar), ("syn_lr", syn_lr)):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all(), name
+        assert tensor.grad.abs().sum() > 0, name
+    for name, param in decoder.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    final_conv = decoder.generators[0].body[-2]
+    assert final_conv.weight.grad.abs().sum() > 0 and decoder.generators[0].project.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.parameters())  # the expert itself is never trained
+
+
+def test_flat_model_is_the_network(trajectory, data):
+    net, _ = trajectory
+    flat = FlatModel(net)
+    x = data.images[:5]
+    out = net(x, output_hidden_states=True)
+    assert torch.allclose(flat.logits(flat_parameters(net), x), out.logits, atol=1e-6)
+    assert torch.allclose(flat.features(flat_parameters(net), x), out.hidden_states[-1], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Expert trajectories
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_train_classifier_records_every_epoch(trajectory, data):
+    net, steps = trajectory
+    assert steps.shape == (3, sum(p.numel() for p in net.parameters()))
+    assert torch.equal(steps[-1], flat_parameters(net))  # the last entry is the trained network
+    assert (steps[1] - steps[0]).norm() > 0 and (steps[2] - steps[1]).norm() > 0
+    torch.manual_seed(0)
+    again = train_classifier(make_net(), data.images, data.labels, 2, 0.01, 32, torch.Generator().manual_seed(0),
+                             augment=False)
+    assert torch.equal(torch.stack(again), steps)  # seeded: the same trajectory
+
+
+def test_trajectory_round_trip_through_safetensors(trajectory, tmp_path):
+    net, steps = trajectory
+    path = tmp_path / "experts" / "expert_0.safetensors"
+    save_trajectory(path, net, list(steps))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["expert_0.json", "expert_0.safetensors"]  # no .tmp
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["epoch_0", "epoch_1", "epoch_2"]
+        assert f.metadata() == {"num_epochs": "2"}
+    model, loaded = load_trajectory(path)
+    assert torch.equal(loaded, steps)
+    assert type(model) is type(net)
+    assert (model.config.width, model.config.depth, model.config.num_labels) == (8, 2, 4)
+    assert sum(p.numel() for p in model.parameters()) == loaded.shape[1]
+
+
+def test_expert_training_resumes_from_what_is_on_disk(data, tmp_path):
+    def build():
+        return make_net()
+
+    args = (data.images[::2], data.labels[::2], tmp_path)
+    paths = train_expert_trajectories(build, *args, num_experts=2, epochs=1, lr=0.01, batch_size=32, seed=3,
+                                      augment=False)
+    assert [p.name for p in paths] == ["expert_0.safetensors", "expert_1.safetensors"]
+    mtimes = {p: p.stat().st_mtime_ns for p in paths}
+    first = load_trajectory(paths[0])[1]
+
+    paths = train_expert_trajectories(build, *args, num_experts=3, epochs=1, lr=0.01, batch_size=32, seed=3,
+                                      augment=False)
+    assert {p: p.stat().st_mtime_ns for p in paths[:2]} == mtimes  # not retrained
+    assert paths[2].is_file()
+    assert not torch.equal(load_trajectory(paths[2])[1], first)  # a different seed per expert
+    assert torch.equal(load_trajectory(paths[0])[1], first)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distill_subtask
+# ----------------------------------------------------------------------------------------------------------
+
+
+def distill(data, trajectory, seed=0, checkpoint_dir=None, **overrides):
+    store, decoder = make_store_and_decoder(seed)
+    config = D3Config(**{**TINY_RUN, **overrides})
+    stats = distill_subtask(store, decoder, data, [trajectory], config, torch.Generator().manual_seed(seed),
+                            checkpoint_dir=checkpoint_dir)
+    return store, decoder, stats
+
+
+def test_seeded_distillation_is_deterministic(data, trajectory):
+    a_store, a_decoder, a_stats = distill(data, trajectory, iterations=3)
+    b_store, b_decoder, b_stats = distill(data, trajectory, iterations=3)
+    for (name, a), (_, b) in zip([*a_store.state_dict().items(), *a_decoder.state_dict().items()],
+                                 [*b_store.state_dict().items(), *b_decoder.state_dict().items()], strict=True):
+        assert torch.equal(a, b), name
+    assert a_stats == b_stats
+    assert len(a_stats["loss_history"]["mtt"]) == 3 and len(a_stats["loss_history"]["mmd"]) == 3
+    assert a_stats["syn_lr"] != CONFIG.syn_lr_init  # the learnable lr was stepped
+
+    init_store, _ = make_store_and_decoder(0)
+    assert not torch.equal(a_store.mean, init_store.mean)  # the latents were trained
+    c_store, _, _ = distill(data, trajectory, seed=1, iterations=3)
+    assert not torch.equal(c_store.mean, a_store.mean)
+
+
+def test_each_term_can_be_switched_off(data, trajectory):
+    _, _, only_mmd = distill(data, trajectory, mtt_weight=0.0)
+    assert only_mmd["loss_history"]["mtt"] == [] and len(only_mmd["loss_history"]["mmd"]) == 2
+    assert only_mmd["syn_lr"] == pytest.approx(CONFIG.syn_lr_init)  # never stepped
+    _, _, only_mtt = distill(data, trajectory, mmd_weight=0.0)
+    assert only_mtt["loss_history"]["mmd"] == [] and len(only_mtt["loss_history"]["mtt"]) == 2
+
+
+def test_checkpoints_are_written_every_n_iterations(data, trajectory, tmp_path):
+    store, decoder, _ = distill(data, trajectory, checkpoint_dir=tmp_path, iterations=2, checkpoint_every=1)
+    saved = GaussianLatentStore.from_pretrained(tmp_path / "latent_store")
+    assert torch.equal(saved.mean, store.mean)  # the last checkpoint is the final latents
+    assert D3Decoder.from_pretrained(tmp_path / "decoder").config.latent_dim == 8
+
+
+@pytest.mark.parametrize("weights, term", [({}, "trajectory matching"), ({"mtt_weight": 0.0}, "MMD")])
+def test_nan_loss_stops_with_a_checkpoint(data, trajectory, tmp_path, weights, term):
+    store, decoder = make_store_and_decoder()
+    with torch.no_grad():
+        store.mean[3, 2] = float("nan")
+    config = D3Config(**{**TINY_RUN, **weights})
+    with pytest.raises(FloatingPointError) as error:
+        distill_subtask(store, decoder, data, [trajectory], config, torch.Generator().manual_seed(0),
+                        checkpoint_dir=tmp_path / "checkpoint")
+    message = str(error.value)
+    assert f"the {term} loss became nan at iteration 0" in message
+    assert str(tmp_path / "checkpoint") in message and "Lower the learning rates" in message
+    saved = GaussianLatentStore.from_pretrained(tmp_path / "checkpoint" / "latent_store")
+    assert torch.isnan(saved.mean[3, 2]) and torch.equal(saved.mean.nan_to_num(0.0), store.mean.nan_to_num(0.0))
+    assert (tmp_path / "checkpoint" / "decoder" / "config.json").is_file()
+
+
+def test_diverging_learning_rate_stops(data, trajectory, tmp_path):
+    store, decoder = make_store_and_decoder()
+    config = D3Config(**{**TINY_RUN, "syn_lr_init": 1e30, "iterations": 3})
+    with pytest.raises(FloatingPointError, match="loss became (nan|inf)"):
+        distill_subtask(store, decoder, data, [trajectory], config, torch.Generator().manual_seed(0),
+                        checkpoint_dir=tmp_path)
+    assert (tmp_path / "latent_store" / "config.json").is_file()
+
+
+def test_warm_start_fits_real_images(data):
+    store, decoder = make_store_and_decoder()
+    targets = torch.cat([data.images[data.labels == c][:2] for c in range(4)])
+    with torch.no_grad():
+        before = nn.functional.mse_loss(decoder.eval()(store.mean), targets).item()
+    warm_start(store, decoder, data, steps=30, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(store.logvar, torch.full_like(store.logvar, math.log(0.01)))
+    with torch.no_grad():
+        after = nn.functional.mse_loss(decoder.train()(store.mean), targets).item()
+    assert after < 0.5 * before
+
+    short = SubtaskData(data.images[:3], torch.tensor([0, 0, 1]), [0, 1])
+    store, decoder = make_store_and_decoder(class_ids=(0, 1))
+    with pytest.raises(ValueError, match=r"init=real needs 2 real images per class; some class of \[0, 1\]"):
+        warm_start(store, decoder, short, steps=1, lr=1e-2, generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Relabelling and evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_relabel_gives_the_teachers_softmax():
+    store, decoder = make_store_and_decoder()
+    torch.manual_seed(1)
+    teacher = make_net().eval()
+    relabel(store, decoder, teacher, temperature=2.0)
+    with torch.no_grad():
+        expected = (teacher(decoder.eval()(store.mean)).logits / 2.0).softmax(1)
+    assert torch.allclose(store.soft_labels, expected, atol=1e-6)
+    assert torch.allclose(store.soft_labels.sum(1), torch.ones(8))
+    sharp = store.soft_labels.clone()
+    relabel(store, decoder, teacher, temperature=20.0)
+    entropy = lambda p: -(p * p.log()).sum(1)  # noqa: E731
+    assert (entropy(store.soft_labels) > entropy(sharp)).all()  # a higher temperature gives softer labels
+
+
+def test_relabel_refuses_a_teacher_of_another_label_space():
+    store, decoder = make_store_and_decoder()
+    before = store.soft_labels.clone()
+    with pytest.raises(ValueError, match="the teacher predicts 10 classes but the dataset has 4"):
+        relabel(store, decoder, make_net(num_labels=10), 1.0)
+    assert torch.equal(store.soft_labels, before)
+
+
+def test_soft_cross_entropy_of_one_hot_labels_is_cross_entropy():
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 3, 1, 1, 2, 0])
+    assert soft_cross_entropy(logits, torch.eye(4)[labels]).item() == pytest.approx(
+        nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_pipeline_sampler_and_evaluation(data):
+    store, decoder = make_store_and_decoder()
+    pipe = D3Pipeline(latent_store=store, decoder=decoder)
+    images, targets = pipeline_sampler(pipe)(torch.Generator().manual_seed(0))
+    assert images.shape == (16, 1, 16, 16) and targets.shape == (16, 4)  # 8 means + 8 samples, soft labels
+    assert torch.equal(targets, store.soft_labels.repeat(2, 1))
+
+    def real_sampler(generator):  # the real data as a sampler: a student must learn something from it
+        return data.images, torch.eye(4)[data.labels]
+
+    kwargs = {"architecture": "convnet", "steps": 12, "batch_size": 32, "lr": 0.01, "augment": False, "seeds": 2,
+              "width": 8, "depth": 2}
+    result = evaluate_sampler(real_sampler, data.images, data.labels, 4, **kwargs)
+    assert result["num_eval_runs"] == 2 and len(result["accuracies"]) == 2 and result["student_steps"] == 12
+    assert all(0 <= a <= 1 for a in result["accuracies"])
+    assert result == evaluate_sampler(real_sampler, data.images, data.labels, 4, **kwargs)  # seeded
+    assert result["accuracy_mean"] > 0.4  # well above the 0.25 of chance after 12 steps on its own training data
+
+    student = train_student(make_net(), real_sampler, steps=3, batch_size=32, augment=True)
+    assert student.training
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run_distillation, end to end (one process)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_teacher(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("teacher10")
+    make_net(num_labels=10).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(fmnist4_folder, bad_teacher, tmp_path_factory):
+    """A run that fails at relabelling (its teacher knows 10 classes, the data 4), then the same output_dir rerun
+    without that teacher. Returns (output_dir, the first error, files after the failure, mtimes, the rerun)."""
+    output_dir = tmp_path_factory.mktemp("run")
+    settings = {"dataset": str(fmnist4_folder), "output_dir": str(output_dir), **TINY_RUN}
+    with pytest.raises(ValueError) as error:
+        run_distillation(D3Config(**settings, teacher=str(bad_teacher)))
+    after_failure = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*"))
+    subtask = output_dir / "subtasks" / "subtask_0"
+    mtimes = {p: p.stat().st_mtime_ns for p in (subtask / "done.json", subtask / "experts" / "expert_0.safetensors")}
+    result = run_distillation(D3Config(**settings))
+    return output_dir, error.value, after_failure, mtimes, result
+
+
+def test_a_failed_run_leaves_no_results(runs):
+    output_dir, error, after_failure, _, _ = runs
+    assert "the teacher predicts 10 classes but the dataset has 4" in str(error)
+    for name in ("metrics.json", "samples.png", "config.json"):
+        assert name not in after_failure, name
+    assert not any(p == "pipeline" or p.startswith("pipeline") for p in after_failure)
+    assert "subtasks/subtask_0/done.json" in after_failure  # the finished subtask is kept for the rerun
+
+
+def test_the_rerun_reuses_the_finished_subtask(runs):
+    _, _, _, mtimes, _ = runs
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_end_to_end_run(runs):
+    output_dir, _, _, _, result = runs
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["num_processes"] == 1 and metrics["num_eval_runs"] == 1 and metrics["student_steps"] == 4
+    assert 0 <= metrics["accuracy_mean"] <= 1
+    assert metrics["storage"] == metrics["planned_storage"] == result.pipeline.storage_report().to_dict()
+    (subtask,) = metrics["subtasks"]
+    assert subtask["classes"] == [0, 1, 2, 3] and len(subtask["loss_history"]["mtt"]) == TINY_RUN["iterations"]
+    assert json.loads((output_dir / "config.json").read_text())["iterations"] == TINY_RUN["iterations"]
+    with PIL.Image.open(output_dir / "samples.png") as grid:  # a row of 8 images per class, 16 x 16 each
+        assert grid.size == (8 * 16, 4 * 16)
+
+    pipe = D3Pipeline.from_pretrained(output_dir / "pipeline")
+    assert pipe.latent_store.config.class_ids == [0, 1, 2, 3]
+    assert pipe.latent_store.class_names == ["T-shirt/top", "Trouser", "Pullover", "Dress"]
+    assert len(pipe.decoder.generators) == 1 and pipe.decoder.config.resolution == 16
+    soft = pipe.latent_store.soft_labels
+    assert torch.isfinite(soft).all() and torch.allclose(soft.sum(1), torch.ones(8), atol=1e-5)
+    a = pipe(include_means=True, generator=torch.Generator().manual_seed(0), output_type="pt")
+    b = result.pipeline(include_means=True, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(a.images, b.images) and torch.equal(a.soft_labels, b.soft_labels)
+
+
+def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_path):
+    output_dir, *_ = runs
+    torch.manual_seed(0)
+    teacher = make_net(num_labels=4).eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    rerun = tmp_path / "rerun"
+    shutil.copytree(output_dir / "subtasks", rerun / "subtasks")  # reuse the distilled subtask
+    result = run_distillation(D3Config(**{**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(rerun),
+                                          "teacher": str(tmp_path / "teacher")}))
+    store, decoder = result.pipeline.latent_store, result.pipeline.decoder
+    with torch.no_grad():
+        expected = teacher(decoder.eval()(store.mean, store.component_subtask)).logits.softmax(1)
+    assert torch.allclose(store.soft_labels, expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resuming a subtask whose experts are on disk
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path):
+    from hf_d3.data import load_image_dataset
+
+    train = load_image_dataset(str(fmnist4_folder), "train")
+    names = train.features["label"].names
+
+    def distill_into(folder: Path):
+        config = D3Config(**{**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(folder)})
+        return distill_one_subtask(config, 1, [2, 3], train, names, torch.device("cpu"))
+
+    fresh = distill_into(tmp_path / "fresh")
+    distill_into(tmp_path / "resumed")
+    subtask = tmp_path / "resumed" / "subtasks" / "subtask_1"
+    for name in ("done.json", "latent_store", "decoder"):  # as if the job died after training its experts
+        shutil.rmtree(subtask / name, ignore_errors=True)
+        (subtask / name).unlink(missing_ok=True)
+    resumed = distill_into(tmp_path / "resumed")
+    assert torch.equal(resumed["latent_store"].mean, fresh["latent_store"].mean)
+    for name, value in fresh["decoder"].state_dict().items():
+        assert torch.equal(resumed["decoder"].state_dict()[name], value), name

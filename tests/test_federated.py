@@ -1,0 +1,272 @@
+"""Federated distillation: the subtask plan, gathering, aggregation, and real 2-process runs of recipes/distill.py
+(`accelerate launch --multi_gpu --num_processes 2` on CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import FMNIST4_CLASSES, TINY_RUN, write_parquet_dataset
+from hub_server import free_port
+
+from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
+from hf_d3.config import D3Config
+from hf_d3.federated import aggregate, gather_to_all, plan_subtasks, run_and_gather, subtask_seed, subtasks_of_rank
+from hf_d3.run import run_distillation
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "distill.py"
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_plan_is_contiguous_blocks():
+    assert plan_subtasks(list(range(10)), 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert plan_subtasks(list(range(4)), 2) == [[0, 1], [2, 3]]
+    assert plan_subtasks([3, 5, 9], 2) == [[3, 5], [9]]
+    assert plan_subtasks([4], 1) == [[4]]
+    for n in range(1, 13):
+        for k in range(1, n + 1):
+            plan = plan_subtasks(list(range(n)), k)
+            assert [c for block in plan for c in block] == list(range(n))  # contiguous, in order, all classes
+            sizes = [len(block) for block in plan]
+            assert len(plan) == k and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+@pytest.mark.parametrize("k", [0, 11, -1])
+def test_plan_rejects_impossible_splits(k):
+    with pytest.raises(ValueError, match=f"num_subtasks={k} must be between 1 and the 10 classes"):
+        plan_subtasks(list(range(10)), k)
+
+
+def test_subtasks_of_rank_partition_the_subtasks():
+    assert subtasks_of_rank(5, 0, 2) == [0, 2, 4] and subtasks_of_rank(5, 1, 2) == [1, 3]
+    assert subtasks_of_rank(2, 2, 3) == []  # more processes than subtasks: this rank idles
+    for k in range(1, 8):
+        for world in range(1, 5):
+            per_rank = [subtasks_of_rank(k, rank, world) for rank in range(world)]
+            assert sorted(s for mine in per_rank for s in mine) == list(range(k))
+            assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+
+
+def test_subtask_seeds_are_distinct_and_need_no_world_size():
+    seeds = {subtask_seed(s, k) for s in range(5) for k in range(50)}
+    assert len(seeds) == 250
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gathering (one process) and aggregation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_run_and_gather_in_one_process():
+    assert gather_to_all({"a": 1}) == [{"a": 1}]
+    assert run_and_gather(lambda: {0: "done"}) == [{0: "done"}]
+
+
+def test_a_failing_rank_fails_the_gather():
+    def work():
+        raise KeyError("subtask 3 exploded")
+
+    with pytest.raises(RuntimeError) as error:
+        run_and_gather(work)
+    message = str(error.value)
+    assert message.startswith("1 rank(s) failed; nothing was aggregated")
+    assert "--- rank 0 ---" in message and "Traceback" in message and "KeyError: 'subtask 3 exploded'" in message
+
+
+def make_subtask(class_ids, seed, **decoder_kwargs):
+    torch.manual_seed(seed)
+    store = GaussianLatentStore(class_ids, num_classes=5, latents_per_class=2, latent_dim=8,
+                                class_names=list("abcde"))
+    decoder = D3Decoder(latent_dim=8, resolution=8, out_channels=1, channels=[8, 4], **decoder_kwargs).eval()
+    with torch.no_grad():
+        store.soft_labels.copy_(torch.rand(store.soft_labels.shape).softmax(1))
+        decoder.generators[0].body[1].running_mean.uniform_(-1, 1)
+    return store, decoder
+
+
+def test_aggregate_keeps_every_subtask_as_it_was():
+    # single-generator decoders, as run.build_decoder makes them (num_subtasks given explicitly)
+    (s0, d0), (s1, d1) = make_subtask([0, 1, 2], 0, num_subtasks=1), make_subtask([3, 4], 1, num_subtasks=1)
+    store, decoder = aggregate([s0, s1], [d0, d1])
+    assert store.config.class_ids == [0, 1, 2, 3, 4] and list(store.config.subtask_sizes) == [3, 2]
+    assert store.class_names == list("abcde") and decoder.config.num_subtasks == 2
+    assert store.component_subtask.tolist() == [0] * 6 + [1] * 4
+    assert torch.equal(store.mean, torch.cat([s0.mean, s1.mean]))
+    assert torch.equal(store.logvar, torch.cat([s0.logvar, s1.logvar]))
+    assert torch.equal(store.soft_labels, torch.cat([s0.soft_labels, s1.soft_labels]))
+
+    # the aggregated pipeline draws exactly what each subtask's own pipeline draws
+    pipe = D3Pipeline(latent_store=store, decoder=decoder)
+    mean_images = pipe(include_means=True, num_samples_per_component=0, output_type="pt").images
+    for sub, (s, d) in zip((slice(0, 6), slice(6, 10)), ((s0, d0), (s1, d1)), strict=True):
+        own = D3Pipeline(latent_store=s, decoder=d)(include_means=True, num_samples_per_component=0,
+                                                    output_type="pt").images
+        assert torch.allclose(mean_images[sub], own, atol=1e-6)
+
+
+def test_aggregate_decoders_built_with_default_settings():
+    (s0, d0), (s1, d1) = make_subtask([0, 1, 2], seed=0), make_subtask([3, 4], seed=1)
+    _, decoder = aggregate([s0, s1], [d0, d1])
+    assert decoder.config.num_subtasks == 2 and len(decoder.generators) == 2
+    assert torch.equal(decoder.generators[1].project.weight, d1.generators[0].project.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real 2-process runs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def launch_two_processes(config: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` recipes/distill.py on two CPU processes (gloo), as DESIGN.md section 3 says it must be
+    started; returns the finished process with stdout and stderr together."""
+    config_file = tmp_path / "launch.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port("127.0.0.1")), str(RECIPE), "--config", str(config_file)]
+    return subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=420)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(fmnist4_folder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_processes")
+    config = {**TINY_RUN, "dataset": str(fmnist4_folder), "num_subtasks": 2, "output_dir": str(tmp / "out")}
+    run = launch_two_processes(config, tmp)
+    assert run.returncode == 0, run.stdout[-5000:]
+    return Path(config["output_dir"]), run.stdout
+
+
+def test_two_processes_each_distil_their_own_subtask(two_process_run):
+    output_dir, stdout = two_process_run
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2  # the real world size: two gloo ranks, not two lone processes
+    assert stdout.count("test accuracy") == 1  # only the main process reports
+    assert [s["subtask"] for s in metrics["subtasks"]] == [0, 1]
+    assert [s["classes"] for s in metrics["subtasks"]] == [[0, 1], [2, 3]]
+    for k, classes in enumerate(([0, 1], [2, 3])):
+        folder = output_dir / "subtasks" / f"subtask_{k}"
+        assert GaussianLatentStore.from_pretrained(folder / "latent_store").config.class_ids == classes
+        expert = json.loads((folder / "experts" / "expert_0.json").read_text())
+        assert len(expert["id2label"]) == 2  # experts trained on the subtask's own 2 classes only
+
+
+def test_the_aggregated_pipeline_holds_every_class(two_process_run):
+    output_dir, _ = two_process_run
+    pipe = D3Pipeline.from_pretrained(output_dir / "pipeline")
+    assert pipe.latent_store.config.class_ids == [0, 1, 2, 3] and pipe.latent_store.class_names == FMNIST4_CLASSES
+    assert len(pipe.decoder.generators) == 2 and list(pipe.latent_store.config.subtask_sizes) == [2, 2]
+    out = pipe(num_samples_per_component=1, include_means=True, generator=torch.Generator().manual_seed(0))
+    assert sorted(set(out.labels.tolist())) == [0, 1, 2, 3] and len(out.images) == 16
+    assert out.images[0].size == (16, 16) and out.images[0].mode == "L"
+    soft = pipe.latent_store.soft_labels
+    assert torch.isfinite(soft).all() and torch.allclose(soft.sum(1), torch.ones(8), atol=1e-5)
+    # each subtask's generator is the one its rank distilled
+    for k in range(2):
+        own = D3Decoder.from_pretrained(output_dir / "subtasks" / f"subtask_{k}" / "decoder").generators[0]
+        for name, value in own.state_dict().items():
+            assert torch.equal(pipe.decoder.generators[k].state_dict()[name], value), (k, name)
+
+
+def test_one_and_two_processes_give_the_same_pipeline(two_process_run, tiny_run, tmp_path):
+    output_dir, _ = two_process_run
+    assert torch.get_num_threads() == 1  # as in each launched rank (conftest sets OMP_NUM_THREADS=1)
+    run_distillation(tiny_run(num_subtasks=2, output_dir=str(tmp_path / "one")))
+    one = D3Pipeline.from_pretrained(tmp_path / "one" / "pipeline")
+    two = D3Pipeline.from_pretrained(output_dir / "pipeline")
+    for part in ("latent_store", "decoder"):
+        a, b = getattr(one, part).state_dict(), getattr(two, part).state_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5, rtol=0), (part, name)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((output_dir / "metrics.json").read_text())
+    def losses(metrics):
+        return [v for s in metrics["subtasks"] for term in ("mtt", "mmd") for v in s["loss_history"][term]]
+
+    assert len(losses(m1)) == 8 and losses(m1) == pytest.approx(losses(m2), rel=1e-5)
+    assert m1["num_processes"] == 1
+
+
+@pytest.fixture(scope="module")
+def one_short_class_folder(fmnist4_splits, tmp_path_factory) -> Path:
+    """fmnist4 with a single training image of class 3 (Dress): `init: real` with 2 latents per class cannot start
+    subtask 1 (classes 2-3), while subtask 0 is fine."""
+    from datasets import load_dataset
+
+    train = fmnist4_splits["train"]
+    labels = list(train["label"])
+    keep = [i for i, label in enumerate(labels) if label != 3] + [labels.index(3)]
+    folder = write_parquet_dataset(tmp_path_factory.mktemp("short_class"),
+                                   {"train": train.select(sorted(keep)), "test": fmnist4_splits["test"]})
+    for split in ("train", "test"):
+        load_dataset(str(folder), split=split)  # build the cache once, before two ranks read it
+    return folder
+
+
+@pytest.fixture(scope="module")
+def failed_two_process_run(one_short_class_folder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("failed_run")
+    config = {**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2, "init": "real",
+              "output_dir": str(tmp / "out")}
+    return Path(config["output_dir"]), launch_two_processes(config, tmp)
+
+
+def test_a_failing_rank_fails_the_job_and_writes_nothing(failed_two_process_run):
+    output_dir, run = failed_two_process_run
+    assert run.returncode != 0
+    assert "1 rank(s) failed; nothing was aggregated" in run.stdout
+    # only rank 1 failed, and the failure is that of subtask 1's classes: subtask 1 ran on rank 1 and not on rank 0
+    assert "--- rank 1 ---" in run.stdout and "--- rank 0 ---" not in run.stdout
+    assert "init=real needs 2 real images per class; some class of [2, 3] has fewer" in run.stdout
+    for name in ("metrics.json", "pipeline", "samples.png", "config.json", "teacher"):
+        assert not (output_dir / name).exists(), name
+    subtasks = output_dir / "subtasks"
+    assert (subtasks / "subtask_0" / "done.json").is_file()  # rank 0 finished its own subtask
+    assert not (subtasks / "subtask_1" / "done.json").exists()
+    assert (subtasks / "subtask_1" / "experts" / "expert_0.safetensors").is_file()  # rank 1 failed after its experts
+
+
+@pytest.fixture(scope="module")
+def rerun(failed_two_process_run, one_short_class_folder):
+    """The failed run's output_dir rerun in this process with a config that works (init: random). Returns the
+    run's config, the files that must have been reused with their mtimes before the rerun, and its result."""
+    output_dir, _ = failed_two_process_run
+    subtasks = output_dir / "subtasks"
+    kept = [subtasks / "subtask_0" / "done.json", subtasks / "subtask_0" / "latent_store" / "config.json",
+            subtasks / "subtask_0" / "experts" / "expert_0.safetensors",
+            subtasks / "subtask_1" / "experts" / "expert_0.safetensors"]
+    mtimes = {p: p.stat().st_mtime_ns for p in kept}
+    config = D3Config(**{**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2, "init": "random",
+                         "output_dir": str(output_dir)})
+    return config, mtimes, run_distillation(config)
+
+
+def test_a_rerun_after_a_failure_reuses_what_finished(rerun):
+    config, mtimes, result = rerun
+    output_dir = Path(config.output_dir)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # not recomputed
+    assert (output_dir / "subtasks" / "subtask_1" / "done.json").is_file()
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert [s["classes"] for s in metrics["subtasks"]] == [[0, 1], [2, 3]]
+    assert D3Pipeline.from_pretrained(output_dir / "pipeline").latent_store.config.class_ids == [0, 1, 2, 3]
+    assert result.pipeline.decoder.config.num_subtasks == 2
+    assert (output_dir / "teacher" / "config.json").is_file()  # the global teacher, kept for the next rerun
+
+
+def test_a_second_rerun_reloads_the_same_global_teacher(rerun):
+    config, _, first = rerun
+    second = run_distillation(config)
+    assert torch.allclose(second.pipeline.latent_store.soft_labels, first.pipeline.latent_store.soft_labels,
+                          atol=1e-6)
