@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["--num_subtasks", "2", "--max_train_per_class", "300", "--net_width", "32", "--num_experts", "1",
             "--trajectory_epochs", "7", "--teacher_epochs", "1", "--eval_steps", "20", "--eval_seeds", "1",
-            "--init", "random", "--max_test_examples", "1000"]
+            "--init", "random", "--max_test_examples", "1000",
+            "--storage_budget_ipc", "100"]  # two decoders: twice the demo's storage
 
 
 def run(processes: int, output_dir: str, iterations: int) -> dict:
@@ -31,7 +32,9 @@ def run(processes: int, output_dir: str, iterations: int) -> dict:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    str(ROOT / "recipes/distill.py"), *args]
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return json.loads((Path(output_dir) / "metrics.json").read_text())
 
 

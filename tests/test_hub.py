@@ -403,3 +403,33 @@ def test_local_hub_commits_are_atomic_and_need_the_token(local_hub, new_repo_id)
     assert status == 400 and answer["errors"]
     saved = yaml.safe_load((local_hub.root / "repos" / "model" / f"{repo_id}.json").read_text())
     assert saved["refs"]["main"] == head[0]
+
+
+def test_publish_recipe_publishes_a_finished_run(local_hub, new_repo_id, tmp_path):
+    pipe = make_pipe()
+    run_dir = tmp_path / "run"
+    pipe.save_pretrained(run_dir / "pipeline")
+    metrics = {"accuracy_mean": 0.61, "accuracy_std": 0.02, "num_eval_runs": 3, "student_architecture": "convnet",
+               "distill_wall_time_s": 12.0, "distill_peak_memory_bytes": 2**30}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "config.json").write_text(json.dumps({"dataset": "builtin:fashion_mnist", "iterations": 5}))
+    model_id, dataset_id = new_repo_id("run"), new_repo_id("run-data")
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "publish.py")
+    done = subprocess.run([sys.executable, recipe, str(run_dir), model_id, "--dataset", dataset_id],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert local_hub.token not in done.stdout + done.stderr
+
+    pulled = D3Pipeline.from_pretrained(model_id)
+    assert torch.equal(draw(pulled)[0], draw(pipe)[0])
+    assert "61.00 ± 2.00%" in ModelCard.load(model_id).content
+    budget = f"ipc{round(pipe.storage_report().ipc_equivalent)}"
+    data = load_dataset(dataset_id, budget, split="train")
+    assert len(data) == 2 * pipe.latent_store.num_components
+
+
+def test_publish_refuses_an_unfinished_run(tmp_path):
+    from hf_d3.hub import publish_run
+
+    with pytest.raises(ValueError, match="metrics.json is missing"):
+        publish_run(tmp_path, "user/never")
