@@ -28,9 +28,11 @@ def train_classifier(
     generator: torch.Generator,
     augment: bool = True,
     desc: str = "expert",
+    momentum: float = 0.0,
 ) -> list[torch.Tensor]:
-    """Plain SGD (no momentum) on hard labels; returns the flat parameters before and after every epoch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    """SGD on hard labels (plain, as for the reference experts, unless `momentum` is given); returns the flat
+    parameters before and after every epoch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     augmentation = dsa_augmentation(images.shape[-1], images.shape[1]) if augment else nn.Identity()
     trajectory = [flat_parameters(model)]
     model.train()
