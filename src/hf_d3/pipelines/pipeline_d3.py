@@ -117,14 +117,16 @@ class D3Pipeline(DiffusionPipeline):
         return D3PipelineOutput(images=images, labels=labels, soft_labels=soft_labels)
 
 
+# Keyword arguments that belong to the snapshot download, not to diffusers' folder loading.
+_HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
 def _download_snapshot(repo_id: str, kwargs: dict) -> Path:
     from huggingface_hub import snapshot_download
 
-    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-    return Path(snapshot_download(repo_id, **{k: kwargs[k] for k in hub_keys if k in kwargs}))
+    return Path(snapshot_download(repo_id, **{k: kwargs[k] for k in _HUB_KEYS if k in kwargs}))
 
 
 def _load_kwargs(kwargs: dict) -> dict:
     # Everything Hub-related was resolved by the download; the rest (torch_dtype, ...) goes to diffusers.
-    hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-    return {k: v for k, v in kwargs.items() if k not in hub_keys}
+    return {k: v for k, v in kwargs.items() if k not in _HUB_KEYS}
