@@ -27,14 +27,8 @@ from hf_d3.distill import (
     warm_start,
 )
 from hf_d3.evaluation import evaluate_sampler, pipeline_sampler, soft_cross_entropy, train_student
-from hf_d3.experts import (
-    flat_parameters,
-    load_trajectory,
-    save_trajectory,
-    train_classifier,
-    train_expert_trajectories,
-)
-from hf_d3.run import distill_one_subtask, run_distillation
+from hf_d3.experts import flat_parameters, load_trajectory, save_trajectory, train_classifier
+from hf_d3.run import distill_one_subtask, run_distillation, train_expert_trajectories
 
 CONFIG = D3Config(**TINY_RUN)  # 16x16 grayscale, 2 latents of 8 dims per class, decoder [8, 8, 8]
 
@@ -188,7 +182,7 @@ def test_train_classifier_records_every_epoch(trajectory, data):
 def test_trajectory_round_trip_through_safetensors(trajectory, tmp_path):
     net, steps = trajectory
     path = tmp_path / "experts" / "expert_0.safetensors"
-    save_trajectory(path, net, list(steps))
+    save_trajectory(path, net.config.to_dict(), list(steps))
     assert sorted(p.name for p in path.parent.iterdir()) == ["expert_0.json", "expert_0.safetensors"]  # no .tmp
     with safe_open(str(path), "pt") as f:
         assert sorted(f.keys()) == ["epoch_0", "epoch_1", "epoch_2"]
@@ -200,22 +194,31 @@ def test_trajectory_round_trip_through_safetensors(trajectory, tmp_path):
     assert sum(p.numel() for p in model.parameters()) == loaded.shape[1]
 
 
-def test_expert_training_resumes_from_what_is_on_disk(data, tmp_path):
-    def build():
-        return make_net()
+def test_expert_training_resumes_from_what_is_on_disk(fmnist4_folder, tiny_run, tmp_path):
+    from hf_d3.data import load_image_dataset
 
-    args = (data.images[::2], data.labels[::2], tmp_path)
-    paths = train_expert_trajectories(build, *args, num_experts=2, epochs=1, lr=0.01, batch_size=32, seed=3,
-                                      augment=False)
-    assert [p.name for p in paths] == ["expert_0.safetensors", "expert_1.safetensors"]
+    train = load_image_dataset(str(fmnist4_folder), "train")
+    plan = [[0, 1], [2, 3]]
+
+    def train_experts(num_experts: int) -> list[Path]:
+        config = tiny_run(num_experts=num_experts, output_dir=str(tmp_path))
+        summary = train_expert_trajectories(config, plan, train, torch.device("cpu"))
+        assert len(summary) == 1 and summary[0]["rank"] == 0
+        return sorted((tmp_path / "subtasks").glob("subtask_*/experts/expert_*.safetensors")), summary[0]["experts"]
+
+    paths, trained = train_experts(2)
+    assert [p.relative_to(tmp_path / "subtasks").as_posix() for p in paths] == [
+        f"subtask_{k}/experts/expert_{i}.safetensors" for k in (0, 1) for i in (0, 1)]
+    assert trained == [(0, 0), (1, 0), (0, 1), (1, 1)]  # expert index first
     mtimes = {p: p.stat().st_mtime_ns for p in paths}
     first = load_trajectory(paths[0])[1]
+    model = load_trajectory(paths[2])[0]
+    assert model.config.num_labels == 2  # an expert of subtask 1 knows only its 2 classes
 
-    paths = train_expert_trajectories(build, *args, num_experts=3, epochs=1, lr=0.01, batch_size=32, seed=3,
-                                      augment=False)
-    assert {p: p.stat().st_mtime_ns for p in paths[:2]} == mtimes  # not retrained
-    assert paths[2].is_file()
-    assert not torch.equal(load_trajectory(paths[2])[1], first)  # a different seed per expert
+    paths, trained = train_experts(3)
+    assert trained == [(0, 2), (1, 2)]  # only what is missing
+    assert {p: mtimes[p] for p in mtimes} == {p: p.stat().st_mtime_ns for p in mtimes}  # not retrained
+    assert not torch.equal(load_trajectory(tmp_path / "subtasks/subtask_0/experts/expert_2.safetensors")[1], first)
     assert torch.equal(load_trajectory(paths[0])[1], first)
 
 
@@ -238,7 +241,8 @@ def test_seeded_distillation_is_deterministic(data, trajectory):
     for (name, a), (_, b) in zip([*a_store.state_dict().items(), *a_decoder.state_dict().items()],
                                  [*b_store.state_dict().items(), *b_decoder.state_dict().items()], strict=True):
         assert torch.equal(a, b), name
-    assert a_stats == b_stats
+    assert a_stats.pop("iterations_wall_time_s") > 0 and b_stats.pop("iterations_wall_time_s") > 0
+    assert a_stats == b_stats and a_stats["iterations_run"] == 3
     assert len(a_stats["loss_history"]["mtt"]) == 3 and len(a_stats["loss_history"]["mmd"]) == 3
     assert a_stats["syn_lr"] != CONFIG.syn_lr_init  # the learnable lr was stepped
 
@@ -246,6 +250,13 @@ def test_seeded_distillation_is_deterministic(data, trajectory):
     assert not torch.equal(a_store.mean, init_store.mean)  # the latents were trained
     c_store, _, _ = distill(data, trajectory, seed=1, iterations=3)
     assert not torch.equal(c_store.mean, a_store.mean)
+
+
+def test_a_time_limit_stops_the_iterations(data, trajectory):
+    _, _, stats = distill(data, trajectory, iterations=5, max_distill_time_s=0.0)
+    assert stats["iterations_run"] == 0 and stats["loss_history"] == {"mtt": [], "mmd": []}
+    _, _, stats = distill(data, trajectory, iterations=2, max_distill_time_s=600.0)
+    assert stats["iterations_run"] == 2
 
 
 def test_each_term_can_be_switched_off(data, trajectory):
@@ -299,6 +310,15 @@ def test_warm_start_fits_real_images(data):
     with torch.no_grad():
         after = nn.functional.mse_loss(decoder.train()(store.mean), targets).item()
     assert after < 0.5 * before
+
+    # several real images per component: each component becomes the Gaussian of its images' latents
+    store, decoder = make_store_and_decoder()
+    warm_start(store, decoder, data, steps=30, lr=1e-2, generator=torch.Generator().manual_seed(0),
+               images_per_component=5, prior_weight=0.0)
+    assert store.logvar.exp().min() >= 0.01 - 1e-6 and store.logvar.exp().max() > 0.011  # a spread was fitted
+    with pytest.raises(ValueError, match=r"needs 200 real images per class; .* \(2 latents x 100 images"):
+        warm_start(store, decoder, data, steps=1, lr=1e-2, generator=torch.Generator().manual_seed(0),
+                   images_per_component=100)
 
     short = SubtaskData(data.images[:3], torch.tensor([0, 0, 1]), [0, 1])
     store, decoder = make_store_and_decoder(class_ids=(0, 1))
@@ -454,6 +474,7 @@ def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path)
 
     def distill_into(folder: Path):
         config = D3Config(**{**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(folder)})
+        train_expert_trajectories(config, [[0, 1], [2, 3]], train, torch.device("cpu"))
         return distill_one_subtask(config, 1, [2, 3], train, names, torch.device("cpu"))
 
     fresh = distill_into(tmp_path / "fresh")

@@ -17,7 +17,17 @@ from hub_server import free_port
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
 from hf_d3.config import D3Config
-from hf_d3.federated import aggregate, gather_to_all, plan_subtasks, run_and_gather, subtask_seed, subtasks_of_rank
+from hf_d3.experts import load_trajectory
+from hf_d3.federated import (
+    aggregate,
+    expert_rank,
+    gather_to_all,
+    plan_subtasks,
+    run_and_gather,
+    send_point_to_point,
+    subtask_seed,
+    subtasks_of_rank,
+)
 from hf_d3.run import run_distillation
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "distill.py"
@@ -54,6 +64,25 @@ def test_subtasks_of_rank_partition_the_subtasks():
             per_rank = [subtasks_of_rank(k, rank, world) for rank in range(world)]
             assert sorted(s for mine in per_rank for s in mine) == list(range(k))
             assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+
+
+def test_experts_stay_on_their_subtask_rank_unless_there_are_spare_ranks():
+    # no spare rank: a subtask's experts are trained where it is distilled, so nothing is sent
+    for k in range(5):
+        assert {expert_rank(k, i, 5, 2) for i in range(4)} == {k % 2}
+    # 3 ranks, 2 subtasks, 2 experts: rank 2 would idle; it takes expert 1 of subtask 0
+    assert [[expert_rank(k, i, 2, 3) for k in range(2)] for i in range(2)] == [[0, 1], [2, 0]]
+    for k_count in range(1, 5):
+        for world in range(k_count + 1, 9):
+            for n in range(1, 6):
+                jobs = [expert_rank(k, i, k_count, world) for i in range(n) for k in range(k_count)]
+                assert all(expert_rank(k, 0, k_count, world) == k for k in range(k_count))
+                counts = [jobs.count(r) for r in range(world)]
+                assert max(counts) - min(counts) <= 1  # no rank idles while another trains two more
+
+
+def test_point_to_point_in_one_process_keeps_everything_local():
+    assert send_point_to_point({"a": 1}, [("a", 0, 0)]) == {}
 
 
 def test_subtask_seeds_are_distinct_and_need_no_world_size():
@@ -125,14 +154,14 @@ def test_aggregate_decoders_built_with_default_settings():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def launch_two_processes(config: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` recipes/distill.py on two CPU processes (gloo), as DESIGN.md section 3 says it must be
+def launch_processes(config: dict, tmp_path: Path, num_processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch` recipes/distill.py on CPU processes (gloo), as DESIGN.md section 3 says they must be
     started; returns the finished process with stdout and stderr together."""
     config_file = tmp_path / "launch.yaml"
     config_file.write_text(yaml.safe_dump(config))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port("127.0.0.1")), str(RECIPE), "--config", str(config_file)]
     return subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -143,7 +172,7 @@ def launch_two_processes(config: dict, tmp_path: Path) -> subprocess.CompletedPr
 def two_process_run(fmnist4_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_processes")
     config = {**TINY_RUN, "dataset": str(fmnist4_folder), "num_subtasks": 2, "output_dir": str(tmp / "out")}
-    run = launch_two_processes(config, tmp)
+    run = launch_processes(config, tmp)
     assert run.returncode == 0, run.stdout[-5000:]
     return Path(config["output_dir"]), run.stdout
 
@@ -220,7 +249,7 @@ def failed_two_process_run(one_short_class_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("failed_run")
     config = {**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2, "init": "real",
               "output_dir": str(tmp / "out")}
-    return Path(config["output_dir"]), launch_two_processes(config, tmp)
+    return Path(config["output_dir"]), launch_processes(config, tmp)
 
 
 def test_a_failing_rank_fails_the_job_and_writes_nothing(failed_two_process_run):
@@ -270,3 +299,33 @@ def test_a_second_rerun_reloads_the_same_global_teacher(rerun):
     second = run_distillation(config)
     assert torch.allclose(second.pipeline.latent_store.soft_labels, first.pipeline.latent_store.soft_labels,
                           atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# More processes than subtasks: the spare rank trains experts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_spare_rank_trains_experts_that_reach_the_distilling_rank(fmnist4_folder, tiny_run, tmp_path):
+    config = {**TINY_RUN, "dataset": str(fmnist4_folder), "num_subtasks": 2, "num_experts": 2,
+              "output_dir": str(tmp_path / "three")}
+    run = launch_processes(config, tmp_path, num_processes=3)
+    assert run.returncode == 0, run.stdout[-5000:]
+    metrics = json.loads((tmp_path / "three" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 3
+    # (subtask, expert) pairs per rank: rank 2 distils nothing but trains expert 1 of subtask 0
+    assert [r["experts"] for r in metrics["experts_per_rank"]] == [[[0, 0], [1, 1]], [[1, 0]], [[0, 1]]]
+
+    run_distillation(tiny_run(num_subtasks=2, num_experts=2, output_dir=str(tmp_path / "one")))
+    for k in range(2):
+        for i in range(2):
+            name = f"subtasks/subtask_{k}/experts/expert_{i}.safetensors"
+            # the trajectory rank 2 sent equals the one a single process trains (one thread: bit-identical)
+            sent, trained_here = (load_trajectory(tmp_path / run / name)[1] for run in ("three", "one"))
+            assert torch.equal(sent, trained_here)
+    one = D3Pipeline.from_pretrained(tmp_path / "one" / "pipeline")
+    three = D3Pipeline.from_pretrained(tmp_path / "three" / "pipeline")
+    for part in ("latent_store", "decoder"):
+        a, b = getattr(one, part).state_dict(), getattr(three, part).state_dict()
+        for name in a:
+            assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5, rtol=0), (part, name)

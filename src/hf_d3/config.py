@@ -55,9 +55,12 @@ class D3Config:
     storage_budget_ipc: float | None = field(default=None, metadata={"help": "fail if storage exceeds this IPC"})
     init: str = field(default="random", metadata={"help": "random (the paper's) or real (fit real images first)"})
     init_steps: int = 300
+    init_images_per_component: int = field(default=1, metadata={"help": "real images each component fits (init real)"})
 
     # Objective
     iterations: int = 1000
+    max_distill_time_s: float | None = field(
+        default=None, metadata={"help": "stop iterating a subtask after this many seconds"})
     mtt_weight: float = 1.0
     mmd_weight: float = 1.0
     syn_steps: int = 10

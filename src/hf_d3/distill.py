@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -78,28 +78,38 @@ class SubtaskData:
     class_ids: list[int]
 
 
-def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData, steps: int,
-               lr: float, generator: torch.Generator) -> None:
-    """`init: real`: fit each component's mean and the decoder to reconstruct one real image of its class.
+def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData, steps: int, lr: float,
+               generator: torch.Generator, images_per_component: int = 1, batch_size: int = 256,
+               prior_weight: float = 0.01) -> None:
+    """`init: real`: fit the decoder to reconstruct `images_per_component` real images per component.
 
-    Log-variances start small so samples stay near the fitted means; distillation then widens them.
+    Every real image gets a free latent (generative latent optimisation), pulled towards its component's mean
+    by `prior_weight`; each component then becomes the Gaussian of its images' latents (mean, per-dimension
+    variance, at least 0.01), so samples decode to images like those real ones rather than copies of one.
     """
-    m = store.config.latents_per_class
-    targets = torch.cat([
-        data.images[data.labels == local][torch.randperm(int((data.labels == local).sum()), generator=generator)[:m]]
-        for local in range(len(data.class_ids))
-    ])
-    if len(targets) != store.num_components:
-        raise ValueError(f"init=real needs {m} real images per class; some class of {data.class_ids} has fewer")
-    with torch.no_grad():
-        store.logvar.fill_(math.log(0.01))
-    optimizer = torch.optim.Adam([store.mean, *decoder.parameters()], lr=lr)
+    m, r = store.config.latents_per_class, images_per_component
+    per_class = [data.images[data.labels == local] for local in range(len(data.class_ids))]
+    targets = torch.cat([x[torch.randperm(len(x), generator=generator)[:m * r]] for x in per_class])
+    if len(targets) != store.num_components * r:
+        raise ValueError(f"init=real needs {m * r} real images per class; some class of {data.class_ids} has fewer "
+                         f"({m} latents x {r} images per component)")
+    component = torch.arange(store.num_components, device=targets.device).repeat_interleave(r)
+    latents = nn.Parameter(store.mean.detach()[component] + 0.1 * torch.randn(
+        len(targets), store.config.latent_dim, generator=generator).to(targets.device))
+    optimizer = torch.optim.Adam([latents, store.mean, *decoder.parameters()], lr=lr)
     decoder.train()
     for _ in tqdm(range(steps), desc="warm start", leave=False):
-        loss = nn.functional.mse_loss(decoder(store.mean), targets)
+        batch = torch.randperm(len(targets), generator=generator)[:batch_size].to(targets.device)
+        loss = (nn.functional.mse_loss(decoder(latents[batch]), targets[batch])
+                + prior_weight * (latents[batch] - store.mean[component[batch]]).pow(2).mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    with torch.no_grad():
+        per_component = latents.view(store.num_components, r, -1)
+        store.mean.copy_(per_component.mean(1))
+        spread = per_component.var(1, unbiased=False) if r > 1 else torch.zeros_like(store.mean)
+        store.logvar.copy_(spread.clamp_min(0.01).log())
 
 
 def _mmd_step_loss(store, decoder, data, embed, samples_per_class, bandwidths, generator) -> torch.Tensor:
@@ -151,11 +161,13 @@ def distill_subtask(
     checkpoint_dir: Path | None = None,
     desc: str = "distill",
 ) -> dict:
-    """Optimise `store` and `decoder` (both of one subtask) for `config.iterations` iterations.
+    """Optimise `store` and `decoder` (both of one subtask) for `config.iterations` iterations (or until
+    `config.max_distill_time_s`).
 
     Each iteration is up to two optimiser steps: trajectory matching against a random expert and start
     epoch (if `mtt_weight` > 0), then per-class MMD on a random expert's penultimate features (if
-    `mmd_weight` > 0). Returns the loss history and the final synthetic learning rate.
+    `mmd_weight` > 0). Returns the loss history, the final synthetic learning rate, the number of
+    iterations run and their wall time.
     """
     syn_lr = torch.tensor(config.syn_lr_init, requires_grad=True)
     opt_latents = torch.optim.SGD([store.mean, store.logvar], lr=config.lr_latents, momentum=0.5)
@@ -171,7 +183,10 @@ def distill_subtask(
         return nets[i], trajectories[i][1]
 
     decoder.train()
+    start = time.perf_counter()
     for iteration in tqdm(range(config.iterations), desc=desc, leave=False):
+        if config.max_distill_time_s is not None and time.perf_counter() - start >= config.max_distill_time_s:
+            break
         losses = {}
         if config.mtt_weight > 0:
             net, trajectory = pick_expert()
@@ -206,8 +221,10 @@ def distill_subtask(
             history[name].append(loss.item())
         if checkpoint_dir is not None and (iteration + 1) % config.checkpoint_every == 0:
             _save_checkpoint(store, decoder, checkpoint_dir)
+    iterations_wall_time = time.perf_counter() - start
     refresh_batchnorm(decoder, store, passes=10, generator=generator)
-    return {"loss_history": history, "syn_lr": syn_lr.item()}
+    return {"loss_history": history, "syn_lr": syn_lr.item(), "iterations_run": len(history["mtt"] or history["mmd"]),
+            "iterations_wall_time_s": iterations_wall_time}
 
 
 def _save_checkpoint(store, decoder, checkpoint_dir: Path) -> None:

@@ -46,13 +46,13 @@ def train_classifier(
     return trajectory
 
 
-def save_trajectory(path: Path, model: nn.Module, trajectory: list[torch.Tensor]) -> None:
+def save_trajectory(path: Path, model_config: dict, trajectory: list[torch.Tensor]) -> None:
     """One safetensors file per expert (epoch 0..E as `epoch_{e}`), its classifier config beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"epoch_{e}": p.contiguous() for e, p in enumerate(trajectory)}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"num_epochs": str(len(trajectory) - 1)})
-    path.with_suffix(".json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    path.with_suffix(".json").write_text(json.dumps(model_config, indent=2))
     tmp.rename(path)  # the file appears only once complete, so a rerun can trust what exists
 
 
@@ -65,28 +65,20 @@ def load_trajectory(path: Path) -> tuple[nn.Module, torch.Tensor]:
     return model, torch.stack([tensors[f"epoch_{e}"] for e in range(len(tensors))])
 
 
-def train_expert_trajectories(
+def train_expert(
     build_model,
     images: torch.Tensor,
     labels: torch.Tensor,
-    out_dir: Path,
-    num_experts: int,
     epochs: int,
     lr: float,
     batch_size: int,
     seed: int,
     augment: bool = True,
-) -> list[Path]:
-    """Train `num_experts` experts (labels must be 0..n-1), skipping those already on disk."""
-    paths = []
-    for i in range(num_experts):
-        path = Path(out_dir) / f"expert_{i}.safetensors"
-        if not path.is_file():
-            torch.manual_seed(seed + i)
-            model = build_model()
-            generator = torch.Generator().manual_seed(seed + i)
-            trajectory = train_classifier(model, images, labels, epochs, lr, batch_size, generator, augment,
-                                          desc=f"expert {i + 1}/{num_experts}")
-            save_trajectory(path, model, trajectory)
-        paths.append(path)
-    return paths
+    desc: str = "expert",
+) -> tuple[dict, list[torch.Tensor]]:
+    """One expert from `seed` alone (so any process can train it): its classifier config and trajectory."""
+    torch.manual_seed(seed)
+    model = build_model()
+    trajectory = train_classifier(model, images, labels, epochs, lr, batch_size,
+                                  torch.Generator().manual_seed(seed), augment, desc=desc)
+    return model.config.to_dict(), [p.cpu() for p in trajectory]

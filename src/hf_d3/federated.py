@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import traceback
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,18 @@ def subtasks_of_rank(num_subtasks: int, rank: int, world_size: int) -> list[int]
     return [k for k in range(num_subtasks) if k % world_size == rank]
 
 
+def expert_rank(subtask: int, expert: int, num_subtasks: int, world_size: int) -> int:
+    """The rank that trains expert `expert` of `subtask`.
+
+    With no more ranks than subtasks, the rank that distils the subtask (nothing to send). With spare ranks,
+    the experts of all subtasks are dealt round-robin over every rank, expert index first, so expert 0 of
+    each subtask stays on its distilling rank and the spare ranks train the rest instead of idling.
+    """
+    if world_size <= num_subtasks:
+        return subtask % world_size
+    return (expert * num_subtasks + subtask) % world_size
+
+
 def subtask_seed(seed: int, subtask: int) -> int:
     """A subtask's seed depends only on the run seed and its index, never on the number of processes."""
     return seed * 100_003 + subtask
@@ -37,6 +50,24 @@ def gather_to_all(obj: Any) -> list[Any]:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def send_point_to_point(objects: dict[Hashable, Any], routes: list[tuple[Hashable, int, int]]) -> dict[Hashable, Any]:
+    """For each route (key, source, destination), in the same order on every rank, `source` sends
+    `objects[key]` to `destination` only; returns what this rank received. Unlike a gather, an expert
+    trajectory (up to GBs at ImageNet scale) is copied to the one rank that needs it."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    received = {}
+    for key, source, destination in routes:
+        if source == destination:
+            continue
+        if rank == source:
+            dist.send_object_list([objects.pop(key)], dst=destination)
+        elif rank == destination:
+            box = [None]
+            dist.recv_object_list(box, src=source)
+            received[key] = box[0]
+    return received
 
 
 def run_and_gather(work) -> list[Any]:

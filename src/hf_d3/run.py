@@ -9,6 +9,7 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,8 +21,17 @@ from .config import D3Config
 from .data import ImageTensors, find_columns, load_image_dataset, to_tensors
 from .distill import SubtaskData, distill_subtask, relabel, warm_start
 from .evaluation import evaluate_sampler, pipeline_sampler
-from .experts import load_trajectory, train_classifier, train_expert_trajectories
-from .federated import aggregate, plan_subtasks, run_and_gather, subtask_seed, subtasks_of_rank
+from .experts import load_trajectory, save_trajectory, train_classifier, train_expert
+from .federated import (
+    aggregate,
+    expert_rank,
+    gather_to_all,
+    plan_subtasks,
+    run_and_gather,
+    send_point_to_point,
+    subtask_seed,
+    subtasks_of_rank,
+)
 from .models.classifiers import build_classifier
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
@@ -49,9 +59,9 @@ def net_kwargs(config: D3Config, architecture: str) -> dict:
     return {"width": config.net_width, **({"depth": config.net_depth} if architecture == "convnet" else {})}
 
 
-def build_net(config: D3Config, num_labels: int):
+def build_net(config: D3Config, num_labels: int, device: torch.device | str = "cpu"):
     return build_classifier(config.architecture, config.channels, config.resolution, num_labels,
-                            **net_kwargs(config, config.architecture))
+                            **net_kwargs(config, config.architecture)).to(device)
 
 
 def _peak_memory_bytes() -> int:
@@ -75,38 +85,89 @@ def check_storage_budget(config: D3Config, class_ids: list[int], num_subtasks: i
     return report.to_dict()
 
 
+def subtask_folder(config: D3Config, subtask: int) -> Path:
+    return Path(config.output_dir) / "subtasks" / f"subtask_{subtask}"
+
+
+def expert_file(config: D3Config, subtask: int, expert: int) -> Path:
+    return subtask_folder(config, subtask) / "experts" / f"expert_{expert}.safetensors"
+
+
+def load_subtask_data(config: D3Config, subtask: int, class_ids: list[int], train, device: torch.device
+                      ) -> SubtaskData:
+    """The real images of one subtask's classes only, with local labels 0..n-1."""
+    real = to_tensors(train, config.resolution, config.channels, classes=class_ids,
+                      image_column=config.image_column, label_column=config.label_column,
+                      max_per_class=config.max_train_per_class, seed=subtask_seed(config.seed, subtask))
+    local = torch.searchsorted(torch.tensor(class_ids), real.labels)
+    return SubtaskData(real.images.to(device), local.to(device), class_ids)
+
+
+def train_expert_trajectories(config: D3Config, plan: list[list[int]], train, device: torch.device,
+                              rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Every expert trajectory of the run, shared over the ranks (`expert_rank`); each ends up in the
+    `experts` folder of the rank that distils its subtask, sent point to point when another rank trained it.
+    Experts already on the distilling rank's disk (or of a finished subtask) are not trained again; expert i
+    of subtask k is seeded by (seed, k, i) only. Returns, per rank, the (subtask, expert) pairs it trained."""
+    num_subtasks, num_experts = len(plan), config.num_experts
+
+    def on_my_disk() -> list[tuple[int, int]]:  # no shared filesystem: only the distilling rank can look
+        return [(k, i) for k in subtasks_of_rank(num_subtasks, rank, world_size) for i in range(num_experts)
+                if (subtask_folder(config, k) / "done.json").is_file() or expert_file(config, k, i).is_file()]
+
+    finished = {tuple(job) for jobs in gather_to_all(on_my_disk()) for job in jobs}
+    todo = [(k, i) for i in range(num_experts) for k in range(num_subtasks) if (k, i) not in finished]
+    mine = [(k, i) for k, i in todo if expert_rank(k, i, num_subtasks, world_size) == rank]
+    to_send = {}
+
+    def work() -> dict:
+        start = time.perf_counter()
+        for k in sorted({k for k, _ in mine}):
+            data = load_subtask_data(config, k, plan[k], train, device)
+            for i in sorted(i for kk, i in mine if kk == k):
+                trained = train_expert(partial(build_net, config, len(plan[k]), device), data.images,
+                                       data.labels, config.trajectory_epochs, config.expert_lr,
+                                       config.expert_batch_size, subtask_seed(config.seed, k) + i,
+                                       config.expert_augment, desc=f"subtask {k} expert {i + 1}/{num_experts}")
+                if k % world_size == rank:
+                    save_trajectory(expert_file(config, k, i), *trained)
+                else:
+                    to_send[(k, i)] = trained
+            del data
+        return {"rank": rank, "experts": mine, "wall_time_s": time.perf_counter() - start}
+
+    summary = run_and_gather(work)  # every rank learns of a failure before any waits on a send
+    routes = [(job, expert_rank(*job, num_subtasks, world_size), job[0] % world_size) for job in todo]
+    for (k, i), trained in send_point_to_point(to_send, routes).items():
+        save_trajectory(expert_file(config, k, i), *trained)
+    return summary
+
+
 def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], train, class_names,
                         device: torch.device) -> dict:
-    """Experts, then distillation, of one subtask; reuses finished experts and a finished subtask on disk."""
-    out = Path(config.output_dir) / "subtasks" / f"subtask_{subtask}"
+    """Distillation of one subtask from its experts on disk (`train_expert_trajectories`); a finished subtask
+    is reused."""
+    out = subtask_folder(config, subtask)
     if (out / "done.json").is_file():
         return _load_subtask(out)
     seed = subtask_seed(config.seed, subtask)
     generator = torch.Generator().manual_seed(seed)
-    real = to_tensors(train, config.resolution, config.channels, classes=class_ids,
-                      image_column=config.image_column, label_column=config.label_column,
-                      max_per_class=config.max_train_per_class, seed=seed)
-    local = torch.searchsorted(torch.tensor(class_ids), real.labels)
-    data = SubtaskData(real.images.to(device), local.to(device), class_ids)
+    data = load_subtask_data(config, subtask, class_ids, train, device)
+    trajectories = [(model.to(device), trajectory.to(device)) for model, trajectory in
+                    (load_trajectory(expert_file(config, subtask, i)) for i in range(config.num_experts))]
 
-    start = time.perf_counter()
-    paths = train_expert_trajectories(lambda: build_net(config, len(class_ids)).to(device), data.images, data.labels,
-                                      out / "experts", config.num_experts, config.trajectory_epochs,
-                                      config.expert_lr, config.expert_batch_size, seed, config.expert_augment)
-    trajectories = [(model.to(device), trajectory.to(device)) for model, trajectory in map(load_trajectory, paths)]
-    expert_time = time.perf_counter() - start
-
-    torch.manual_seed(seed)  # after the experts, so reusing them from disk starts from the same state
+    torch.manual_seed(seed)
     store = GaussianLatentStore(class_ids, len(class_names), config.latents_per_class, config.latent_dim,
                                 class_names=class_names).to(device)
     decoder = build_decoder(config).to(device)
     start = time.perf_counter()
     if config.init == "real":
-        warm_start(store, decoder, data, config.init_steps, lr=1e-3, generator=generator)
+        warm_start(store, decoder, data, config.init_steps, lr=1e-3, generator=generator,
+                   images_per_component=config.init_images_per_component)
     stats = distill_subtask(store, decoder, data, trajectories, config, generator,
                             checkpoint_dir=out / "checkpoint", desc=f"distill subtask {subtask}")
-    stats.update(subtask=subtask, classes=class_ids, expert_wall_time_s=expert_time,
-                 distill_wall_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory_bytes())
+    stats.update(subtask=subtask, classes=class_ids, distill_wall_time_s=time.perf_counter() - start,
+                 peak_memory_bytes=_peak_memory_bytes())
     store.save_pretrained(out / "latent_store")
     decoder.save_pretrained(out / "decoder")
     (out / "done.json").write_text(json.dumps(stats))
@@ -169,6 +230,7 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
     storage = check_storage_budget(config, class_ids, config.num_subtasks)
     mine = subtasks_of_rank(config.num_subtasks, rank, world)
 
+    experts = train_expert_trajectories(config, plan, train, device, rank, world)
     gathered = run_and_gather(lambda: {
         k: _portable(distill_one_subtask(config, k, plan[k], train, class_names, device)) for k in mine
     })
@@ -199,6 +261,7 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
         "storage": pipe.storage_report().to_dict(),
         "planned_storage": storage,
         "distill_wall_time_s": distill_wall_time,
+        "experts_per_rank": experts,
         "distill_peak_memory_bytes": max(s["stats"]["peak_memory_bytes"] for s in subtasks),
         "total_wall_time_s": time.perf_counter() - start,
         "num_processes": world,
