@@ -21,9 +21,13 @@ def plan_subtasks(class_ids: list[int], num_subtasks: int) -> list[list[int]]:
     return [block.tolist() for block in np.array_split(np.asarray(class_ids), num_subtasks)]
 
 
+def subtask_rank(subtask: int, world_size: int) -> int:
+    """Round-robin assignment: the rank that distils `subtask`."""
+    return subtask % world_size
+
+
 def subtasks_of_rank(num_subtasks: int, rank: int, world_size: int) -> list[int]:
-    """Round-robin assignment: subtask k runs on rank k % world_size."""
-    return [k for k in range(num_subtasks) if k % world_size == rank]
+    return [k for k in range(num_subtasks) if subtask_rank(k, world_size) == rank]
 
 
 def expert_rank(subtask: int, expert: int, num_subtasks: int, world_size: int) -> int:
@@ -34,7 +38,7 @@ def expert_rank(subtask: int, expert: int, num_subtasks: int, world_size: int) -
     each subtask stays on its distilling rank and the spare ranks train the rest instead of idling.
     """
     if world_size <= num_subtasks:
-        return subtask % world_size
+        return subtask_rank(subtask, world_size)
     return (expert * num_subtasks + subtask) % world_size
 
 
