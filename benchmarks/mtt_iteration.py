@@ -34,6 +34,7 @@ def main():
         iterations=args.iterations, mtt_weight=1.0, mmd_weight=1.0 if args.mmd else 0.0, syn_steps=10,
         expert_epochs=2, max_start_epoch=2, syn_batch_size=None, lr_latents=1e-3, lr_decoder=1e-4, lr_lr=1e-6,
         syn_lr_init=1e-2, mmd_samples_per_class=20, mmd_bandwidths=[1, 2, 4, 8, 16], checkpoint_every=10**9,
+        max_distill_time_s=None,
     )
     began = time.perf_counter()
     distill_subtask(store, decoder, real, [(expert, trajectory)], config, torch.Generator().manual_seed(0))

@@ -1,6 +1,7 @@
-"""The paper-scale recipes cannot run here at full size: each runs end to end with tiny iteration counts on
-a generated stand-in dataset of the same image shape (64x64 RGB, 2 classes per subtask), so their keys,
-decoder presets, latent sizes and subtask counts are exercised for real."""
+"""The recipes cannot run here at full size: each runs end to end with tiny iteration counts on a generated
+stand-in dataset of the same image shape (at least 2 classes per subtask and 10 in all, the class count the
+storage budgets of the CIFAR-10 / Fashion-MNIST configs assume), so their keys, decoder presets, latent sizes,
+storage budgets and subtask counts are exercised for real."""
 
 import dataclasses
 from pathlib import Path
@@ -17,15 +18,16 @@ RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes" / "configs").
                  if p.name != "fashion_mnist.yaml")
 TINY = dict(num_experts=1, trajectory_epochs=3, max_start_epoch=1, expert_epochs=2, net_width=8, iterations=1,
             syn_steps=2, syn_batch_size=8, mmd_samples_per_class=3, teacher_epochs=1, eval_steps=2, eval_seeds=1,
-            expert_batch_size=16)
+            expert_batch_size=16, init_steps=2)
 
 
-def stand_in_dataset(folder: Path, num_classes: int, resolution: int, per_class: int = 4) -> str:
+def stand_in_dataset(folder: Path, num_classes: int, resolution: int, channels: int, per_class: int = 4) -> str:
     rng = np.random.default_rng(0)
     features = Features({"image": Image(), "label": ClassLabel(num_classes=num_classes)})
+    shape = (resolution, resolution, 3) if channels == 3 else (resolution, resolution)
     for split in ("train", "test"):
         labels = np.repeat(np.arange(num_classes), per_class)
-        images = list(rng.integers(0, 256, (len(labels), resolution, resolution, 3), dtype=np.uint8))
+        images = list(rng.integers(0, 256, (len(labels), *shape), dtype=np.uint8))
         Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features).to_parquet(
             str(folder / f"{split}-00000-of-00001.parquet"))
     return str(folder)
@@ -39,8 +41,9 @@ def test_every_paper_recipe_is_covered():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_on_stand_in_data(recipe, tmp_path):
     config = parse_config(["--config", str(recipe)])
-    num_classes = 2 * config.num_subtasks
-    data = stand_in_dataset(tmp_path, num_classes, config.resolution)
+    num_classes = max(10, 2 * config.num_subtasks)
+    data = stand_in_dataset(tmp_path, num_classes, config.resolution, config.channels,
+                            per_class=max(4, config.latents_per_class))  # init: real fits one image per latent
     config = dataclasses.replace(config, dataset=data, test_split="test", output_dir=str(tmp_path / "run"), **TINY)
     result = run_distillation(config)
 
@@ -49,4 +52,4 @@ def test_recipe_runs_on_stand_in_data(recipe, tmp_path):
     assert pipe.latent_store.mean.shape == (num_classes * config.latents_per_class, config.latent_dim)
     assert pipe.decoder.config.channels == result.pipeline.decoder.config.channels
     images = pipe(output_type="pt").images
-    assert images.shape[1:] == (3, 64, 64)
+    assert images.shape[1:] == (config.channels, config.resolution, config.resolution)

@@ -1,0 +1,130 @@
+"""Issue 3 benchmark: D3 beside its ablations and beside real images at the same storage, in one run.
+
+    python benchmarks/compare_methods.py --config recipes/configs/fashion_mnist.yaml \
+        --output_dir outputs/compare/fashion_mnist_ipc10 [--ablations] [any D3Config override, e.g. --iterations 100]
+
+1. D3, both terms: `recipes/distill.py` with the config, in its own process (its peak memory is its own).
+2. With `--ablations`, for the same distillation time as (1) (`max_distill_time_s`), reusing its experts and
+   teacher: MMD only, trajectory matching only, and the warm start alone (`iterations 0`).
+3. R+H and R+S: the most real images per class whose images and labels fit in D3's stored values. R+S is
+   labelled by the run's teacher at the temperature whose student scores best on held-out training images
+   (10 % of the training split, never among the R+H / R+S images). `--teacher` reuses a trained teacher.
+Every student uses the config's evaluation settings (architecture, optimiser steps, seeds). Prints a Markdown
+table and writes `<output_dir>/results.json`; finished D3 runs in `<output_dir>` are reused.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageClassification
+
+import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
+from hf_d3.baselines import largest_ipc_within, random_real_sampler
+from hf_d3.config import parse_config
+from hf_d3.data import load_image_dataset, to_tensors
+from hf_d3.evaluation import evaluate_sampler
+from hf_d3.run import net_kwargs
+from hf_d3.storage import prototype_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+ABLATIONS = {"D3, MMD only": ["--mtt_weight", "0"], "D3, trajectory matching only": ["--mmd_weight", "0"]}
+
+
+def distill(args: list[str], output_dir: Path) -> dict:
+    if not (output_dir / "metrics.json").is_file():
+        command = [sys.executable, str(ROOT / "recipes" / "distill.py"), *args, "--output_dir", str(output_dir)]
+        subprocess.run(command, check=True)
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+def share_experts(source: Path, target: Path) -> None:
+    for experts in source.glob("subtasks/*/experts"):
+        shutil.copytree(experts, target / experts.relative_to(source), dirs_exist_ok=True)
+
+
+def d3_row(metrics: dict) -> dict:
+    subtasks = metrics["subtasks"]
+    return {"values": metrics["storage"]["total_values"], "ipc_equivalent": metrics["storage"]["ipc_equivalent"],
+            "accuracies": metrics["accuracies"], "iterations": [s["iterations_run"] for s in subtasks],
+            "distill_wall_time_s": [s["distill_wall_time_s"] for s in subtasks],
+            "peak_memory_gib": [s["peak_memory_bytes"] / 2**30 for s in subtasks]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    args, d3_args = parser.parse_known_args()
+    config = parse_config(d3_args)
+    out = args.output_dir
+    rows = {}
+
+    main_run = distill(d3_args, out / "d3")
+    rows["D3 (MTT + MMD)"] = d3_row(main_run)
+    if args.ablations:
+        equal_time = max(s["iterations_wall_time_s"] for s in main_run["subtasks"])
+        shared = ["--teacher", config.teacher or str(out / "d3" / "teacher")]
+        variants = {name: [*extra, "--iterations", "1000000", "--max_distill_time_s", f"{equal_time:.1f}"]
+                    for name, extra in ABLATIONS.items()} | {"D3, warm start only": ["--iterations", "0"]}
+        for i, (name, extra) in enumerate(variants.items()):
+            folder = out / f"ablation_{i}"
+            share_experts(out / "d3", folder)
+            rows[name] = d3_row(distill([*d3_args, *shared, *extra], folder))
+
+    columns = {"image_column": config.image_column, "label_column": config.label_column}
+    train = to_tensors(load_image_dataset(config.dataset, config.train_split), config.resolution, config.channels,
+                       **columns)
+    test = to_tensors(load_image_dataset(config.dataset, config.test_split), config.resolution, config.channels,
+                      **columns)
+    held_out = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(config.seed))
+    held_out, pool = held_out[: len(held_out) // 10], held_out[len(held_out) // 10:]
+    teacher = AutoModelForImageClassification.from_pretrained(config.teacher or out / "d3" / "teacher")
+    n, per_image = len(train.class_names), main_run["storage"]["values_per_image"]
+    budget = main_run["storage"]["total_values"]
+
+    def evaluate(sampler, images, labels, seeds):
+        return evaluate_sampler(sampler, images, labels, n, config.eval_architecture, config.eval_steps,
+                                config.eval_batch_size, config.eval_lr, config.eval_augment, seeds,
+                                **net_kwargs(config, config.eval_architecture))
+
+    def real(ipc, temperature=None):
+        return random_real_sampler(train.images[pool], train.labels[pool], n, ipc, seed=config.seed,
+                                   teacher=None if temperature is None else teacher, temperature=temperature or 1.0)
+
+    ipc_hard = largest_ipc_within(budget, n, per_image, soft_labels=False)
+    ipc_soft = largest_ipc_within(budget, n, per_image, soft_labels=True)
+    held_out_accuracy = {t: evaluate(real(ipc_soft, t), train.images[held_out], train.labels[held_out], 1)
+                         ["accuracy_mean"] for t in args.temperatures}
+    best = max(held_out_accuracy, key=held_out_accuracy.get)
+    for name, ipc, temperature in ((f"R+H ({ipc_hard} img/class)", ipc_hard, None),
+                                   (f"R+S ({ipc_soft} img/class, T={best:g})", ipc_soft, best)):
+        m = evaluate(real(ipc, temperature), test.images, test.labels, config.eval_seeds)
+        values = prototype_storage(n, ipc, per_image, soft_labels=temperature is not None)
+        rows[name] = {"values": values, "ipc_equivalent": values / (n * per_image), "accuracies": m["accuracies"]}
+
+    results = {"config": config.to_dict(), "rows": rows, "r_s_held_out_accuracy_by_temperature": held_out_accuracy}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{config.dataset}, budget {budget:,} values; students: {config.eval_architecture} width "
+          f"{config.net_width}, {config.eval_steps} steps, {config.eval_seeds} seeds, final step, test split")
+    print("R+S temperature on held-out training images: "
+          + ", ".join(f"T={t:g} {100 * a:.2f} %" for t, a in held_out_accuracy.items()))
+    print("| method | stored values | IPC-eq | iterations | distillation wall time | peak memory | test accuracy |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        acc = torch.tensor(row["accuracies"]) * 100
+        std = acc.std().item() if len(acc) > 1 else 0.0
+        extra = ("-", "-", "-") if "iterations" not in row else (
+            "/".join(map(str, row["iterations"])), "/".join(f"{t:.0f} s" for t in row["distill_wall_time_s"]),
+            "/".join(f"{g:.2f} GiB" for g in row["peak_memory_gib"]))
+        print(f"| {name} | {row['values']:,} | {row['ipc_equivalent']:.2f} | {' | '.join(extra)} | "
+              f"{acc.mean():.2f} +- {std:.2f} % |")
+
+
+if __name__ == "__main__":
+    main()
