@@ -1,7 +1,8 @@
 """Issue 3 benchmark: D3 beside its ablations and beside real images at the same storage, in one run.
 
     python benchmarks/compare_methods.py --config recipes/configs/fashion_mnist.yaml \
-        --output_dir outputs/compare/fashion_mnist_ipc10 [--ablations] [any D3Config override, e.g. --iterations 100]
+        --output_dir outputs/compare/fashion_mnist_ipc10 [--ablations] [--variant "NAME=D3 ARGS" ...] \
+        [any D3Config override, e.g. --iterations 100]
 
 1. D3, both terms: `recipes/distill.py` with the config, in its own process (its peak memory is its own).
 2. With `--ablations`, for the same distillation time as (1) (`max_distill_time_s`), reusing its experts and
@@ -15,6 +16,7 @@ table and writes `<output_dir>/results.json`; finished D3 runs in `<output_dir>`
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,7 +34,10 @@ from hf_d3.run import net_kwargs
 from hf_d3.storage import prototype_storage
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = {"D3, MMD only": ["--mtt_weight", "0"], "D3, trajectory matching only": ["--mmd_weight", "0"]}
+# name: (D3 arguments, run for the main run's distillation time); row i lives in <output_dir>/ablation_i
+ABLATIONS = {"D3, MMD only": (["--mtt_weight", "0"], True),
+             "D3, trajectory matching only": (["--mmd_weight", "0"], True),
+             "D3, warm start only": (["--iterations", "0"], False)}
 
 
 def distill(args: list[str], output_dir: Path) -> dict:
@@ -59,6 +64,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="another D3 row at equal distillation time (needs --ablations)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     args, d3_args = parser.parse_known_args()
     config = parse_config(d3_args)
@@ -70,9 +77,11 @@ def main():
     if args.ablations:
         equal_time = max(s["iterations_wall_time_s"] for s in main_run["subtasks"])
         shared = ["--teacher", config.teacher or str(out / "d3" / "teacher")]
-        variants = {name: [*extra, "--iterations", "1000000", "--max_distill_time_s", f"{equal_time:.1f}"]
-                    for name, extra in ABLATIONS.items()} | {"D3, warm start only": ["--iterations", "0"]}
-        for i, (name, extra) in enumerate(variants.items()):
+        runs = ABLATIONS | {name: (shlex.split(extra), True) for name, extra in
+                            (variant.split("=", 1) for variant in args.variant)}
+        for i, (name, (extra, timed)) in enumerate(runs.items()):
+            if timed:
+                extra = [*extra, "--iterations", "1000000", "--max_distill_time_s", f"{equal_time:.1f}"]
             folder = out / f"ablation_{i}"
             share_experts(out / "d3", folder)
             rows[name] = d3_row(distill([*d3_args, *shared, *extra], folder))
