@@ -68,6 +68,10 @@ def main():
                         help="another D3 row at equal distillation time (needs --ablations)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     args, d3_args = parser.parse_known_args()
+    if args.variant and not args.ablations:
+        parser.error("--variant rows run at the D3 run's distillation time: add --ablations")
+    if any("=" not in variant for variant in args.variant):
+        parser.error(f"--variant takes NAME=ARGS, e.g. 'D3, small batch=--syn_batch_size 20'; got {args.variant}")
     config = parse_config(d3_args)
     out = args.output_dir
     rows = {}
