@@ -29,8 +29,7 @@ import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
 from hf_d3.baselines import largest_ipc_within, random_real_sampler
 from hf_d3.config import parse_config
 from hf_d3.data import load_image_dataset, to_tensors
-from hf_d3.evaluation import evaluate_sampler
-from hf_d3.run import net_kwargs
+from hf_d3.run import evaluate_with_config
 from hf_d3.storage import prototype_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,23 +100,19 @@ def main():
     n, per_image = len(train.class_names), main_run["storage"]["values_per_image"]
     budget = main_run["storage"]["total_values"]
 
-    def evaluate(sampler, images, labels, seeds):
-        return evaluate_sampler(sampler, images, labels, n, config.eval_architecture, config.eval_steps,
-                                config.eval_batch_size, config.eval_lr, config.eval_augment, seeds,
-                                **net_kwargs(config, config.eval_architecture))
-
     def real(ipc, temperature=None):
         return random_real_sampler(train.images[pool], train.labels[pool], n, ipc, seed=config.seed,
                                    teacher=None if temperature is None else teacher, temperature=temperature or 1.0)
 
     ipc_hard = largest_ipc_within(budget, n, per_image, soft_labels=False)
     ipc_soft = largest_ipc_within(budget, n, per_image, soft_labels=True)
-    held_out_accuracy = {t: evaluate(real(ipc_soft, t), train.images[held_out], train.labels[held_out], 1)
-                         ["accuracy_mean"] for t in args.temperatures}
+    held_out_accuracy = {t: evaluate_with_config(config, real(ipc_soft, t), train.images[held_out],
+                                                 train.labels[held_out], n, seeds=1)["accuracy_mean"]
+                         for t in args.temperatures}
     best = max(held_out_accuracy, key=held_out_accuracy.get)
     for name, ipc, temperature in ((f"R+H ({ipc_hard} img/class)", ipc_hard, None),
                                    (f"R+S ({ipc_soft} img/class, T={best:g})", ipc_soft, best)):
-        m = evaluate(real(ipc, temperature), test.images, test.labels, config.eval_seeds)
+        m = evaluate_with_config(config, real(ipc, temperature), test.images, test.labels, n)
         values = prototype_storage(n, ipc, per_image, soft_labels=temperature is not None)
         rows[name] = {"values": values, "ipc_equivalent": values / (n * per_image), "accuracies": m["accuracies"]}
 

@@ -60,6 +60,15 @@ def net_kwargs(config: D3Config, architecture: str) -> dict:
     return {"width": config.net_width, **({"depth": config.net_depth} if architecture == "convnet" else {})}
 
 
+def evaluate_with_config(config: D3Config, sampler, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         seeds: int | None = None) -> dict:
+    """`evaluate_sampler` with the config's student settings (architecture, steps, batch, lr, augmentation)."""
+    return evaluate_sampler(sampler, images, labels, num_classes, config.eval_architecture, config.eval_steps,
+                            config.eval_batch_size, config.eval_lr, config.eval_augment,
+                            config.eval_seeds if seeds is None else seeds,
+                            **net_kwargs(config, config.eval_architecture))
+
+
 def build_net(config: D3Config, num_labels: int, device: torch.device | str = "cpu"):
     return build_classifier(config.architecture, config.channels, config.resolution, num_labels,
                             **net_kwargs(config, config.architecture)).to(device)
@@ -253,11 +262,8 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
     if config.max_test_examples:
         test = ImageTensors(test.images[:config.max_test_examples], test.labels[:config.max_test_examples],
                             test.class_names)
-    evaluation = evaluate_sampler(
-        pipeline_sampler(pipe), test.images.to(device), test.labels.to(device), len(class_names),
-        config.eval_architecture, config.eval_steps, config.eval_batch_size, config.eval_lr, config.eval_augment,
-        config.eval_seeds, **net_kwargs(config, config.eval_architecture),
-    )
+    evaluation = evaluate_with_config(config, pipeline_sampler(pipe), test.images.to(device), test.labels.to(device),
+                                      len(class_names))
     metrics = {
         **evaluation,
         "storage": pipe.storage_report().to_dict(),
