@@ -46,6 +46,24 @@ def test_decoder_output_shape_and_range(resolution, channels, kernel, out_channe
     assert images.min() < 0.05 and images.max() > 0.95  # the rescaled tanh reaches both ends of [0, 1]
 
 
+@pytest.mark.parametrize("mode, checkerboard", [("nearest", False), ("bilinear", False), ("transpose", True)])
+def test_resize_convolution_decoders_draw_a_flat_feature_map_without_a_checkerboard(mode, checkerboard):
+    torch.manual_seed(0)
+    decoder = D3Decoder(latent_dim=4, resolution=32, out_channels=1, channels=[4, 4, 4], upsample_mode=mode).eval()
+    with torch.no_grad():  # the first feature map is the same value everywhere
+        decoder.generators[0].project.weight.zero_()
+        decoder.generators[0].project.bias.fill_(1.0)
+    interior = decoder(torch.zeros(1, 4))[0, 0, 8:-8, 8:-8]  # away from the zero padding's reach
+    spread = (interior.max() - interior.min()).item()
+    assert spread > 1e-3 if checkerboard else spread < 1e-6
+
+
+def test_resize_convolution_stages_cost_what_kernel_3_transposed_ones_do():
+    sizes = {"latent_dim": 8, "resolution": 16, "out_channels": 3, "channels": [8, 8, 4]}
+    transpose = D3Decoder(**sizes, upsample_kernel_size=3)
+    assert n_params(D3Decoder(**sizes, upsample_mode="nearest")) == n_params(transpose)
+
+
 def test_decoder_without_projection_reshapes_the_latent():
     # one x2 stage to 8x8: the latent is the 8-channel 4x4 first feature map
     decoder = D3Decoder(latent_dim=8 * 4 * 4, resolution=8, out_channels=1, channels=[8, 4], latent_projection=False)
@@ -72,6 +90,7 @@ def test_resolution_the_decoder_cannot_produce_names_the_valid_ones():
 @pytest.mark.parametrize("kwargs, message", [
     ({"out_channels": 2}, "out_channels=2"),
     ({"upsample_kernel_size": 5}, "upsample_kernel_size=5"),
+    ({"upsample_mode": "pixelshuffle"}, r"upsample_mode='pixelshuffle' is not valid; choose one of \['transpose'"),
     ({"channels": [8]}, "cannot be produced"),
 ])
 def test_decoder_rejects_bad_sizes(kwargs, message):

@@ -52,9 +52,12 @@ class D3Config:
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 32, 32])
     decoder_latent_projection: bool = True
     decoder_kernel_size: int = 4
+    decoder_upsample: str = field(default="transpose", metadata={
+        "help": "transpose (the paper's) or nearest / bilinear (resize + 3x3 conv, no checkerboard)"})
     storage_budget_ipc: float | None = field(default=None, metadata={"help": "fail if storage exceeds this IPC"})
     init: str = field(default="random", metadata={"help": "random (the paper's) or real (fit real images first)"})
     init_steps: int = 300
+    init_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the warm start (init real)"})
     init_images_per_component: int = field(default=1, metadata={"help": "real images each component fits (init real)"})
 
     # Objective

@@ -80,12 +80,13 @@ class SubtaskData:
 
 def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData, steps: int, lr: float,
                generator: torch.Generator, images_per_component: int = 1, batch_size: int = 256,
-               prior_weight: float = 0.01) -> None:
+               prior_weight: float = 0.01) -> float:
     """`init: real`: fit the decoder to reconstruct `images_per_component` real images per component.
 
     Every real image gets a free latent (generative latent optimisation), pulled towards its component's mean
     by `prior_weight`; each component then becomes the Gaussian of its images' latents (mean, per-dimension
     variance, at least 0.01), so samples decode to images like those real ones rather than copies of one.
+    Returns the reconstruction error (mean squared, pixels in [0, 1]) over the last 10 % of the steps.
     """
     m, r = store.config.latents_per_class, images_per_component
     per_class = [data.images[data.labels == local] for local in range(len(data.class_ids))]
@@ -98,18 +99,22 @@ def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData
         len(targets), store.config.latent_dim, generator=generator).to(targets.device))
     optimizer = torch.optim.Adam([latents, store.mean, *decoder.parameters()], lr=lr)
     decoder.train()
+    errors = []
     for _ in tqdm(range(steps), desc="warm start", leave=False):
         batch = torch.randperm(len(targets), generator=generator)[:batch_size].to(targets.device)
-        loss = (nn.functional.mse_loss(decoder(latents[batch]), targets[batch])
-                + prior_weight * (latents[batch] - store.mean[component[batch]]).pow(2).mean())
+        error = nn.functional.mse_loss(decoder(latents[batch]), targets[batch])
+        loss = error + prior_weight * (latents[batch] - store.mean[component[batch]]).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        errors.append(error.item())
     with torch.no_grad():
         per_component = latents.view(store.num_components, r, -1)
         store.mean.copy_(per_component.mean(1))
         spread = per_component.var(1, unbiased=False) if r > 1 else torch.zeros_like(store.mean)
         store.logvar.copy_(spread.clamp_min(0.01).log())
+    last = errors[-max(1, steps // 10):]
+    return sum(last) / len(last) if last else float("nan")
 
 
 def _mmd_step_loss(store, decoder, data, embed, samples_per_class, bandwidths, generator) -> torch.Tensor:

@@ -48,11 +48,12 @@ class RunResult:
 def build_decoder(config: D3Config, num_subtasks: int = 1) -> D3Decoder:
     if config.decoder_preset:
         return D3Decoder.from_preset(config.decoder_preset, config.resolution, config.channels, num_subtasks,
-                                     latent_dim=config.latent_dim)
+                                     latent_dim=config.latent_dim, upsample_mode=config.decoder_upsample)
     return D3Decoder(
         latent_dim=config.latent_dim, resolution=config.resolution, out_channels=config.channels,
         channels=config.decoder_channels, latent_projection=config.decoder_latent_projection,
-        upsample_kernel_size=config.decoder_kernel_size, num_subtasks=num_subtasks,
+        upsample_kernel_size=config.decoder_kernel_size, upsample_mode=config.decoder_upsample,
+        num_subtasks=num_subtasks,
     )
 
 
@@ -171,11 +172,13 @@ def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], tr
                                 class_names=class_names).to(device)
     decoder = build_decoder(config).to(device)
     start = time.perf_counter()
+    warm_start_mse = None
     if config.init == "real":
-        warm_start(store, decoder, data, config.init_steps, lr=1e-3, generator=generator,
-                   images_per_component=config.init_images_per_component)
+        warm_start_mse = warm_start(store, decoder, data, config.init_steps, lr=config.init_lr, generator=generator,
+                                    images_per_component=config.init_images_per_component)
     stats = distill_subtask(store, decoder, data, trajectories, config, generator,
                             checkpoint_dir=out / "checkpoint", desc=f"distill subtask {subtask}")
+    stats["warm_start_mse"] = warm_start_mse
     stats.update(subtask=subtask, classes=class_ids, distill_wall_time_s=time.perf_counter() - start,
                  peak_memory_bytes=_peak_memory_bytes())
     store.save_pretrained(out / "latent_store")

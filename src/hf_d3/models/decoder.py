@@ -29,8 +29,19 @@ def _upsampling_stages(resolution: int, max_stages: int) -> int:
     raise ValueError(f"resolution={resolution} cannot be reached by doubling; use an even size such as 28, 32 or 64")
 
 
+UPSAMPLE_MODES = ("transpose", "nearest", "bilinear")
+
+
+def _upsampling_layer(c_in: int, c_out: int, mode: str, kernel_size: int) -> nn.Module:
+    if mode == "transpose":
+        return nn.ConvTranspose2d(c_in, c_out, kernel_size, stride=2, padding=1,
+                                  output_padding=1 if kernel_size == 3 else 0)
+    # Resize then convolve: every output pixel sees the same number of inputs, so no checkerboard pattern.
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(c_in, c_out, 3, padding=1))
+
+
 class _Generator(nn.Module):
-    def __init__(self, latent_dim, out_channels, start_size, channels, latent_projection, kernel_size):
+    def __init__(self, latent_dim, out_channels, start_size, channels, latent_projection, kernel_size, mode):
         super().__init__()
         self.start_shape = (channels[0], start_size, start_size)
         feature_values = channels[0] * start_size**2
@@ -38,8 +49,7 @@ class _Generator(nn.Module):
         layers = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             layers += [
-                nn.ConvTranspose2d(c_in, c_out, kernel_size, stride=2, padding=1,
-                                   output_padding=1 if kernel_size == 3 else 0),
+                _upsampling_layer(c_in, c_out, mode, kernel_size),
                 nn.BatchNorm2d(c_out),
                 nn.LeakyReLU(0.2),
             ]
@@ -64,7 +74,10 @@ class D3Decoder(ModelMixin, ConfigMixin):
             stages fixes the starting side, `resolution / 2**(len(channels) - 1)`, which must be an integer.
         latent_projection: map the latent through a Linear layer to the first feature map; without it
             the latent is reshaped, so `latent_dim` must equal `channels[0] * start_side**2`.
-        upsample_kernel_size: 4 (padding 1) or 3 (padding 1, output padding 1); both double the side.
+        upsample_kernel_size: 4 (padding 1) or 3 (padding 1, output padding 1); both double the side
+            (transposed convolutions only).
+        upsample_mode: "transpose" (the paper's transposed convolutions) or "nearest" / "bilinear"
+            (resize, then a 3x3 convolution: no checkerboard artefacts, the same parameter count as kernel 3).
         num_subtasks: number of independent generators.
     """
 
@@ -80,6 +93,7 @@ class D3Decoder(ModelMixin, ConfigMixin):
         latent_projection: bool = True,
         upsample_kernel_size: int = 4,
         num_subtasks: int = 1,
+        upsample_mode: str = "transpose",
     ):
         super().__init__()
         channels = list(channels)
@@ -88,6 +102,8 @@ class D3Decoder(ModelMixin, ConfigMixin):
             raise ValueError(f"out_channels={out_channels} is not supported; use 1 (grayscale) or 3 (RGB)")
         if upsample_kernel_size not in (3, 4):
             raise ValueError(f"upsample_kernel_size={upsample_kernel_size} must be 3 or 4")
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_mode={upsample_mode!r} is not valid; choose one of {list(UPSAMPLE_MODES)}")
         if stages < 1 or resolution % 2**stages or resolution // 2**stages < 1:
             valid = [s * 2**stages for s in range(2, 9)]
             raise ValueError(
@@ -102,7 +118,8 @@ class D3Decoder(ModelMixin, ConfigMixin):
                 f"{channels[0] * start_size**2} when latent_projection is False"
             )
         self.generators = nn.ModuleList(
-            _Generator(latent_dim, out_channels, start_size, channels, latent_projection, upsample_kernel_size)
+            _Generator(latent_dim, out_channels, start_size, channels, latent_projection, upsample_kernel_size,
+                       upsample_mode)
             for _ in range(num_subtasks)
         )
 
