@@ -99,22 +99,23 @@ def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData
         len(targets), store.config.latent_dim, generator=generator).to(targets.device))
     optimizer = torch.optim.Adam([latents, store.mean, *decoder.parameters()], lr=lr)
     decoder.train()
-    errors = []
-    for _ in tqdm(range(steps), desc="warm start", leave=False):
+    tail = max(1, steps // 10)
+    tail_error = torch.zeros((), device=targets.device)  # summed on the device: no sync per step
+    for step in tqdm(range(steps), desc="warm start", leave=False):
         batch = torch.randperm(len(targets), generator=generator)[:batch_size].to(targets.device)
         error = nn.functional.mse_loss(decoder(latents[batch]), targets[batch])
         loss = error + prior_weight * (latents[batch] - store.mean[component[batch]]).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        errors.append(error.item())
+        if step >= steps - tail:
+            tail_error += error.detach()
     with torch.no_grad():
         per_component = latents.view(store.num_components, r, -1)
         store.mean.copy_(per_component.mean(1))
         spread = per_component.var(1, unbiased=False) if r > 1 else torch.zeros_like(store.mean)
         store.logvar.copy_(spread.clamp_min(0.01).log())
-    last = errors[-max(1, steps // 10):]
-    return sum(last) / len(last) if last else float("nan")
+    return (tail_error / tail).item() if steps else float("nan")
 
 
 def _mmd_step_loss(store, decoder, data, embed, samples_per_class, bandwidths, generator) -> torch.Tensor:

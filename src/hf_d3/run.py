@@ -178,9 +178,8 @@ def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], tr
                                     images_per_component=config.init_images_per_component)
     stats = distill_subtask(store, decoder, data, trajectories, config, generator,
                             checkpoint_dir=out / "checkpoint", desc=f"distill subtask {subtask}")
-    stats["warm_start_mse"] = warm_start_mse
     stats.update(subtask=subtask, classes=class_ids, distill_wall_time_s=time.perf_counter() - start,
-                 peak_memory_bytes=_peak_memory_bytes())
+                 peak_memory_bytes=_peak_memory_bytes(), warm_start_mse=warm_start_mse)
     store.save_pretrained(out / "latent_store")
     decoder.save_pretrained(out / "decoder")
     (out / "done.json").write_text(json.dumps(stats))
