@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import PIL.Image
@@ -20,6 +21,7 @@ from hf_d3.config import D3Config
 from hf_d3.distill import (
     FlatModel,
     SubtaskData,
+    _mmd_step_loss,
     distill_subtask,
     mmd2_unbiased,
     relabel,
@@ -92,6 +94,24 @@ def test_mmd_of_samples_of_one_distribution_is_zero_in_expectation():
     values = torch.stack([mmd2_unbiased(torch.randn(4, 2, generator=gen), torch.randn(4, 2, generator=gen),
                                         bandwidths) for _ in range(2000)])
     assert abs(values.mean().item()) < 3 * values.std().item() / math.sqrt(len(values))
+
+
+def test_mmd_step_reaches_every_component_when_there_are_more_than_samples(data, trajectory):
+    """6 components per class, 2 MMD samples per class per step: the steps together reach all 6, two at a time."""
+    torch.manual_seed(0)
+    store = GaussianLatentStore([0, 1, 2, 3], num_classes=4, latents_per_class=6, latent_dim=8)
+    decoder = D3Decoder(latent_dim=8, resolution=16, out_channels=1, channels=[8, 8, 8])
+    net, steps = trajectory
+    embed = partial(FlatModel(net).features, steps[-1])
+    gen = torch.Generator().manual_seed(0)
+    reached = torch.zeros(store.num_components, dtype=torch.bool)
+    for _ in range(20):
+        store.mean.grad = None
+        _mmd_step_loss(store, decoder, data, embed, 2, [1.0, 4.0], gen).backward()
+        touched = store.mean.grad.abs().sum(1) > 0
+        assert touched.view(4, 6).sum(1).tolist() == [2, 2, 2, 2]
+        reached |= touched
+    assert reached.all()
 
 
 # ----------------------------------------------------------------------------------------------------------

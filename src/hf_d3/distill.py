@@ -122,9 +122,13 @@ def _mmd_step_loss(store, decoder, data, embed, samples_per_class, bandwidths, g
     """Sum over classes of MMD^2 between embedded real images and decoded samples (all classes in one batch)."""
     m = store.config.latents_per_class
     n_classes = len(data.class_ids)
-    # n samples per class spread evenly over the class's m components
-    per_class = torch.arange(samples_per_class) % m
-    components = (torch.arange(n_classes).repeat_interleave(samples_per_class) * m + per_class.repeat(n_classes))
+    # n samples per class spread evenly over the class's m components; when m > n a random n of them, so every
+    # component gets MMD gradients over the iterations, not only the first n
+    rounds = -(-samples_per_class // m)
+    components = torch.cat([
+        c * m + torch.cat([torch.randperm(m, generator=generator) for _ in range(rounds)])[:samples_per_class]
+        for c in range(n_classes)
+    ])
     latents, _ = store.sample(components.to(store.mean.device), generator=generator)
     fake = embed(decoder(latents))
     real_index = torch.cat([
