@@ -6,7 +6,8 @@
 
 1. D3, both terms: `recipes/distill.py` with the config, in its own process (its peak memory is its own).
 2. With `--ablations`, for the same distillation time as (1) (`max_distill_time_s`), reusing its experts and
-   teacher: MMD only, trajectory matching only, and the warm start alone (`iterations 0`).
+   teacher: MMD only, trajectory matching only, and the warm start alone (`iterations 0`); each `--variant`
+   is one more such row. A row lives in `<output_dir>/<its name, lower case, non-alphanumerics as _>`.
 3. R+H and R+S: the most real images per class whose images and labels fit in D3's stored values. R+S is
    labelled by the run's teacher at the temperature whose student scores best on held-out training images
    (10 % of the training split, never among the R+H / R+S images). `--teacher` reuses a trained teacher.
@@ -17,6 +18,7 @@ R+H / R+S rows of an earlier `results.json` there when the data, teacher, budget
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -70,11 +72,9 @@ def main():
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                        help="another D3 row at equal distillation time (needs --ablations)")
+                        help="another D3 row at equal distillation time, e.g. 'D3, small batch=--syn_batch_size 20'")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     args, d3_args = parser.parse_known_args()
-    if args.variant and not args.ablations:
-        parser.error("--variant rows run at the D3 run's distillation time: add --ablations")
     if any("=" not in variant for variant in args.variant):
         parser.error(f"--variant takes NAME=ARGS, e.g. 'D3, small batch=--syn_batch_size 20'; got {args.variant}")
     config = parse_config(d3_args)
@@ -83,17 +83,16 @@ def main():
 
     main_run = distill(d3_args, out / "d3")
     rows["D3 (MTT + MMD)"] = d3_row(main_run)
-    if args.ablations:
-        equal_time = max(s["iterations_wall_time_s"] for s in main_run["subtasks"])
-        shared = ["--teacher", config.teacher or str(out / "d3" / "teacher")]
-        runs = ABLATIONS | {name: (shlex.split(extra), True) for name, extra in
-                            (variant.split("=", 1) for variant in args.variant)}
-        for i, (name, (extra, timed)) in enumerate(runs.items()):
-            if timed:
-                extra = [*extra, "--iterations", "1000000", "--max_distill_time_s", f"{equal_time:.1f}"]
-            folder = out / f"ablation_{i}"
-            share_experts(out / "d3", folder)
-            rows[name] = d3_row(distill([*d3_args, *shared, *extra], folder))
+    equal_time = max(s["iterations_wall_time_s"] for s in main_run["subtasks"])
+    shared = ["--teacher", config.teacher or str(out / "d3" / "teacher")]
+    runs = (ABLATIONS if args.ablations else {}) | {name: (shlex.split(extra), True) for name, extra in
+                                                   (variant.split("=", 1) for variant in args.variant)}
+    for name, (extra, timed) in runs.items():
+        if timed:
+            extra = [*extra, "--iterations", "1000000", "--max_distill_time_s", f"{equal_time:.1f}"]
+        folder = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        share_experts(out / "d3", folder)
+        rows[name] = d3_row(distill([*d3_args, *shared, *extra], folder))
 
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
     if (previous and all(previous["config"].get(key) == getattr(config, key) for key in BASELINE_SETTINGS)
