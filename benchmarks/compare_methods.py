@@ -36,7 +36,7 @@ from hf_d3.run import evaluate_with_config
 from hf_d3.storage import prototype_storage
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: (D3 arguments, run for the main run's distillation time); row i lives in <output_dir>/ablation_i
+# name: (D3 arguments, run for the main run's distillation time)
 ABLATIONS = {"D3, MMD only": (["--mtt_weight", "0"], True),
              "D3, trajectory matching only": (["--mmd_weight", "0"], True),
              "D3, warm start only": (["--iterations", "0"], False)}
