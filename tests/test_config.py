@@ -77,6 +77,7 @@ def test_unknown_command_line_argument_is_refused():
     ({"init": "warm"}, "init='warm' is not valid"),
     ({"architecture": "vgg"}, "architecture='vgg' is not valid"),
     ({"channels": 2}, "channels=2 is not valid"),
+    ({"decoder_upsample": "pixelshuffle"}, "decoder_upsample='pixelshuffle' is not valid"),
     ({"num_subtasks": 0}, "num_subtasks, num_experts, latents_per_class and max_start_epoch must all be >= 1"),
     ({"max_start_epoch": 0}, "max_start_epoch must all be >= 1"),
     ({"mtt_weight": 0.0, "mmd_weight": 0.0}, "not both 0"),

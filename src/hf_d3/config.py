@@ -9,6 +9,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from .models.decoder import UPSAMPLE_MODES
+
 
 @dataclass
 class D3Config:
@@ -99,7 +101,8 @@ class D3Config:
 
     def __post_init__(self):
         choices = {"init": ("random", "real"), "architecture": ("convnet", "resnet18_ap"),
-                   "eval_architecture": ("convnet", "resnet18_ap"), "channels": (1, 3)}
+                   "eval_architecture": ("convnet", "resnet18_ap"), "channels": (1, 3),
+                   "decoder_upsample": UPSAMPLE_MODES}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {list(valid)}")
