@@ -341,6 +341,10 @@ def test_warm_start_fits_real_images(data):
         warm_start(store, decoder, data, steps=1, lr=1e-2, generator=torch.Generator().manual_seed(0),
                    images_per_component=100)
 
+    # no steps, no error to report: None, which json writes as null (NaN is not JSON)
+    store, decoder = make_store_and_decoder()
+    assert warm_start(store, decoder, data, steps=0, lr=1e-2, generator=torch.Generator().manual_seed(0)) is None
+
     short = SubtaskData(data.images[:3], torch.tensor([0, 0, 1]), [0, 1])
     store, decoder = make_store_and_decoder(class_ids=(0, 1))
     with pytest.raises(ValueError, match=r"init=real needs 2 real images per class; some class of \[0, 1\]"):

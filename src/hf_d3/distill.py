@@ -80,13 +80,14 @@ class SubtaskData:
 
 def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData, steps: int, lr: float,
                generator: torch.Generator, images_per_component: int = 1, batch_size: int = 256,
-               prior_weight: float = 0.01) -> float:
+               prior_weight: float = 0.01) -> float | None:
     """`init: real`: fit the decoder to reconstruct `images_per_component` real images per component.
 
     Every real image gets a free latent (generative latent optimisation), pulled towards its component's mean
     by `prior_weight`; each component then becomes the Gaussian of its images' latents (mean, per-dimension
     variance, at least 0.01), so samples decode to images like those real ones rather than copies of one.
-    Returns the reconstruction error (mean squared, pixels in [0, 1]) over the last 10 % of the steps.
+    Returns the reconstruction error (mean squared, pixels in [0, 1]) over the last 10 % of the steps, or None
+    with `steps=0` (nothing was fitted; the components still become the Gaussians of their images' latents).
     """
     m, r = store.config.latents_per_class, images_per_component
     per_class = [data.images[data.labels == local] for local in range(len(data.class_ids))]
@@ -115,7 +116,7 @@ def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData
         store.mean.copy_(per_component.mean(1))
         spread = per_component.var(1, unbiased=False) if r > 1 else torch.zeros_like(store.mean)
         store.logvar.copy_(spread.clamp_min(0.01).log())
-    return (tail_error / tail).item() if steps else float("nan")
+    return (tail_error / tail).item() if steps else None
 
 
 def _mmd_step_loss(store, decoder, data, embed, samples_per_class, bandwidths, generator) -> torch.Tensor:
