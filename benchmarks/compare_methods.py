@@ -7,7 +7,8 @@
 1. D3, both terms: `recipes/distill.py` with the config, in its own process (its peak memory is its own).
 2. With `--ablations`, for the same distillation time as (1) (`max_distill_time_s`), reusing its experts and
    teacher: MMD only, trajectory matching only, and the warm start alone (`iterations 0`); each `--variant`
-   is one more such row. A row lives in `<output_dir>/<its name, lower case, non-alphanumerics as _>`.
+   is one more such row (one that sets its own `--iterations` runs those, e.g. a warm start alone with other
+   sizes). A row lives in `<output_dir>/<its name, lower case, non-alphanumerics as _>`.
 3. R+H and R+S: the most real images per class whose images and labels fit in D3's stored values. R+S is
    labelled by the run's teacher at the temperature whose student scores best on held-out training images
    (10 % of the training split, never among the R+H / R+S images). `--teacher` reuses a trained teacher.
@@ -36,10 +37,10 @@ from hf_d3.run import evaluate_with_config
 from hf_d3.storage import prototype_storage
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: (D3 arguments, run for the main run's distillation time)
-ABLATIONS = {"D3, MMD only": (["--mtt_weight", "0"], True),
-             "D3, trajectory matching only": (["--mmd_weight", "0"], True),
-             "D3, warm start only": (["--iterations", "0"], False)}
+# name: D3 arguments; a row that sets no --iterations runs for the main run's distillation time
+ABLATIONS = {"D3, MMD only": ["--mtt_weight", "0"],
+             "D3, trajectory matching only": ["--mmd_weight", "0"],
+             "D3, warm start only": ["--iterations", "0"]}
 
 # The settings R+H / R+S depend on (with the D3 run's budget and the temperatures tried).
 BASELINE_SETTINGS = ("dataset", "train_split", "test_split", "image_column", "label_column", "resolution", "channels",
@@ -85,10 +86,10 @@ def main():
     rows["D3 (MTT + MMD)"] = d3_row(main_run)
     equal_time = max(s["iterations_wall_time_s"] for s in main_run["subtasks"])
     shared = ["--teacher", config.teacher or str(out / "d3" / "teacher")]
-    runs = (ABLATIONS if args.ablations else {}) | {name: (shlex.split(extra), True) for name, extra in
+    runs = (ABLATIONS if args.ablations else {}) | {name: shlex.split(extra) for name, extra in
                                                    (variant.split("=", 1) for variant in args.variant)}
-    for name, (extra, timed) in runs.items():
-        if timed:
+    for name, extra in runs.items():
+        if "--iterations" not in extra:
             extra = [*extra, "--iterations", "1000000", "--max_distill_time_s", f"{equal_time:.1f}"]
         folder = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
         share_experts(out / "d3", folder)
