@@ -193,8 +193,37 @@ def test_store_samples_are_mean_plus_scaled_noise():
     assert torch.equal(with_means[:2], store.mean[components]) and torch.allclose(with_means[2:], latents)
 
 
+def test_store_log_variance_shared_by_consecutive_dimensions():
+    # logvar_dim 2 of latent_dim 6: dimensions 0-2 share the first log-variance, 3-5 the second
+    torch.manual_seed(0)
+    store = GaussianLatentStore(class_ids=[0, 1], num_classes=2, latents_per_class=2, latent_dim=6, logvar_dim=2)
+    assert store.logvar.shape == (4, 2) and store.mean.shape == (4, 6)
+    components = torch.tensor([3, 0, 3])
+    latents, index = store.sample(components, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    std = torch.exp(store.logvar[index] / 2)
+    expected = store.mean[index] + torch.cat([std[:, :1].expand(3, 3), std[:, 1:].expand(3, 3)], dim=1) * eps
+    assert torch.allclose(latents, expected)
+    # the default is one log-variance per dimension, the paper's
+    assert GaussianLatentStore(class_ids=[0], num_classes=1, latent_dim=6).logvar.shape == (1, 6)
+
+
+@pytest.mark.parametrize("logvar_dim", [None, 2])
+def test_store_fits_the_gaussians_of_given_latents(logvar_dim):
+    store = GaussianLatentStore(class_ids=[0], num_classes=1, latents_per_class=1, latent_dim=4, logvar_dim=logvar_dim)
+    # two latents: per-dimension variances 1, 0.25, 0 and 4; a variance below the minimum is raised to it
+    store.fit_to(torch.tensor([[[1.0, 0.5, 3.0, -2.0], [-1.0, -0.5, 3.0, 2.0]]]), min_variance=0.01)
+    assert torch.equal(store.mean, torch.tensor([[0.0, 0.0, 3.0, 0.0]]))
+    expected = [1.0, 0.25, 0.01, 4.0] if logvar_dim is None else [0.625, 2.0]
+    assert torch.allclose(store.logvar.exp(), torch.tensor([expected]))
+    store.fit_to(torch.ones(1, 1, 4))  # one latent has no spread
+    assert torch.allclose(store.logvar.exp(), torch.full_like(store.logvar, 0.01))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"class_ids": []}, "must be non-empty"),
+    ({"latent_dim": 6, "logvar_dim": 4}, "logvar_dim=4 must divide latent_dim=6"),
+    ({"latent_dim": 6, "logvar_dim": 12}, "logvar_dim=12 must divide latent_dim=6"),
     ({"class_ids": [0, 3]}, r"ids in \[0, 3\)"),
     ({"latents_per_class": 0}, "latents_per_class=0"),
     ({"subtask_sizes": [1, 1]}, "sum to the 3 classes"),
@@ -205,14 +234,15 @@ def test_store_rejects_bad_arguments(kwargs, message):
         GaussianLatentStore(**{"class_ids": [0, 1, 2], "num_classes": 3, **kwargs})
 
 
-def test_store_save_and_load(tmp_path):
+@pytest.mark.parametrize("logvar_dim", [None, 2])
+def test_store_save_and_load(tmp_path, logvar_dim):
     store = GaussianLatentStore(class_ids=[0, 1, 2], num_classes=3, latents_per_class=2, latent_dim=4,
-                                class_names=["a", "b", "c"], subtask_sizes=[1, 2])
+                                class_names=["a", "b", "c"], subtask_sizes=[1, 2], logvar_dim=logvar_dim)
     with torch.no_grad():
         store.soft_labels.copy_(store.soft_labels.flip(1) * 0.5 + 0.1)
     store.save_pretrained(tmp_path)
     loaded = GaussianLatentStore.from_pretrained(tmp_path)
-    assert loaded.class_names == ["a", "b", "c"]
+    assert loaded.class_names == ["a", "b", "c"] and loaded.logvar.shape == (6, logvar_dim or 4)
     for (name, a), (_, b) in zip(store.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 

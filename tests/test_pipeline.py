@@ -163,6 +163,17 @@ def test_storage_counts_by_hand(pipe, tmp_path):
     assert (stored_values, stored_bytes) == (report.total_values, report.total_bytes)
 
 
+def test_shared_log_variances_are_stored_once(tmp_path):
+    # one log-variance per 4 dimensions: each of the 6 components stores 8 means and 2 log-variances
+    store = GaussianLatentStore(class_ids=[0, 1, 2], num_classes=3, latents_per_class=2, latent_dim=8, logvar_dim=2)
+    pipe = D3Pipeline(latent_store=store, decoder=make_pipe().decoder)
+    assert pipe.storage_report().latent_values == 6 * (8 + 2)
+    pipe.save_pretrained(tmp_path)
+    loaded = D3Pipeline.from_pretrained(tmp_path)
+    assert loaded.latent_store.config.logvar_dim == 2
+    assert torch.equal(draw(loaded, seed=1).images, draw(pipe, seed=1).images)
+
+
 def test_prototype_storage_by_hand():
     assert prototype_storage(10, 1, 784, soft_labels=True) == 10 * (784 + 10)
     assert prototype_storage(10, 5, 784, soft_labels=False) == 50 * 785

@@ -50,6 +50,8 @@ class D3Config:
     # Representation
     latents_per_class: int = 10
     latent_dim: int = 64
+    logvar_dim: int | None = field(default=None, metadata={
+        "help": "log-variances per Gaussian, each shared by latent_dim / logvar_dim dimensions; default latent_dim"})
     decoder_preset: str | None = field(default=None, metadata={"help": "small, medium or large; else decoder_channels"})
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 32, 32])
     decoder_latent_projection: bool = True

@@ -111,11 +111,7 @@ def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData
         optimizer.step()
         if step >= steps - tail:
             tail_error += error.detach()
-    with torch.no_grad():
-        per_component = latents.view(store.num_components, r, -1)
-        store.mean.copy_(per_component.mean(1))
-        spread = per_component.var(1, unbiased=False) if r > 1 else torch.zeros_like(store.mean)
-        store.logvar.copy_(spread.clamp_min(0.01).log())
+    store.fit_to(latents.detach().view(store.num_components, r, -1))
     return (tail_error / tail).item() if steps else None
 
 

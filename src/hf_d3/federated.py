@@ -101,6 +101,7 @@ def aggregate(
         latent_dim=first.latent_dim,
         class_names=first.class_names,
         subtask_sizes=[len(s.config.class_ids) for s in subtask_stores],
+        logvar_dim=first.logvar_dim,
     )
     settings = {k: v for k, v in subtask_decoders[0].config.items() if not k.startswith("_")}
     decoder = D3Decoder.from_config({**settings, "num_subtasks": len(subtask_decoders)})

@@ -84,7 +84,8 @@ def _peak_memory_bytes() -> int:
 def check_storage_budget(config: D3Config, class_ids: list[int], num_subtasks: int) -> dict:
     """The storage of the full pipeline these sizes give; fails early if it exceeds `storage_budget_ipc`."""
     store = GaussianLatentStore(class_ids, len(class_ids), config.latents_per_class, config.latent_dim,
-                                subtask_sizes=[len(b) for b in plan_subtasks(class_ids, num_subtasks)])
+                                subtask_sizes=[len(b) for b in plan_subtasks(class_ids, num_subtasks)],
+                                logvar_dim=config.logvar_dim)
     report = D3Pipeline(latent_store=store, decoder=build_decoder(config, num_subtasks)).storage_report()
     if config.storage_budget_ipc is not None and report.ipc_equivalent > config.storage_budget_ipc:
         raise ValueError(
@@ -169,7 +170,7 @@ def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], tr
 
     torch.manual_seed(seed)
     store = GaussianLatentStore(class_ids, len(class_names), config.latents_per_class, config.latent_dim,
-                                class_names=class_names).to(device)
+                                class_names=class_names, logvar_dim=config.logvar_dim).to(device)
     decoder = build_decoder(config).to(device)
     start = time.perf_counter()
     warm_start_mse = None

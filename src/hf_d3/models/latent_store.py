@@ -24,6 +24,10 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
         latent_dim: dimension of each Gaussian.
         class_names: names of all `num_classes` classes; defaults to their ids as strings.
         subtask_sizes: classes per subtask, summing to `len(class_ids)`; defaults to one subtask.
+        logvar_dim: log-variances per Gaussian, each shared by `latent_dim // logvar_dim` consecutive latent
+            dimensions; defaults to `latent_dim` (a free variance per dimension, the paper's). A spatial latent
+            C x H x W with `logvar_dim=C` has one variance per channel, which halves a Gaussian's storage: a
+            warm start from one real image per Gaussian sets every variance to the same value anyway.
     """
 
     config_name = "config.json"
@@ -37,6 +41,7 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
         latent_dim: int = 64,
         class_names: Sequence[str] | None = None,
         subtask_sizes: Sequence[int] | None = None,
+        logvar_dim: int | None = None,
     ):
         super().__init__()
         class_ids = list(class_ids)
@@ -51,12 +56,15 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"subtask_sizes={subtask_sizes} must be positive and sum to the {len(class_ids)} classes"
             )
+        logvar_dim = logvar_dim or latent_dim
+        if not 1 <= logvar_dim <= latent_dim or latent_dim % logvar_dim:
+            raise ValueError(f"logvar_dim={logvar_dim} must divide latent_dim={latent_dim} (1 to {latent_dim})")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names, expected num_classes={num_classes}")
 
         num_components = len(class_ids) * latents_per_class
         self.mean = nn.Parameter(torch.randn(num_components, latent_dim))
-        self.logvar = nn.Parameter(torch.randn(num_components, latent_dim))
+        self.logvar = nn.Parameter(torch.randn(num_components, logvar_dim))
         subtask_of_class = torch.repeat_interleave(
             torch.arange(len(subtask_sizes)), torch.tensor(subtask_sizes)
         )
@@ -75,6 +83,21 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
     def class_names(self) -> list[str]:
         names = self.config.class_names
         return list(names) if names is not None else [str(i) for i in range(self.config.num_classes)]
+
+    def std(self, components: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard deviation of every latent dimension of `components` (default all), [n, latent_dim]."""
+        logvar = self.logvar if components is None else self.logvar[components]
+        return torch.exp(logvar / 2).repeat_interleave(self.mean.shape[1] // logvar.shape[1], dim=1)
+
+    @torch.no_grad()
+    def fit_to(self, latents: torch.Tensor, min_variance: float = 0.01) -> None:
+        """Make every component the Gaussian of its latents [num_components, n, latent_dim]: their mean and
+        their variance, at least `min_variance` (all of it when n = 1); a log-variance shared by several
+        dimensions gets their mean variance."""
+        variance = latents.var(1, unbiased=False) if latents.shape[1] > 1 else torch.zeros_like(latents[:, 0])
+        self.mean.copy_(latents.mean(1))
+        self.logvar.copy_(variance.view(self.num_components, self.logvar.shape[1], -1).mean(2)
+                          .clamp_min(min_variance).log())
 
     def components_of(self, class_labels: Sequence[int] | None = None) -> torch.Tensor:
         """Indices of the components of `class_labels` (global ids), or of every component."""
@@ -101,11 +124,11 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
         if components is None:
             components = self.components_of()
         index = components.repeat(num_samples_per_component)
-        mean, logvar = self.mean[index], self.logvar[index]
+        mean = self.mean[index]
         # Draw on the generator's device so a CPU generator gives the same samples on any device.
         device = generator.device if generator is not None else mean.device
         eps = torch.randn(mean.shape, generator=generator, device=device).to(mean)
-        latents = mean + torch.exp(logvar / 2) * eps
+        latents = mean + self.std(index) * eps
         if include_means:
             latents = torch.cat([self.mean[components], latents])
             index = torch.cat([components, index])
