@@ -90,7 +90,7 @@ def main():
     runs = (ABLATIONS if args.ablations else {}) | {name: shlex.split(extra) for name, extra in
                                                    (variant.split("=", 1) for variant in args.variant)}
     for name, extra in runs.items():
-        if "--iterations" not in extra:
+        if not any(arg == "--iterations" or arg.startswith("--iterations=") for arg in extra):
             extra = [*extra, "--iterations", "1000000", "--max_distill_time_s", f"{equal_time:.1f}"]
         folder = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
         share_experts(out / "d3", folder)
