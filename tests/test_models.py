@@ -224,6 +224,7 @@ def test_store_fits_the_gaussians_of_given_latents(logvar_dim):
     ({"class_ids": []}, "must be non-empty"),
     ({"latent_dim": 6, "logvar_dim": 4}, "logvar_dim=4 must divide latent_dim=6"),
     ({"latent_dim": 6, "logvar_dim": 12}, "logvar_dim=12 must divide latent_dim=6"),
+    ({"latent_dim": 6, "logvar_dim": 0}, "logvar_dim=0 must divide latent_dim=6"),
     ({"class_ids": [0, 3]}, r"ids in \[0, 3\)"),
     ({"latents_per_class": 0}, "latents_per_class=0"),
     ({"subtask_sizes": [1, 1]}, "sum to the 3 classes"),

@@ -56,7 +56,7 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"subtask_sizes={subtask_sizes} must be positive and sum to the {len(class_ids)} classes"
             )
-        logvar_dim = logvar_dim or latent_dim
+        logvar_dim = latent_dim if logvar_dim is None else logvar_dim
         if not 1 <= logvar_dim <= latent_dim or latent_dim % logvar_dim:
             raise ValueError(f"logvar_dim={logvar_dim} must divide latent_dim={latent_dim} (1 to {latent_dim})")
         if class_names is not None and len(class_names) != num_classes:
@@ -94,7 +94,7 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
         """Make every component the Gaussian of its latents [num_components, n, latent_dim]: their mean and
         their variance, at least `min_variance` (all of it when n = 1); a log-variance shared by several
         dimensions gets their mean variance."""
-        variance = latents.var(1, unbiased=False) if latents.shape[1] > 1 else torch.zeros_like(latents[:, 0])
+        variance = latents.var(1, unbiased=False)  # 0 for a single latent
         self.mean.copy_(latents.mean(1))
         self.logvar.copy_(variance.view(self.num_components, self.logvar.shape[1], -1).mean(2)
                           .clamp_min(min_variance).log())
