@@ -294,6 +294,42 @@ def test_checkpoints_are_written_every_n_iterations(data, trajectory, tmp_path):
     assert D3Decoder.from_pretrained(tmp_path / "decoder").config.latent_dim == 8
 
 
+def test_an_interrupted_distillation_resumes_exactly(data, trajectory, tmp_path):
+    whole_store, whole_decoder, whole = distill(data, trajectory, iterations=4, checkpoint_every=2,
+                                                checkpoint_dir=tmp_path / "whole")
+    # attempts of 0 -> 1 and 1 -> 2 iterations (each saves its end state), then 2 -> 4 in a fresh process
+    distill(data, trajectory, iterations=1, checkpoint_dir=tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "progress.json").read_text())["iterations_run"] == 1
+    distill(data, trajectory, iterations=2, checkpoint_dir=tmp_path / "resumed")
+    progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
+    assert progress["iterations_run"] == 2
+
+    # other initial latents and decoder, overwritten by the checkpoint
+    store, decoder, resumed = distill(data, trajectory, seed=1, iterations=4, checkpoint_every=1,
+                                      checkpoint_dir=tmp_path / "resumed")
+    for (name, a), (_, b) in zip([*whole_store.state_dict().items(), *whole_decoder.state_dict().items()],
+                                 [*store.state_dict().items(), *decoder.state_dict().items()], strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.pop("iterations_wall_time_s") >= progress["iterations_wall_time_s"]  # both attempts count
+    whole.pop("iterations_wall_time_s")
+    assert resumed == whole and resumed["iterations_run"] == 4
+
+
+def test_a_resumed_time_limit_counts_the_earlier_iterations(data, trajectory, tmp_path):
+    distill(data, trajectory, iterations=2, checkpoint_every=1, checkpoint_dir=tmp_path)
+    spent = json.loads((tmp_path / "progress.json").read_text())["iterations_wall_time_s"]
+    _, _, stats = distill(data, trajectory, iterations=10, max_distill_time_s=spent, checkpoint_dir=tmp_path)
+    assert stats["iterations_run"] == 2
+
+
+def test_a_checkpoint_of_other_sizes_is_refused(data, trajectory, tmp_path):
+    distill(data, trajectory, iterations=1, checkpoint_dir=tmp_path)
+    store = GaussianLatentStore([0, 1, 2, 3], num_classes=4, latents_per_class=3, latent_dim=8)
+    decoder = D3Decoder(latent_dim=8, resolution=16, out_channels=1, channels=[8, 8, 8])
+    with pytest.raises(ValueError, match=r"another GaussianLatentStore \(\['latents_per_class'\] differ"):
+        distill_subtask(store, decoder, data, [trajectory], CONFIG, torch.Generator(), checkpoint_dir=tmp_path)
+
+
 @pytest.mark.parametrize("weights, term", [({}, "trajectory matching"), ({"mtt_weight": 0.0}, "MMD")])
 def test_nan_loss_stops_with_a_checkpoint(data, trajectory, tmp_path, weights, term):
     store, decoder = make_store_and_decoder()
@@ -306,6 +342,7 @@ def test_nan_loss_stops_with_a_checkpoint(data, trajectory, tmp_path, weights, t
     message = str(error.value)
     assert f"the {term} loss became nan at iteration 0" in message
     assert str(tmp_path / "checkpoint") in message and "Lower the learning rates" in message
+    assert json.loads((tmp_path / "checkpoint" / "progress.json").read_text())["iterations_run"] == 0
     saved = GaussianLatentStore.from_pretrained(tmp_path / "checkpoint" / "latent_store")
     assert torch.isnan(saved.mean[3, 2]) and torch.equal(saved.mean.nan_to_num(0.0), store.mean.nan_to_num(0.0))
     assert (tmp_path / "checkpoint" / "decoder" / "config.json").is_file()
@@ -497,18 +534,23 @@ def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path)
     train = load_image_dataset(str(fmnist4_folder), "train")
     names = train.features["label"].names
 
-    def distill_into(folder: Path):
-        config = D3Config(**{**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(folder)})
+    def distill_into(folder: Path, **overrides):
+        config = D3Config(**{**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(folder), "init": "real",
+                             **overrides})
         train_expert_trajectories(config, [[0, 1], [2, 3]], train, torch.device("cpu"))
         return distill_one_subtask(config, 1, [2, 3], train, names, torch.device("cpu"))
 
     fresh = distill_into(tmp_path / "fresh")
-    distill_into(tmp_path / "resumed")
+    distill_into(tmp_path / "resumed", iterations=0)  # its checkpoint holds the state after the warm start
     subtask = tmp_path / "resumed" / "subtasks" / "subtask_1"
-    for name in ("done.json", "latent_store", "decoder"):  # as if the job died after training its experts
+    for name in ("done.json", "latent_store", "decoder"):  # as if the job died after its warm start
         shutil.rmtree(subtask / name, ignore_errors=True)
         (subtask / name).unlink(missing_ok=True)
+    warm_started = (subtask / "warm_start.json").stat().st_mtime_ns
     resumed = distill_into(tmp_path / "resumed")
+    assert (subtask / "warm_start.json").stat().st_mtime_ns == warm_started  # not warm-started again
+    assert resumed["stats"]["warm_start_mse"] == fresh["stats"]["warm_start_mse"] is not None
+    assert resumed["stats"]["iterations_run"] == TINY_RUN["iterations"]
     assert torch.equal(resumed["latent_store"].mean, fresh["latent_store"].mean)
     for name, value in fresh["decoder"].state_dict().items():
         assert torch.equal(resumed["decoder"].state_dict()[name], value), name

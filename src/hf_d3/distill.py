@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -175,24 +178,57 @@ def distill_subtask(
     epoch (if `mtt_weight` > 0), then per-class MMD on a random expert's penultimate features (if
     `mmd_weight` > 0). Returns the loss history, the final synthetic learning rate, the number of
     iterations run and their wall time.
+
+    With `checkpoint_dir`, the starting state, every `checkpoint_every` iterations and the end state are saved
+    there (`save_checkpoint`), and a checkpoint already there is resumed from: the iterations and time limit
+    count the iterations before it, and the run continues as it would have without the interruption. The
+    learning rates are the config's, so a run stopped by a NaN loss can resume with lower ones.
     """
     syn_lr = torch.tensor(config.syn_lr_init, requires_grad=True)
-    opt_latents = torch.optim.SGD([store.mean, store.logvar], lr=config.lr_latents, momentum=0.5)
-    opt_decoder = torch.optim.Adam(decoder.parameters(), lr=config.lr_decoder, weight_decay=1e-5)
-    opt_lr = torch.optim.SGD([syn_lr], lr=config.lr_lr, momentum=0.5)
+    optimizers = {
+        "latents": torch.optim.SGD([store.mean, store.logvar], lr=config.lr_latents, momentum=0.5),
+        "decoder": torch.optim.Adam(decoder.parameters(), lr=config.lr_decoder, weight_decay=1e-5),
+        "lr": torch.optim.SGD([syn_lr], lr=config.lr_lr, momentum=0.5),
+    }
+    mtt_optimizers = list(optimizers.values())
+    mmd_optimizers = [optimizers["latents"], optimizers["decoder"]]
     local_label = torch.arange(store.num_components) // store.config.latents_per_class
     batch = config.syn_batch_size or store.num_components
     nets = [FlatModel(model) for model, _ in trajectories]
-    history = {"mtt": [], "mmd": []}
+    progress = {"iterations_run": 0, "iterations_wall_time_s": 0.0, "loss_history": {"mtt": [], "mmd": []}}
+    if checkpoint_dir is not None and (checkpoint_dir / "progress.json").is_file():
+        progress = load_checkpoint(checkpoint_dir, store, decoder, syn_lr, optimizers, generator)
+    history = progress["loss_history"]
+
+    def checkpoint(iterations_run: int) -> None:
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, store, decoder, syn_lr, optimizers, generator, {
+                "iterations_run": iterations_run, "loss_history": history,
+                "iterations_wall_time_s": progress["iterations_wall_time_s"] + time.perf_counter() - start})
 
     def pick_expert():
         i = int(torch.randint(len(trajectories), (1,), generator=generator))
         return nets[i], trajectories[i][1]
 
+    def check_finite(loss: torch.Tensor, term: str, iteration: int) -> None:
+        if torch.isfinite(loss):
+            return
+        # The parameters have not been stepped with this loss yet: they are the last good state.
+        checkpoint(iteration)
+        where = "" if checkpoint_dir is None else f"; the last good state is saved in {checkpoint_dir}"
+        raise FloatingPointError(
+            f"the {term} loss became {loss.item()} at iteration {iteration}{where}. "
+            "Lower the learning rates (lr_latents, lr_decoder, lr_lr) or syn_lr_init, and rerun to resume."
+        )
+
     decoder.train()
     start = time.perf_counter()
-    for iteration in tqdm(range(config.iterations), desc=desc, leave=False):
-        if config.max_distill_time_s is not None and time.perf_counter() - start >= config.max_distill_time_s:
+    if progress["iterations_run"] == 0:
+        checkpoint(0)  # after the warm start, which can be most of a subtask's time
+    for iteration in tqdm(range(progress["iterations_run"], config.iterations), desc=desc, leave=False,
+                          initial=progress["iterations_run"], total=config.iterations):
+        elapsed = progress["iterations_wall_time_s"] + time.perf_counter() - start
+        if config.max_distill_time_s is not None and elapsed >= config.max_distill_time_s:
             break
         losses = {}
         if config.mtt_weight > 0:
@@ -206,11 +242,11 @@ def distill_subtask(
             loss = trajectory_matching_loss(net, trajectory[start_epoch],
                                             trajectory[start_epoch + config.expert_epochs], batches, syn_lr)
             losses["mtt"] = loss
-            _check_finite(loss, "trajectory matching", iteration, store, decoder, checkpoint_dir)
-            for opt in (opt_latents, opt_decoder, opt_lr):
+            check_finite(loss, "trajectory matching", iteration)
+            for opt in mtt_optimizers:
                 opt.zero_grad(set_to_none=True)
             (config.mtt_weight * loss).backward()
-            for opt in (opt_latents, opt_decoder, opt_lr):
+            for opt in mtt_optimizers:
                 opt.step()
         if config.mmd_weight > 0:
             net, trajectory = pick_expert()
@@ -218,39 +254,66 @@ def distill_subtask(
             loss = _mmd_step_loss(store, decoder, data, partial(net.features, flat),
                                   config.mmd_samples_per_class, config.mmd_bandwidths, generator)
             losses["mmd"] = loss
-            _check_finite(loss, "MMD", iteration, store, decoder, checkpoint_dir)
-            opt_latents.zero_grad(set_to_none=True)
-            opt_decoder.zero_grad(set_to_none=True)
+            check_finite(loss, "MMD", iteration)
+            for opt in mmd_optimizers:
+                opt.zero_grad(set_to_none=True)
             (config.mmd_weight * loss).backward()
-            opt_latents.step()
-            opt_decoder.step()
+            for opt in mmd_optimizers:
+                opt.step()
         for name, loss in losses.items():
             history[name].append(loss.item())
-        if checkpoint_dir is not None and (iteration + 1) % config.checkpoint_every == 0:
-            _save_checkpoint(store, decoder, checkpoint_dir)
-    iterations_wall_time = time.perf_counter() - start
+        if (iteration + 1) % config.checkpoint_every == 0:
+            checkpoint(iteration + 1)
+    iterations_run = len(history["mtt"] or history["mmd"])
+    checkpoint(iterations_run)  # so that a rerun with more iterations continues from here
+    iterations_wall_time = progress["iterations_wall_time_s"] + time.perf_counter() - start
     refresh_batchnorm(decoder, store, passes=10, generator=generator)
-    return {"loss_history": history, "syn_lr": syn_lr.item(), "iterations_run": len(history["mtt"] or history["mmd"]),
+    return {"loss_history": history, "syn_lr": syn_lr.item(), "iterations_run": iterations_run,
             "iterations_wall_time_s": iterations_wall_time}
 
 
-def _save_checkpoint(store, decoder, checkpoint_dir: Path) -> None:
-    store.save_pretrained(checkpoint_dir / "latent_store")
-    decoder.save_pretrained(checkpoint_dir / "decoder")
+def save_checkpoint(folder: Path, store: GaussianLatentStore, decoder: D3Decoder, syn_lr: torch.Tensor,
+                    optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator, progress: dict) -> None:
+    """Everything `distill_subtask` needs to continue exactly: latents, decoder, optimiser states, the learnable
+    lr and the generator (`state.safetensors`), and `progress.json`. Written beside the folder, then swapped in,
+    so a job killed mid-write leaves the previous checkpoint whole."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    store.save_pretrained(staging / "latent_store")
+    decoder.save_pretrained(staging / "decoder")
+    tensors = {f"optimizer.{name}.{index}.{key}": value.detach().clone()
+               for name, opt in optimizers.items() for index, state in opt.state_dict()["state"].items()
+               for key, value in state.items() if isinstance(value, torch.Tensor)}
+    tensors |= {"syn_lr": syn_lr.detach().reshape(1).clone(), "generator": generator.get_state()}
+    save_file(tensors, staging / "state.safetensors")
+    (staging / "progress.json").write_text(json.dumps(progress))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
 
 
-def _check_finite(loss, term, iteration, store, decoder, checkpoint_dir) -> None:
-    if torch.isfinite(loss):
-        return
-    # The parameters have not been stepped with this loss yet: they are the last good state.
-    where = ""
-    if checkpoint_dir is not None:
-        _save_checkpoint(store, decoder, checkpoint_dir)
-        where = f"; the last good latents and decoder are saved in {checkpoint_dir}"
-    raise FloatingPointError(
-        f"the {term} loss became {loss.item()} at iteration {iteration}{where}. "
-        "Lower the learning rates (lr_latents, lr_decoder, lr_lr) or syn_lr_init."
-    )
+def load_checkpoint(folder: Path, store: GaussianLatentStore, decoder: D3Decoder, syn_lr: torch.Tensor,
+                    optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator) -> dict:
+    """Load a `save_checkpoint` folder into these modules, optimisers and generator; returns its progress."""
+    for module, saved in ((store, GaussianLatentStore.from_pretrained(folder / "latent_store")),
+                          (decoder, D3Decoder.from_pretrained(folder / "decoder"))):
+        changed = sorted(k for k in {*saved.config, *module.config}
+                         if not k.startswith("_") and saved.config.get(k) != module.config.get(k))
+        if changed:
+            raise ValueError(f"the checkpoint in {folder} has another {type(module).__name__} ({changed} differ "
+                             "from this config): rerun with its sizes, or delete it to start this subtask afresh")
+        module.load_state_dict(saved.state_dict())
+    tensors = load_file(folder / "state.safetensors")
+    for name, opt in optimizers.items():
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith(f"optimizer.{name}."):
+                index, field = key.removeprefix(f"optimizer.{name}.").split(".")
+                state.setdefault(int(index), {})[field] = value
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    with torch.no_grad():
+        syn_lr.copy_(tensors["syn_lr"][0])
+    generator.set_state(tensors["generator"])
+    return json.loads((folder / "progress.json").read_text())
 
 
 @torch.no_grad()

@@ -158,7 +158,8 @@ def train_expert_trajectories(config: D3Config, plan: list[list[int]], train, de
 def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], train, class_names,
                         device: torch.device) -> dict:
     """Distillation of one subtask from its experts on disk (`train_expert_trajectories`); a finished subtask
-    is reused."""
+    is reused, and an interrupted one resumes from its checkpoint (after the warm start, or at the last
+    `checkpoint_every`)."""
     out = subtask_folder(config, subtask)
     if (out / "done.json").is_file():
         return _load_subtask(out)
@@ -172,15 +173,21 @@ def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], tr
     store = GaussianLatentStore(class_ids, len(class_names), config.latents_per_class, config.latent_dim,
                                 class_names=class_names, logvar_dim=config.logvar_dim).to(device)
     decoder = build_decoder(config).to(device)
-    start = time.perf_counter()
-    warm_start_mse = None
-    if config.init == "real":
-        warm_start_mse = warm_start(store, decoder, data, config.init_steps, lr=config.init_lr, generator=generator,
-                                    images_per_component=config.init_images_per_component)
+    warm_start_file = out / "warm_start.json"
+    if not (out / "checkpoint" / "progress.json").is_file():
+        start = time.perf_counter()
+        mse = None
+        if config.init == "real":
+            mse = warm_start(store, decoder, data, config.init_steps, lr=config.init_lr, generator=generator,
+                             images_per_component=config.init_images_per_component)
+        out.mkdir(parents=True, exist_ok=True)
+        warm_start_file.write_text(json.dumps({"warm_start_mse": mse,
+                                               "warm_start_wall_time_s": time.perf_counter() - start}))
     stats = distill_subtask(store, decoder, data, trajectories, config, generator,
                             checkpoint_dir=out / "checkpoint", desc=f"distill subtask {subtask}")
-    stats.update(subtask=subtask, classes=class_ids, distill_wall_time_s=time.perf_counter() - start,
-                 peak_memory_bytes=_peak_memory_bytes(), warm_start_mse=warm_start_mse)
+    stats.update(json.loads(warm_start_file.read_text()))
+    stats.update(subtask=subtask, classes=class_ids, peak_memory_bytes=_peak_memory_bytes(),
+                 distill_wall_time_s=stats["warm_start_wall_time_s"] + stats["iterations_wall_time_s"])
     store.save_pretrained(out / "latent_store")
     decoder.save_pretrained(out / "decoder")
     (out / "done.json").write_text(json.dumps(stats))
