@@ -195,15 +195,18 @@ def distill_subtask(
     local_label = torch.arange(store.num_components) // store.config.latents_per_class
     batch = config.syn_batch_size or store.num_components
     nets = [FlatModel(model) for model, _ in trajectories]
-    progress = {"iterations_run": 0, "iterations_wall_time_s": 0.0, "loss_history": {"mtt": [], "mmd": []}}
-    if checkpoint_dir is not None and (checkpoint_dir / "progress.json").is_file():
+    progress = {"iterations_wall_time_s": 0.0, "loss_history": {"mtt": [], "mmd": []}}
+    if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         progress = load_checkpoint(checkpoint_dir, store, decoder, syn_lr, optimizers, generator)
     history = progress["loss_history"]
 
-    def checkpoint(iterations_run: int) -> None:
+    def iterations_run() -> int:  # an iteration counts once its losses are in the history
+        return len(history["mtt"] or history["mmd"])
+
+    def checkpoint() -> None:
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, store, decoder, syn_lr, optimizers, generator, {
-                "iterations_run": iterations_run, "loss_history": history,
+                "iterations_run": iterations_run(), "loss_history": history,
                 "iterations_wall_time_s": progress["iterations_wall_time_s"] + time.perf_counter() - start})
 
     def pick_expert():
@@ -214,7 +217,7 @@ def distill_subtask(
         if torch.isfinite(loss):
             return
         # The parameters have not been stepped with this loss yet: they are the last good state.
-        checkpoint(iteration)
+        checkpoint()
         where = "" if checkpoint_dir is None else f"; the last good state is saved in {checkpoint_dir}"
         raise FloatingPointError(
             f"the {term} loss became {loss.item()} at iteration {iteration}{where}. "
@@ -223,10 +226,11 @@ def distill_subtask(
 
     decoder.train()
     start = time.perf_counter()
-    if progress["iterations_run"] == 0:
-        checkpoint(0)  # after the warm start, which can be most of a subtask's time
-    for iteration in tqdm(range(progress["iterations_run"], config.iterations), desc=desc, leave=False,
-                          initial=progress["iterations_run"], total=config.iterations):
+    if iterations_run() == 0:
+        checkpoint()  # after the warm start, which can be most of a subtask's time
+    first = iterations_run()
+    for iteration in tqdm(range(first, config.iterations), desc=desc, leave=False, initial=first,
+                          total=config.iterations):
         elapsed = progress["iterations_wall_time_s"] + time.perf_counter() - start
         if config.max_distill_time_s is not None and elapsed >= config.max_distill_time_s:
             break
@@ -263,12 +267,11 @@ def distill_subtask(
         for name, loss in losses.items():
             history[name].append(loss.item())
         if (iteration + 1) % config.checkpoint_every == 0:
-            checkpoint(iteration + 1)
-    iterations_run = len(history["mtt"] or history["mmd"])
-    checkpoint(iterations_run)  # so that a rerun with more iterations continues from here
+            checkpoint()
+    checkpoint()  # so that a rerun with more iterations continues from here
     iterations_wall_time = progress["iterations_wall_time_s"] + time.perf_counter() - start
     refresh_batchnorm(decoder, store, passes=10, generator=generator)
-    return {"loss_history": history, "syn_lr": syn_lr.item(), "iterations_run": iterations_run,
+    return {"loss_history": history, "syn_lr": syn_lr.item(), "iterations_run": iterations_run(),
             "iterations_wall_time_s": iterations_wall_time}
 
 
@@ -289,6 +292,11 @@ def save_checkpoint(folder: Path, store: GaussianLatentStore, decoder: D3Decoder
     (staging / "progress.json").write_text(json.dumps(progress))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a complete `save_checkpoint` (its progress file is written last)."""
+    return (folder / "progress.json").is_file()
 
 
 def load_checkpoint(folder: Path, store: GaussianLatentStore, decoder: D3Decoder, syn_lr: torch.Tensor,

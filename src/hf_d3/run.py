@@ -19,7 +19,7 @@ from transformers import AutoModelForImageClassification
 
 from .config import D3Config
 from .data import ImageTensors, find_columns, load_image_dataset, to_tensors
-from .distill import SubtaskData, distill_subtask, relabel, warm_start
+from .distill import SubtaskData, distill_subtask, has_checkpoint, relabel, warm_start
 from .evaluation import evaluate_sampler, pipeline_sampler
 from .experts import load_trajectory, save_trajectory, train_classifier, train_expert
 from .federated import (
@@ -174,7 +174,7 @@ def distill_one_subtask(config: D3Config, subtask: int, class_ids: list[int], tr
                                 class_names=class_names, logvar_dim=config.logvar_dim).to(device)
     decoder = build_decoder(config).to(device)
     warm_start_file = out / "warm_start.json"
-    if not (out / "checkpoint" / "progress.json").is_file():
+    if not has_checkpoint(out / "checkpoint"):
         start = time.perf_counter()
         mse = None
         if config.init == "real":
