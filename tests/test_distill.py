@@ -15,9 +15,11 @@ import torch
 from conftest import TINY_RUN
 from safetensors import safe_open
 from torch import nn
+from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore, build_classifier
 from hf_d3.config import D3Config
+from hf_d3.data import load_image_dataset, to_tensors
 from hf_d3.distill import (
     FlatModel,
     SubtaskData,
@@ -28,7 +30,7 @@ from hf_d3.distill import (
     trajectory_matching_loss,
     warm_start,
 )
-from hf_d3.evaluation import evaluate_sampler, pipeline_sampler, soft_cross_entropy, train_student
+from hf_d3.evaluation import accuracy, evaluate_sampler, pipeline_sampler, soft_cross_entropy, train_student
 from hf_d3.experts import flat_parameters, load_trajectory, save_trajectory, train_classifier
 from hf_d3.run import distill_one_subtask, run_distillation, train_expert_trajectories
 
@@ -215,8 +217,6 @@ def test_trajectory_round_trip_through_safetensors(trajectory, tmp_path):
 
 
 def test_expert_training_resumes_from_what_is_on_disk(fmnist4_folder, tiny_run, tmp_path):
-    from hf_d3.data import load_image_dataset
-
     train = load_image_dataset(str(fmnist4_folder), "train")
     plan = [[0, 1], [2, 3]]
 
@@ -485,11 +485,14 @@ def test_the_rerun_reuses_the_finished_subtask(runs):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
-def test_end_to_end_run(runs):
+def test_end_to_end_run(runs, fmnist4_folder):
     output_dir, _, _, _, result = runs
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["num_processes"] == 1 and metrics["num_eval_runs"] == 1 and metrics["student_steps"] == 4
     assert 0 <= metrics["accuracy_mean"] <= 1
+    teacher = AutoModelForImageClassification.from_pretrained(output_dir / "teacher")
+    test, n = to_tensors(load_image_dataset(str(fmnist4_folder), "test"), 16, 1), TINY_RUN["max_test_examples"]
+    assert metrics["teacher_accuracy"] == accuracy(teacher, test.images[:n], test.labels[:n])
     assert metrics["storage"] == metrics["planned_storage"] == result.pipeline.storage_report().to_dict()
     (subtask,) = metrics["subtasks"]
     assert subtask["classes"] == [0, 1, 2, 3] and len(subtask["loss_history"]["mtt"]) == TINY_RUN["iterations"]
@@ -529,8 +532,6 @@ def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_pa
 
 
 def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path):
-    from hf_d3.data import load_image_dataset
-
     train = load_image_dataset(str(fmnist4_folder), "train")
     names = train.features["label"].names
 

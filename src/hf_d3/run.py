@@ -20,7 +20,7 @@ from transformers import AutoModelForImageClassification
 from .config import D3Config
 from .data import ImageTensors, find_columns, load_image_dataset, to_tensors
 from .distill import SubtaskData, distill_subtask, has_checkpoint, relabel, warm_start
-from .evaluation import evaluate_sampler, pipeline_sampler
+from .evaluation import accuracy, evaluate_sampler, pipeline_sampler
 from .experts import load_trajectory, save_trajectory, train_classifier, train_expert
 from .federated import (
     aggregate,
@@ -276,6 +276,8 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
                                       len(class_names))
     metrics = {
         **evaluation,
+        # soft labels are only as good as their teacher, so its own score belongs beside the students'
+        "teacher_accuracy": accuracy(teacher, test.images.to(device), test.labels.to(device)),
         "storage": pipe.storage_report().to_dict(),
         "planned_storage": storage,
         "distill_wall_time_s": distill_wall_time,
