@@ -105,7 +105,7 @@ def main():
         rows |= {name: row for name, row in previous["rows"].items() if name.startswith("R+")}
     else:
         held_out_accuracy = real_image_rows(config, out, main_run, args.temperatures, rows)
-    report(config, out, rows, held_out_accuracy, main_run["storage"])
+    report(config, out, rows, held_out_accuracy, main_run["storage"], main_run.get("teacher_accuracy"))
 
 
 def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float], rows: dict) -> dict:
@@ -139,7 +139,8 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
     return held_out_accuracy
 
 
-def report(config, out: Path, rows: dict, held_out_accuracy: dict, storage: dict) -> None:
+def report(config, out: Path, rows: dict, held_out_accuracy: dict, storage: dict,
+           teacher_accuracy: float | None) -> None:
     # R+H / R+S are sized to the main D3 row; a variant storing enough more that they would get more images
     # is not at their storage, and says so
     budget, n, per_image = storage["total_values"], storage["num_classes"], storage["values_per_image"]
@@ -148,10 +149,13 @@ def report(config, out: Path, rows: dict, held_out_accuracy: dict, storage: dict
             row["over_baseline_storage"] = any(
                 largest_ipc_within(row["values"], n, per_image, soft) > largest_ipc_within(budget, n, per_image, soft)
                 for soft in (False, True))
-    results = {"config": config.to_dict(), "rows": rows, "r_s_held_out_accuracy_by_temperature": held_out_accuracy}
+    results = {"config": config.to_dict(), "rows": rows, "r_s_held_out_accuracy_by_temperature": held_out_accuracy,
+               "teacher_accuracy": teacher_accuracy}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n{config.dataset}, budget {budget:,} values; students: {config.eval_architecture} width "
           f"{config.net_width}, {config.eval_steps} steps, {config.eval_seeds} seeds, final step, test split")
+    if teacher_accuracy is not None:  # runs older than the field lack it
+        print(f"relabelling teacher's test accuracy: {100 * teacher_accuracy:.2f} %")
     print("R+S temperature on held-out training images: "
           + ", ".join(f"T={float(t):g} {100 * a:.2f} %" for t, a in held_out_accuracy.items()))
     print("| method | stored values | IPC-eq | iterations | distillation wall time | peak memory | test accuracy |")
