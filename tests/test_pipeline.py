@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from hf_d3 import D3Decoder, D3Pipeline, D3PipelineOutput, GaussianLatentStore
+from hf_d3.pipelines.pipeline_d3 import DECODE_SLICE_SIZE
 from hf_d3.storage import prototype_storage
 
 NAMES = ["zero", "one", "two"]
@@ -113,6 +114,16 @@ def test_means_come_first_and_are_the_decoded_means(pipe):
     # decoding does not depend on what else is in the batch (eval-mode BatchNorm): one class alone gives the same means
     alone = draw(pipe, seed=9, class_labels=[1])
     assert torch.allclose(alone.images[:2], means[2:4], atol=1e-6)
+
+
+def test_many_images_decode_in_slices_as_in_one_batch(pipe):
+    out = draw(pipe, seed=3, num_samples_per_component=15)  # 6 means + 90 samples: two slices of DECODE_SLICE_SIZE
+    assert len(out.images) == 96 > DECODE_SLICE_SIZE and not out.images.requires_grad
+    store, decoder = pipe.latent_store, pipe.decoder.eval()
+    latents, index = store.sample(torch.arange(6), 15, True, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = decoder(latents, store.component_subtask[index]).clamp(0, 1)
+    assert torch.allclose(out.images, whole, atol=1e-6)
 
 
 def test_components_are_routed_to_their_subtasks_generator(pipe):
