@@ -79,7 +79,6 @@ class D3Pipeline(DiffusionPipeline):
         return pipeline_to_dataset(self, num_samples_per_component, include_means, seed)
 
     @torch.no_grad()
-    @torch.no_grad()
     def __call__(
         self,
         class_labels: Sequence[int] | int | None = None,
