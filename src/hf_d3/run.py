@@ -272,12 +272,12 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
     if config.max_test_examples:
         test = ImageTensors(test.images[:config.max_test_examples], test.labels[:config.max_test_examples],
                             test.class_names)
-    evaluation = evaluate_with_config(config, pipeline_sampler(pipe), test.images.to(device), test.labels.to(device),
-                                      len(class_names))
+    test_images, test_labels = test.images.to(device), test.labels.to(device)
+    evaluation = evaluate_with_config(config, pipeline_sampler(pipe), test_images, test_labels, len(class_names))
     metrics = {
         **evaluation,
         # soft labels are only as good as their teacher, so its own score belongs beside the students'
-        "teacher_accuracy": accuracy(teacher, test.images.to(device), test.labels.to(device)),
+        "teacher_accuracy": accuracy(teacher, test_images, test_labels),
         "storage": pipe.storage_report().to_dict(),
         "planned_storage": storage,
         "distill_wall_time_s": distill_wall_time,
