@@ -18,7 +18,8 @@ from ..models.latent_store import GaussianLatentStore
 from ..storage import StorageReport, storage_report
 
 # Images decoded per decoder call: a slice's activations stay in the CPU's cache, where one call on a whole
-# evaluation epoch (2,320 CIFAR-size images) ran 2.5x slower; in eval mode the images are the same either way.
+# evaluation epoch (2,320 CIFAR-size images) ran 2.2-2.5x slower (BENCHMARKS.md); in eval mode the images are
+# the same either way.
 DECODE_SLICE_SIZE = 64
 
 
