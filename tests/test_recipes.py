@@ -14,8 +14,7 @@ from hf_d3 import D3Pipeline
 from hf_d3.config import parse_config
 from hf_d3.run import run_distillation
 
-RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes" / "configs").glob("*.yaml")
-                 if p.name != "fashion_mnist.yaml")
+RECIPES = sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("*.yaml"))
 TINY = dict(num_experts=1, trajectory_epochs=3, max_start_epoch=1, expert_epochs=2, net_width=8, iterations=1,
             syn_steps=2, syn_batch_size=8, mmd_samples_per_class=3, teacher_epochs=1, eval_steps=2, eval_seeds=1,
             expert_batch_size=16, init_steps=2)
