@@ -30,7 +30,14 @@ from hf_d3.distill import (
     trajectory_matching_loss,
     warm_start,
 )
-from hf_d3.evaluation import accuracy, evaluate_sampler, pipeline_sampler, soft_cross_entropy, train_student
+from hf_d3.evaluation import (
+    accuracy,
+    epoch_batches,
+    evaluate_sampler,
+    pipeline_sampler,
+    soft_cross_entropy,
+    train_student,
+)
 from hf_d3.experts import flat_parameters, load_trajectory, save_trajectory, train_classifier
 from hf_d3.run import distill_one_subtask, run_distillation, train_expert_trajectories
 
@@ -420,6 +427,14 @@ def test_soft_cross_entropy_of_one_hot_labels_is_cross_entropy():
     logits, labels = torch.randn(6, 4), torch.tensor([0, 3, 1, 1, 2, 0])
     assert soft_cross_entropy(logits, torch.eye(4)[labels]).item() == pytest.approx(
         nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("num_images, sizes", [(2320, [232] * 10), (400, [200, 200]), (80, [80]), (257, [129, 128]),
+                                               (512, [256, 256])])
+def test_epoch_batches_are_equal_and_cover_the_epoch_once(num_images, sizes):
+    batches = epoch_batches(num_images, 256, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == sizes
+    assert torch.equal(torch.cat(batches).sort().values, torch.arange(num_images))
 
 
 def test_pipeline_sampler_and_evaluation(data):
