@@ -135,7 +135,7 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
 
     ipc_hard = largest_ipc_within(budget, n, per_image, soft_labels=False)
     ipc_soft = largest_ipc_within(budget, n, per_image, soft_labels=True)
-    held_out_accuracy = {str(t): done["held_out"].get(str(t)) or evaluate_with_config(
+    held_out_accuracy = {str(t): done["held_out"][str(t)] if str(t) in done["held_out"] else evaluate_with_config(
         config, real(ipc_soft, t), train.images[held_out], train.labels[held_out], n, seeds=1)["accuracy_mean"]
         for t in temperatures}
     best = float(max(held_out_accuracy, key=held_out_accuracy.get))
