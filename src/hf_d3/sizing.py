@@ -1,0 +1,315 @@
+"""Sizes of a D3 representation chosen from a storage budget (`storage_budget_ipc` with the sizes unset).
+
+Everything is counted the way `hf_d3.storage.storage_report` counts it, but analytically, so solving for
+1,000 classes at 64x64 allocates nothing: the decoder's parameters and buffers (K generators for K subtasks),
+every Gaussian's mean and log-variances, and per component its soft label, class id and subtask id.
+
+The shape the solver fills in is the one that won every CPU comparison in BENCHMARKS.md (issue 3, *Spatial
+latents* and *One log-variance per channel*): a spatial latent, a `C x s x s` feature map with
+`s = resolution / 2**stages` (`decoder_latent_projection: False`, so `latent_dim = C * s * s`), one log-variance
+per latent channel (`logvar_dim = C`: on Fashion-MNIST at 50 IPC-equivalent 86 Gaussians per class fitted where a
+variance per value fitted 44-47, and scored 78.39 against 77.49; on the CIFAR-10 subset the doubled count tied,
+41.23 against 41.40, which is why `cifar10_ipc50.yaml` still keeps a variance per value), and a small all-conv
+decoder with nearest-neighbour upsampling (`decoder_upsample: "nearest"`, no checkerboard artefacts). What is left
+to choose, and the rule:
+
+- **Stages**: the start side closest to 8 (in log scale) among the integer sides >= 2 the resolution can be
+  doubled from: 28 -> 7 (2 stages), 32 -> 8 (2), 64 -> 8 (3). Sides 7 and 8 are the only ones measured
+  (`fashion_mnist*.yaml`, `cifar10_ipc*.yaml`); keeping the side fixed makes a latent channel mean the same
+  thing at every resolution.
+- **Latent channels C** (a power of two, as in every measured config): a Gaussian's mean should hold a fraction of
+  an image that grows like sqrt(budget): 1/4 of a grayscale image and 1/6 of an RGB image at 10 IPC-equivalent; C
+  is a power of two near that target (see the last paragraph). The measured optima: Fashion-MNIST 4 x 7 x 7 at 10
+  (`fashion_mnist.yaml`; with a log-variance per channel, +4.6 points over 2 x 7 x 7 with one per value at equal
+  storage and phase lengths) and 8 x 7 x 7 at 50 (`fashion_mnist_ipc50.yaml`: 77.49, and 78.05 with MMD only,
+  above 2 x 7 x 7 at 76.76 and 4 x 7 x 7 at 77.33); CIFAR-10 8 x 8 x 8 at 10 (`cifar10_ipc10.yaml`, the one
+  spatial size run there, 1.8 points above real images with soft labels) and 16 x 8 x 8 at 50
+  (`cifar10_ipc50.yaml`: 41.40, above 8 x 8 x 8 at 39.69 and 32 x 8 x 8 at 40.31). Both datasets doubled their
+  best latent from 10 to 50 IPC-equivalent, a factor sqrt(5) = 2.2 in the rule; colour wants fewer values per
+  Gaussian relative to the image (its three channels are correlated; 32 x 8 x 8, 2/3 of a CIFAR image, already
+  lost). So the budget's growth is split about evenly between more Gaussians and larger ones, and tiny budgets get
+  fewer latent channels (C = 1 at 1 IPC on 28 x 28 x 1). Only when no power of two can fill the budget (a soft
+  label that costs more than the latent, as with 1,000 classes at 32 x 32 x 1 and 2 IPC) may C be any integer, for
+  a finer step.
+- **Decoder width**: stage widths double towards the latent (`[..., 4w, 2w, w]`, as in the paper's decoders
+  and `cifar10_ipc10.yaml`'s [8, 64, 32]) with w a multiple of 4 in [8, 64]. The decoder's target share of
+  the budget (all K generators together) is 0.4 / sqrt(budget), at most 1/2: 12.6 % at 10 IPC-equivalent,
+  between the measured winners' 7.9 % (`cifar10_ipc10.yaml`) and 14 % (`fashion_mnist.yaml`); 5.7 % at 50
+  (the shipped 50 IPC configs kept their 10 IPC decoders, 1.9-3.1 %, untested against wider ones); 28-40 %
+  at 1-2, where ten classes cannot amortise any decoder and the paper itself spends 26-47 % (docs/method.md,
+  Reference settings of the paper: 5 x 0.79 M of ImageNet's 1 IPC budget of 12.3 M values). The absolute
+  decoder size then grows like sqrt(budget) too. w >= 8 is a floor (a decoder of [16, 8] is already 4x
+  narrower than any measured one); w <= 64 caps the cost of decoding (width 64 at three stages is
+  [256, 128, 64], about 0.5 M values, below the paper's 0.79 M "small" decoder) when many classes share a
+  decoder and 0.4 / sqrt(budget) asks for millions of values.
+- **Gaussians per class M**: as many as the rest of the budget allows, at least 1.
+
+Among all (C, w) whose largest M fits, the solver takes the one closest to the two targets, counted in
+doublings (`|log2(C / C_target)| + |log2(D / D_target)| / 2`: quadrupling the decoder's values is about one
+doubling of its width), among those that fill at least 90 % of the budget; only when none does (a budget just
+above the smallest that works) it takes the fullest. Explicit sizes in a config always win over these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+# Fraction of one image's values that a Gaussian's mean holds at 10 IPC-equivalent, by image channels:
+# 4 x 7 x 7 of 28 x 28 (Fashion-MNIST) and 8 x 8 x 8 of 3 x 32 x 32 (CIFAR-10), the measured optima.
+LATENT_FRACTION_AT_10_IPC: dict[int, float] = {1: 1 / 4, 3: 1 / 6}
+# The decoder's target share of the budget is DECODER_SHARE_AT_1_IPC / sqrt(budget), at most MAX_DECODER_SHARE.
+DECODER_SHARE_AT_1_IPC = 0.4
+MAX_DECODER_SHARE = 0.5
+# Width of the decoder's last stage (earlier stages double it); the step keeps the decoder share fine-grained.
+MIN_DECODER_WIDTH = 8
+MAX_DECODER_WIDTH = 64
+DECODER_WIDTH_STEP = 4
+# Side of the latent feature map the stage count aims for (the measured configs use 7 and 8).
+TARGET_START_SIDE = 8
+# The solver fills at least this fraction of the budget whenever some size does.
+MIN_FILL = 0.9
+
+RESIZE_UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+@dataclass
+class StorageBreakdown:
+    """Stored values by part, as `hf_d3.storage.storage_report` counts them for built modules.
+
+    `label_values` are the soft labels plus each component's class id and subtask id;
+    `ipc_equivalent` = total values / (classes x values in one image).
+    """
+
+    decoder_values: int
+    latent_values: int
+    label_values: int
+    total_values: int
+    values_per_image: int
+    num_classes: int
+    ipc_equivalent: float
+
+    @property
+    def decoder_share(self) -> float:
+        return self.decoder_values / self.total_values
+
+
+@dataclass
+class RepresentationSizes:
+    """The sizes of a D3 representation, with the names of `hf_d3.config` (see `to_config`).
+
+    Args:
+        latents_per_class: Gaussians per class (M).
+        latent_dim: values of a Gaussian's mean; without a projection `decoder_channels[0] * side**2`.
+        logvar_dim: log-variances per Gaussian (it must divide `latent_dim`).
+        decoder_channels: channels of the latent feature map, then of each x2 upsampling stage.
+        decoder_latent_projection: map the latent through a Linear layer (False: the latent is reshaped).
+        decoder_upsample: "nearest" or "bilinear" (a resize then a 3x3 convolution).
+    """
+
+    latents_per_class: int
+    latent_dim: int
+    logvar_dim: int
+    decoder_channels: list[int] = field(default_factory=list)
+    decoder_latent_projection: bool = False
+    decoder_upsample: str = "nearest"
+
+    def to_config(self) -> dict:
+        """The flat config settings these sizes are (`latents_per_class: 31`, `decoder_channels: [4, 32, 32]` ...)."""
+        return asdict(self)
+
+    def storage(self, num_classes: int, resolution: int, channels: int, num_subtasks: int = 1) -> StorageBreakdown:
+        """The storage these sizes take for `num_classes` classes of `channels x resolution x resolution` images
+        split into `num_subtasks` subtasks (one decoder generator each)."""
+        return storage_breakdown(self, num_classes, resolution, channels, num_subtasks)
+
+
+def generator_values(decoder_channels: list[int], out_channels: int, latent_dim: int | None = None,
+                     start_side: int | None = None) -> int:
+    """Parameters and buffers of one resize-convolution generator of `hf_d3.models.decoder`.
+
+    Each stage is a 3x3 convolution (weights and bias) then a BatchNorm (weight, bias, running mean, running
+    variance, and its one num_batches_tracked count); a last 3x3 convolution makes the image. With
+    `latent_dim` and `start_side`, a Linear projection of the latent to the first feature map is added.
+    """
+    values = 0
+    if latent_dim is not None:
+        feature_values = decoder_channels[0] * start_side**2
+        values += latent_dim * feature_values + feature_values
+    for c_in, c_out in zip(decoder_channels[:-1], decoder_channels[1:]):
+        values += 9 * c_in * c_out + c_out  # convolution
+        values += 4 * c_out + 1  # BatchNorm: affine weight and bias, running mean and variance, batch count
+    return values + 9 * decoder_channels[-1] * out_channels + out_channels
+
+
+def storage_breakdown(sizes: RepresentationSizes, num_classes: int, resolution: int, channels: int,
+                      num_subtasks: int = 1) -> StorageBreakdown:
+    """Count the stored values of `sizes` analytically: equal to `storage_report` of the built latent store
+    (all `num_classes` classes, `num_classes`-way soft labels) and `num_subtasks`-generator decoder."""
+    if sizes.decoder_upsample not in RESIZE_UPSAMPLE_MODES:
+        raise ValueError(
+            f"decoder_upsample={sizes.decoder_upsample!r} is not counted here; valid: {list(RESIZE_UPSAMPLE_MODES)} "
+            "(count a transposed-convolution decoder with hf_d3.storage.storage_report of the built modules)"
+        )
+    stages = len(sizes.decoder_channels) - 1
+    if stages < 1 or resolution % 2**stages:
+        raise ValueError(
+            f"decoder_channels={sizes.decoder_channels} has {stages} upsampling stages, which cannot produce "
+            f"resolution={resolution}: it must be divisible by 2**stages"
+        )
+    side = resolution // 2**stages
+    if not sizes.decoder_latent_projection and sizes.latent_dim != sizes.decoder_channels[0] * side**2:
+        raise ValueError(
+            f"latent_dim={sizes.latent_dim} must equal decoder_channels[0] * {side}**2 = "
+            f"{sizes.decoder_channels[0] * side**2} without a latent projection"
+        )
+    if not 1 <= sizes.logvar_dim <= sizes.latent_dim or sizes.latent_dim % sizes.logvar_dim:
+        raise ValueError(f"logvar_dim={sizes.logvar_dim} must divide latent_dim={sizes.latent_dim}")
+    projection = (sizes.latent_dim, side) if sizes.decoder_latent_projection else (None, None)
+    decoder = num_subtasks * generator_values(sizes.decoder_channels, channels, *projection)
+    components = num_classes * sizes.latents_per_class
+    latents = components * (sizes.latent_dim + sizes.logvar_dim)
+    labels = components * (num_classes + 2)  # soft label, class id, subtask id
+    total = decoder + latents + labels
+    values_per_image = channels * resolution**2
+    return StorageBreakdown(
+        decoder_values=decoder,
+        latent_values=latents,
+        label_values=labels,
+        total_values=total,
+        values_per_image=values_per_image,
+        num_classes=num_classes,
+        ipc_equivalent=total / (num_classes * values_per_image),
+    )
+
+
+def upsampling_stages(resolution: int) -> int:
+    """The stage count whose integer start side (>= 2) is closest to TARGET_START_SIDE in log scale."""
+    sides = {}
+    stages = 1
+    while resolution % 2**stages == 0 and resolution // 2**stages >= 2:
+        sides[stages] = resolution // 2**stages
+        stages += 1
+    if not sides:
+        raise ValueError(
+            f"resolution={resolution} cannot be reached by doubling an integer side >= 2; "
+            "use a multiple of 4 such as 28, 32 or 64"
+        )
+    return min(sides, key=lambda s: (abs(math.log2(sides[s] / TARGET_START_SIDE)), s))
+
+
+def decoder_widths(last_width: int, stages: int) -> list[int]:
+    """Stage widths that double towards the latent and end at `last_width`: 3 stages of 16 -> [64, 32, 16]."""
+    return [last_width * 2 ** (stages - 1 - i) for i in range(stages)]
+
+
+def _max_total(storage_budget_ipc: float, values_per_class: int) -> int:
+    """The most values whose IPC-equivalent, computed as storage_report computes it, is within the budget."""
+    total = math.floor(storage_budget_ipc * values_per_class)
+    while total / values_per_class > storage_budget_ipc:  # floating point can put the floor one over or under
+        total -= 1
+    while (total + 1) / values_per_class <= storage_budget_ipc:
+        total += 1
+    return total
+
+
+def _budget_text(values: int, values_per_class: int) -> str:
+    """The smallest round budget, shown to 2 significant figures, that holds `values` stored values."""
+    needed = values / values_per_class
+    step = 10.0 ** (math.floor(math.log10(needed)) - 1)
+    units = math.ceil(needed / step)
+    while True:
+        text = f"{units * step:.{max(0, -round(math.log10(step)))}f}"
+        if _max_total(float(text), values_per_class) >= values:
+            return text
+        units += 1
+
+
+def _check_inputs(storage_budget_ipc: float, num_classes: int, resolution: int, channels: int,
+                  num_subtasks: int) -> None:
+    if not (isinstance(storage_budget_ipc, int | float) and math.isfinite(storage_budget_ipc)
+            and storage_budget_ipc > 0):
+        raise ValueError(f"storage_budget_ipc={storage_budget_ipc!r} must be a positive number of IPC-equivalents")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1")
+    if channels not in LATENT_FRACTION_AT_10_IPC:
+        raise ValueError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+    if not 1 <= num_subtasks <= num_classes:
+        raise ValueError(f"num_subtasks={num_subtasks} must be between 1 and the {num_classes} classes")
+
+
+def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, channels: int,
+                num_subtasks: int = 1) -> RepresentationSizes:
+    """Sizes that use the storage budget by the rule of this module's docstring.
+
+    Deterministic and pure; the result never exceeds `storage_budget_ipc` and fills at least 90 % of it
+    whenever any size can. Raises ValueError, naming the smallest budget that works, when even one Gaussian
+    of one latent channel per class and the narrowest decoder do not fit.
+    """
+    _check_inputs(storage_budget_ipc, num_classes, resolution, channels, num_subtasks)
+    stages = upsampling_stages(resolution)
+    side = resolution // 2**stages
+    values_per_image = channels * resolution**2
+    values_per_class = num_classes * values_per_image  # storage_report's IPC divisor (classes x image values)
+    max_total = _max_total(storage_budget_ipc, values_per_class)
+    budget_values = storage_budget_ipc * values_per_class
+
+    latent_target = values_per_image * LATENT_FRACTION_AT_10_IPC[channels] * math.sqrt(storage_budget_ipc / 10)
+    channel_target = latent_target / side**2
+    decoder_share = min(MAX_DECODER_SHARE, DECODER_SHARE_AT_1_IPC / math.sqrt(storage_budget_ipc))
+    decoder_target = decoder_share * budget_values  # all K generators together
+
+    def gaussian_values(latent_channels: int) -> int:  # mean, log-variances, soft label, class and subtask ids
+        return latent_channels * side**2 + latent_channels + num_classes + 2
+
+    def decoder_values(latent_channels: int, width: int) -> int:
+        return num_subtasks * generator_values([latent_channels, *decoder_widths(width, stages)], channels)
+
+    smallest = decoder_values(1, MIN_DECODER_WIDTH) + num_classes * gaussian_values(1)
+    if smallest > max_total:
+        raise ValueError(
+            f"storage_budget_ipc={storage_budget_ipc} is too small for {num_classes} classes at "
+            f"{resolution}x{resolution}x{channels} with {num_subtasks} subtask(s): the smallest budget that works "
+            f"is {_budget_text(smallest, values_per_class)} IPC-equivalent ({smallest:,} values: one Gaussian of "
+            f"1 x {side} x {side} per class with its {num_classes}-way soft label, and "
+            f"{num_subtasks} decoder(s) of width {decoder_widths(MIN_DECODER_WIDTH, stages)})"
+        )
+
+    def best_of(channel_counts) -> tuple[tuple, tuple[int, int, int]]:
+        """The best (key, (latent channels, width, Gaussians per class)) of these channel counts."""
+        best_key, best = None, None
+        for latent_channels in channel_counts:
+            per_class = gaussian_values(latent_channels)
+            for width in range(MIN_DECODER_WIDTH, MAX_DECODER_WIDTH + 1, DECODER_WIDTH_STEP):
+                decoder = decoder_values(latent_channels, width)
+                latents_per_class = (max_total - decoder) // (num_classes * per_class)
+                if latents_per_class < 1:
+                    break  # wider decoders only leave less room
+                total = decoder + num_classes * latents_per_class * per_class
+                if total >= MIN_FILL * budget_values:  # by distance to the targets, in doublings
+                    distance = (abs(math.log2(latent_channels / channel_target))
+                                + abs(math.log2(decoder / decoder_target)) / 2)
+                    key = (0, distance, -total, latent_channels, width)
+                else:  # used only when no candidate fills the budget: the fullest
+                    key = (1, -total, latent_channels, width)
+                if best_key is None or key < best_key:
+                    best_key, best = key, (latent_channels, width, latents_per_class)
+        return best_key, best  # never empty: the smallest size fits (checked above)
+
+    # A Gaussian's mean larger than the image it stands for would store more than the image itself.
+    max_channels = values_per_image // side**2
+    powers_of_two = [2**i for i in range(max_channels.bit_length()) if 2**i <= max_channels]
+    best_key, best = best_of(powers_of_two)
+    if best_key[0]:
+        # No power of two fills the budget (a soft label costing more than the latent, as with 1,000 classes
+        # at 32x32x1): any channel count, which gives a Gaussian's size a finer step.
+        best_key, best = best_of(range(1, max_channels + 1))
+    latent_channels, width, latents_per_class = best
+    return RepresentationSizes(
+        latents_per_class=latents_per_class,
+        latent_dim=latent_channels * side**2,
+        logvar_dim=latent_channels,
+        decoder_channels=[latent_channels, *decoder_widths(width, stages)],
+        decoder_latent_projection=False,
+        decoder_upsample="nearest",
+    )

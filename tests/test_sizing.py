@@ -1,0 +1,199 @@
+"""The budget solver: sizes chosen from `storage_budget_ipc` (hf_d3.sizing)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+
+import numpy as np
+import pytest
+
+from hf_d3.models.decoder import D3Decoder
+from hf_d3.models.latent_store import GaussianLatentStore
+from hf_d3.sizing import (
+    RepresentationSizes,
+    decoder_widths,
+    solve_sizes,
+    storage_breakdown,
+    upsampling_stages,
+)
+from hf_d3.storage import storage_report
+
+BUDGETS = (1, 2, 5, 10, 20, 50)
+CLASSES = (10, 100, 1000)
+RESOLUTIONS = (28, 32, 64)
+CHANNELS = (1, 3)
+SUBTASKS = (1, 2, 5)
+GRID = [c for c in itertools.product(BUDGETS, CLASSES, RESOLUTIONS, CHANNELS, SUBTASKS) if c[4] <= c[1]]
+
+# The grid's budgets that no size fits: a 1000-way soft label outweighs a whole 28x28 or 32x32 grayscale image,
+# and five of the narrowest decoders outweigh ten 28x28 images.
+TOO_SMALL = {(1, 1000, r, 1, k) for r in (28, 32) for k in SUBTASKS} | {(1, 10, 28, 1, 5)}
+
+SMALLEST_BUDGET = re.compile(r"smallest budget that works is ([0-9.]+) IPC-equivalent")
+
+
+def built_modules(sizes: RepresentationSizes, num_classes: int, resolution: int, channels: int,
+                  num_subtasks: int) -> tuple[GaussianLatentStore, D3Decoder]:
+    """The latent store and decoder a run would build from `sizes`, with the subtasks of `plan_subtasks`."""
+    blocks = np.array_split(np.arange(num_classes), num_subtasks)
+    store = GaussianLatentStore(
+        class_ids=list(range(num_classes)), num_classes=num_classes, latents_per_class=sizes.latents_per_class,
+        latent_dim=sizes.latent_dim, subtask_sizes=[len(b) for b in blocks], logvar_dim=sizes.logvar_dim,
+    )
+    decoder = D3Decoder(
+        latent_dim=sizes.latent_dim, resolution=resolution, out_channels=channels,
+        channels=sizes.decoder_channels, latent_projection=sizes.decoder_latent_projection,
+        upsample_mode=sizes.decoder_upsample, num_subtasks=num_subtasks,
+    )
+    return store, decoder
+
+
+def assert_counts_match(sizes: RepresentationSizes, num_classes: int, resolution: int, channels: int,
+                        num_subtasks: int) -> None:
+    analytic = storage_breakdown(sizes, num_classes, resolution, channels, num_subtasks)
+    report = storage_report(*built_modules(sizes, num_classes, resolution, channels, num_subtasks))
+    assert (analytic.decoder_values, analytic.latent_values, analytic.label_values, analytic.total_values) == (
+        report.decoder_values, report.latent_values, report.label_values, report.total_values)
+    assert analytic.ipc_equivalent == report.ipc_equivalent
+
+
+def test_the_solver_never_exceeds_the_budget_and_fills_at_least_90_percent_of_it():
+    too_small = set()
+    for budget, num_classes, resolution, channels, k in GRID:
+        try:
+            sizes = solve_sizes(budget, num_classes, resolution, channels, k)
+        except ValueError as error:
+            too_small.add((budget, num_classes, resolution, channels, k))
+            assert float(SMALLEST_BUDGET.search(str(error)).group(1)) > budget
+            continue
+        report = sizes.storage(num_classes, resolution, channels, k)
+        assert 0.9 * budget <= report.ipc_equivalent <= budget, (budget, num_classes, resolution, channels, k)
+        assert sizes.latents_per_class >= 1
+        side = resolution // 2 ** (len(sizes.decoder_channels) - 1)
+        assert sizes.latent_dim == sizes.decoder_channels[0] * side**2
+        assert sizes.logvar_dim == sizes.decoder_channels[0]  # one log-variance per latent channel
+        assert (sizes.decoder_latent_projection, sizes.decoder_upsample) == (False, "nearest")
+    assert too_small == TOO_SMALL
+
+
+def test_the_solver_is_deterministic_and_pure():
+    cases = [(10, 10, 28, 1, 1), (2, 100, 32, 3, 5), (50, 1000, 64, 3, 2), (2, 1000, 32, 1, 2)]
+    first = [solve_sizes(*case) for case in cases]
+    solve_sizes(1, 10, 64, 1)  # no state carries from one call to the next
+    assert [solve_sizes(*case) for case in reversed(cases)] == first[::-1]
+
+
+@pytest.mark.parametrize("budget, num_classes, resolution, channels, k", [
+    (1, 10, 28, 1, 1), (10, 10, 28, 1, 2), (2, 10, 32, 3, 1), (5, 6, 32, 1, 3), (1, 4, 64, 3, 2),
+    (2, 20, 32, 1, 2),
+])
+def test_the_analytic_count_equals_storage_report_of_the_built_modules(budget, num_classes, resolution, channels, k):
+    assert_counts_match(solve_sizes(budget, num_classes, resolution, channels, k), num_classes, resolution,
+                        channels, k)
+
+
+def test_the_analytic_count_covers_a_projection_and_a_variance_per_value():
+    sizes = RepresentationSizes(latents_per_class=3, latent_dim=12, logvar_dim=12, decoder_channels=[6, 5, 4],
+                                decoder_latent_projection=True, decoder_upsample="bilinear")
+    assert_counts_match(sizes, num_classes=5, resolution=16, channels=3, num_subtasks=2)
+
+
+def test_a_non_power_of_two_latent_is_counted_right():
+    sizes = solve_sizes(2, 1000, 32, 1, 2)  # no power of two fills this budget
+    assert sizes.decoder_channels[0] & (sizes.decoder_channels[0] - 1)
+    small = RepresentationSizes(2, sizes.decoder_channels[0] * 64, sizes.decoder_channels[0],
+                                [sizes.decoder_channels[0], 16, 8])
+    assert_counts_match(small, num_classes=12, resolution=32, channels=1, num_subtasks=2)
+
+
+def test_a_too_small_budget_names_the_smallest_budget_that_works():
+    with pytest.raises(ValueError, match=r"storage_budget_ipc=0.05 is too small for 10 classes at 28x28x1 with "
+                                         r"1 subtask\(s\)") as error:
+        solve_sizes(0.05, 10, 28, 1)
+    smallest = float(SMALLEST_BUDGET.search(str(error.value)).group(1))
+    sizes = solve_sizes(smallest, 10, 28, 1)
+    assert sizes.storage(10, 28, 1).ipc_equivalent <= smallest
+    with pytest.raises(ValueError, match="too small"):
+        solve_sizes(smallest * 0.9, 10, 28, 1)
+
+
+@pytest.mark.parametrize("num_classes, resolution, channels, k", [(1000, 28, 1, 5), (10, 28, 1, 5), (100, 64, 3, 1)])
+def test_every_named_smallest_budget_can_be_solved(num_classes, resolution, channels, k):
+    with pytest.raises(ValueError, match="too small") as error:
+        solve_sizes(1e-4, num_classes, resolution, channels, k)
+    smallest = float(SMALLEST_BUDGET.search(str(error.value)).group(1))
+    assert solve_sizes(smallest, num_classes, resolution, channels, k).storage(
+        num_classes, resolution, channels, k).ipc_equivalent <= smallest
+
+
+@pytest.mark.parametrize("budget, resolution, channels, latent_shape", [
+    (10, 28, 1, (4, 7)), (50, 28, 1, (8, 7)), (10, 32, 3, (8, 8)), (50, 32, 3, (16, 8)),
+])
+def test_the_rule_picks_the_measured_latent_shapes_of_the_shipped_configs(budget, resolution, channels, latent_shape):
+    sizes = solve_sizes(budget, 10, resolution, channels)
+    c, side = latent_shape
+    assert (sizes.decoder_channels[0], sizes.latent_dim) == (c, c * side * side)
+    assert 0.02 <= sizes.storage(10, resolution, channels).decoder_share <= 0.14  # a small decoder
+
+
+def test_tiny_budgets_get_one_latent_channel_and_a_larger_decoder_share():
+    tiny, large = solve_sizes(1, 10, 28, 1), solve_sizes(50, 10, 28, 1)
+    assert tiny.decoder_channels[0] == 1 and tiny.latents_per_class >= 1
+    assert tiny.storage(10, 28, 1).decoder_share > 3 * large.storage(10, 28, 1).decoder_share
+
+
+def test_k_subtasks_pay_for_k_decoders():
+    one, five = solve_sizes(10, 100, 32, 3, 1), solve_sizes(10, 100, 32, 3, 5)
+    assert five.storage(100, 32, 3, 5).decoder_values == 5 * storage_breakdown(five, 100, 32, 3, 1).decoder_values
+    assert five.storage(100, 32, 3, 5).decoder_values >= one.storage(100, 32, 3, 1).decoder_values
+
+
+def test_solving_1000_classes_at_64x64_is_fast():
+    start = time.perf_counter()
+    sizes = solve_sizes(50, 1000, 64, 3, 1)
+    assert time.perf_counter() - start < 1.0
+    assert sizes.storage(1000, 64, 3).ipc_equivalent <= 50
+
+
+@pytest.mark.parametrize("resolution, stages", [(28, 2), (32, 2), (64, 3), (14, 1), (48, 3), (30, 1), (128, 4)])
+def test_the_stage_count_aims_for_a_start_side_of_8(resolution, stages):
+    assert upsampling_stages(resolution) == stages
+    assert len(solve_sizes(10, 10, resolution, 1).decoder_channels) == stages + 1
+
+
+def test_decoder_widths_double_towards_the_latent():
+    assert decoder_widths(16, 3) == [64, 32, 16]
+    assert decoder_widths(8, 1) == [8]
+
+
+def test_to_config_gives_the_config_names():
+    sizes = solve_sizes(10, 10, 28, 1)
+    assert sizes.to_config() == {
+        "latents_per_class": sizes.latents_per_class, "latent_dim": sizes.latent_dim,
+        "logvar_dim": sizes.logvar_dim, "decoder_channels": sizes.decoder_channels,
+        "decoder_latent_projection": False, "decoder_upsample": "nearest",
+    }
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 10, 28, 1), "storage_budget_ipc=0 must be a positive"),
+    ((float("nan"), 10, 28, 1), "storage_budget_ipc=nan"),
+    ((10, 10, 28, 2), "channels=2 is not supported"),
+    ((10, 10, 28, 1, 11), "num_subtasks=11 must be between 1 and the 10 classes"),
+    ((10, 10, 27, 1), "resolution=27 cannot be reached"),
+    ((10, 0, 28, 1), "num_classes=0"),
+])
+def test_bad_inputs_name_the_bad_value(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        solve_sizes(*args)
+
+
+def test_the_breakdown_refuses_sizes_it_cannot_count():
+    with pytest.raises(ValueError, match="latent_dim=100 must equal decoder_channels"):
+        storage_breakdown(RepresentationSizes(1, 100, 4, [4, 8, 8]), 10, 28, 1)
+    with pytest.raises(ValueError, match="decoder_upsample='transpose' is not counted here"):
+        storage_breakdown(RepresentationSizes(1, 196, 4, [4, 8, 8], decoder_upsample="transpose"), 10, 28, 1)
+    with pytest.raises(ValueError, match="cannot produce resolution=30"):
+        storage_breakdown(RepresentationSizes(1, 196, 4, [4, 8, 8]), 10, 30, 1)
