@@ -36,7 +36,7 @@ import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
 from hf_d3.baselines import largest_ipc_within, random_real_sampler
 from hf_d3.config import parse_config
 from hf_d3.data import load_image_dataset, to_tensors
-from hf_d3.run import evaluate_with_config
+from hf_d3.evaluation import evaluate_with_config
 from hf_d3.storage import prototype_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def main():
     main_run = distill(d3_args, out / "d3")
     rows["D3 (MTT + MMD)"] = d3_row(main_run)
     equal_time = max(s["iterations_wall_time_s"] for s in main_run["subtasks"])
-    shared = ["--teacher", config.teacher or str(out / "d3" / "teacher")]
+    shared = ["--teacher", config.relabel.teacher or str(out / "d3" / "teacher")]
     runs = (ABLATIONS if args.ablations else {}) | {name: shlex.split(extra) for name, extra in
                                                    (variant.split("=", 1) for variant in args.variant)}
     for name, extra in runs.items():
@@ -99,7 +99,7 @@ def main():
         rows[name] = d3_row(distill([*d3_args, *shared, *extra], folder))
 
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
-    if (previous and all(previous["config"].get(key) == getattr(config, key) for key in BASELINE_SETTINGS)
+    if (previous and all(previous["config"].get(key) == config.to_dict()[key] for key in BASELINE_SETTINGS)
             and previous["rows"]["D3 (MTT + MMD)"]["values"] == main_run["storage"]["total_values"]
             and previous.get("num_threads") == torch.get_num_threads()):
         # same data, teacher, budget, students and thread count: R+H / R+S would come out identical (they are
@@ -118,25 +118,25 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
 
     `done` holds an earlier run's held-out accuracies ("held_out", by temperature) and rows ("rows", by name)
     at the same settings; those are reused, not trained again."""
-    columns = {"image_column": config.image_column, "label_column": config.label_column}
-    train = to_tensors(load_image_dataset(config.dataset, config.train_split), config.resolution, config.channels,
-                       **columns)
-    test = to_tensors(load_image_dataset(config.dataset, config.test_split), config.resolution, config.channels,
-                      **columns)
-    held_out = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(config.seed))
+    data, seed = config.data, config.run.seed
+    columns = {"image_column": data.image_column, "label_column": data.label_column}
+    train = to_tensors(load_image_dataset(data.dataset, data.train_split), data.resolution, data.channels, **columns)
+    test = to_tensors(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels, **columns)
+    held_out = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))
     held_out, pool = held_out[: len(held_out) // 10], held_out[len(held_out) // 10:]
-    teacher = AutoModelForImageClassification.from_pretrained(config.teacher or out / "d3" / "teacher")
+    teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher or out / "d3" / "teacher")
     n, per_image = len(train.class_names), main_run["storage"]["values_per_image"]
     budget = main_run["storage"]["total_values"]
 
     def real(ipc, temperature=None):
-        return random_real_sampler(train.images[pool], train.labels[pool], n, ipc, seed=config.seed,
+        return random_real_sampler(train.images[pool], train.labels[pool], n, ipc, seed=seed,
                                    teacher=None if temperature is None else teacher, temperature=temperature or 1.0)
 
     ipc_hard = largest_ipc_within(budget, n, per_image, soft_labels=False)
     ipc_soft = largest_ipc_within(budget, n, per_image, soft_labels=True)
     held_out_accuracy = {str(t): done["held_out"][str(t)] if str(t) in done["held_out"] else evaluate_with_config(
-        config, real(ipc_soft, t), train.images[held_out], train.labels[held_out], n, seeds=1)["accuracy_mean"]
+        config.evaluation, config.experts, real(ipc_soft, t), train.images[held_out], train.labels[held_out], n,
+        seeds=1).accuracy_mean
         for t in temperatures}
     best = float(max(held_out_accuracy, key=held_out_accuracy.get))
     for name, ipc, temperature in ((f"R+H ({ipc_hard} img/class)", ipc_hard, None),
@@ -144,9 +144,9 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
         if name in done["rows"]:
             rows[name] = done["rows"][name]
             continue
-        m = evaluate_with_config(config, real(ipc, temperature), test.images, test.labels, n)
+        m = evaluate_with_config(config.evaluation, config.experts, real(ipc, temperature), test.images, test.labels, n)
         values = prototype_storage(n, ipc, per_image, soft_labels=temperature is not None)
-        rows[name] = {"values": values, "ipc_equivalent": values / (n * per_image), "accuracies": m["accuracies"]}
+        rows[name] = {"values": values, "ipc_equivalent": values / (n * per_image), "accuracies": m.accuracies}
     return held_out_accuracy
 
 
@@ -163,8 +163,10 @@ def report(config, out: Path, rows: dict, held_out_accuracy: dict, storage: dict
     results = {"config": config.to_dict(), "rows": rows, "r_s_held_out_accuracy_by_temperature": held_out_accuracy,
                "teacher_accuracy": teacher_accuracy, "num_threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{config.dataset}, budget {budget:,} values; students: {config.eval_architecture} width "
-          f"{config.net_width}, {config.eval_steps} steps, {config.eval_seeds} seeds, final step, test split")
+    students = config.evaluation
+    print(f"\n{config.data.dataset}, budget {budget:,} values; students: {students.eval_architecture} width "
+          f"{config.experts.net_width}, {students.eval_steps} steps, {students.eval_seeds} seeds, final step, "
+          "test split")
     if teacher_accuracy is not None:  # runs older than the field lack it
         print(f"relabelling teacher's test accuracy: {100 * teacher_accuracy:.2f} %")
     print("R+S temperature on held-out training images: "

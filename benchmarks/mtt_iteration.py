@@ -4,17 +4,19 @@
 
 CIFAR-10 shape (32x32 RGB, 10 classes), 20 latents (2 per class), 10 unrolled steps over all 20 decoded
 images, ConvNet-D3 width 128, one thread. The reference implementation needs 7.3 s per iteration on this
-work (DESIGN.md section 5); the target is half of that. `--mmd` adds the MMD step (20 samples per class).
+work, measured at one thread on a machine like this one; the target is half of that. `--mmd` adds the MMD
+step (20 samples per class).
 """
 
 import argparse
 import time
-from types import SimpleNamespace
 
 import torch
 
 from hf_d3 import D3Decoder, GaussianLatentStore, build_classifier
-from hf_d3.distill import SubtaskData, distill_subtask
+from hf_d3.config import DistillationConfig
+from hf_d3.data import SubtaskData
+from hf_d3.distill import distill_subtask
 from hf_d3.experts import flat_parameters
 
 
@@ -30,11 +32,10 @@ def main():
     store = GaussianLatentStore(list(range(10)), 10, latents_per_class=2, latent_dim=64)
     decoder = D3Decoder.from_preset("small", resolution=32, out_channels=3)
     real = SubtaskData(torch.rand(500, 3, 32, 32), torch.arange(10).repeat_interleave(50), list(range(10)))
-    config = SimpleNamespace(
+    config = DistillationConfig(
         iterations=args.iterations, mtt_weight=1.0, mmd_weight=1.0 if args.mmd else 0.0, syn_steps=10,
         expert_epochs=2, max_start_epoch=2, syn_batch_size=None, lr_latents=1e-3, lr_decoder=1e-4, lr_lr=1e-6,
         syn_lr_init=1e-2, mmd_samples_per_class=20, mmd_bandwidths=[1, 2, 4, 8, 16], checkpoint_every=10**9,
-        max_distill_time_s=None,
     )
     began = time.perf_counter()
     distill_subtask(store, decoder, real, [(expert, trajectory)], config, torch.Generator().manual_seed(0))

@@ -15,14 +15,14 @@ from hf_d3.run import run_distillation
 def main():
     config = parse_config()
     # A rank waits at most this long for its peers, so a dead peer cannot hang the job forever.
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.collective_timeout_s))
     accelerator = Accelerator(kwargs_handlers=[timeout])
     result = run_distillation(config, accelerator)
     if result is not None:
         m = result.metrics
-        print(f"test accuracy {100 * m['accuracy_mean']:.2f} +- {100 * m['accuracy_std']:.2f} % "
-              f"({m['num_eval_runs']} students), storage {m['storage']['total_values']:,} values = "
-              f"{m['storage']['ipc_equivalent']:.2f} IPC-equivalent; saved to {config.output_dir}")
+        print(f"test accuracy {100 * m.accuracy_mean:.2f} +- {100 * m.accuracy_std:.2f} % "
+              f"({m.num_eval_runs} students), storage {m.storage['total_values']:,} values = "
+              f"{m.storage['ipc_equivalent']:.2f} IPC-equivalent; saved to {config.run.output_dir}")
 
 
 if __name__ == "__main__":

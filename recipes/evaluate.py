@@ -27,7 +27,7 @@ def main():
     metrics = evaluate_sampler(pipeline_sampler(pipe), test.images, test.labels, pipe.latent_store.config.num_classes,
                                args.architecture, args.steps, augment=not args.no_augment, seeds=args.seeds,
                                width=args.width)
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics.to_dict(), indent=2))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def new_repo_id(local_hub):
 # ======================================================================================================
 # hf_d3.data reads HF_D3_CACHE when it is imported: point it at a session temp dir before any test module imports
 # hf_d3, so no test reads or writes the user's ~/.cache/hf_d3. Subprocesses (accelerate launch) inherit it, and the
-# allocator settings of DESIGN.md section 3 that make torch on CPU much faster (glibc reads them at process start).
+# allocator settings (see the Makefile) that make torch on CPU much faster (glibc reads them at process start).
 HF_D3_CACHE = tempfile.mkdtemp(prefix="hf_d3-tests-cache-")
 atexit.register(shutil.rmtree, HF_D3_CACHE, ignore_errors=True)
 os.environ["HF_D3_CACHE"] = HF_D3_CACHE
@@ -189,6 +189,6 @@ def tiny_run(fmnist4_folder):
     from hf_d3.config import D3Config
 
     def make(**overrides) -> D3Config:
-        return D3Config(**{"dataset": str(fmnist4_folder), **TINY_RUN, **overrides})
+        return D3Config.from_dict({"dataset": str(fmnist4_folder), **TINY_RUN, **overrides})
 
     return make

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from hf_d3.config import D3Config, load_yaml, parse_config
-from hf_d3.run import check_storage_budget
+from hf_d3.factories import planned_storage
+from hf_d3.federated import plan_subtasks
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
@@ -23,11 +24,24 @@ def test_yaml_then_command_line(tmp_path):
                                               "expert_augment": False, "teacher": None})
     config = parse_config(["--config", path, "--latent_dim", "32", "--mmd_bandwidths", "1", "3"])
     assert isinstance(config, D3Config)
-    assert config.iterations == 7 and config.decoder_channels == [16, 8, 8] and config.expert_augment is False
-    assert config.latent_dim == 32  # the command line wins over the file
-    assert config.mmd_bandwidths == [1.0, 3.0]
-    assert config.resolution == D3Config().resolution  # untouched fields keep their defaults
+    sizes = config.representation
+    assert config.distillation.iterations == 7 and sizes.decoder_channels == [16, 8, 8]
+    assert config.experts.expert_augment is False
+    assert sizes.latent_dim == 32  # the command line wins over the file
+    assert config.distillation.mmd_bandwidths == [1.0, 3.0]
+    assert config.data.resolution == D3Config().data.resolution  # untouched fields keep their defaults
     assert parse_config([]) == D3Config()
+
+
+def test_flat_settings_round_trip_through_the_groups():
+    config = parse_config(["--iterations", "9", "--latent_dim", "12", "--eval_seeds", "2", "--teacher", "t"])
+    flat = config.to_dict()
+    assert flat["iterations"] == 9 and flat["latent_dim"] == 12 and flat["teacher"] == "t"
+    assert D3Config.from_dict(flat) == config
+    assert (config.distillation.iterations, config.representation.latent_dim, config.evaluation.eval_seeds,
+            config.relabel.teacher) == (9, 12, 2, "t")
+    with pytest.raises(ValueError, match=r"unknown config keys \['iteratons'\]"):
+        D3Config.from_dict({"iteratons": 3})
 
 
 def test_yaml_numbers_in_exponent_notation(tmp_path):
@@ -35,13 +49,14 @@ def test_yaml_numbers_in_exponent_notation(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("lr_lr: 1e-6\nlr_latents: 5.0e-3\niterations: 3\n")
     config = parse_config(["--config", str(path)])
-    assert config.lr_lr == 1e-6 and isinstance(config.lr_lr, float)
-    assert config.lr_latents == 5e-3 and config.iterations == 3
+    objective = config.distillation
+    assert objective.lr_lr == 1e-6 and isinstance(objective.lr_lr, float)
+    assert objective.lr_latents == 5e-3 and objective.iterations == 3
 
 
 def test_command_line_booleans():
-    assert parse_config(["--no_expert_augment"]).expert_augment is False
-    assert parse_config(["--push_to_hub", "--hub_model_id", "me/d3"]).push_to_hub is True
+    assert parse_config(["--no_expert_augment"]).experts.expert_augment is False
+    assert parse_config(["--push_to_hub", "--hub_model_id", "me/d3"]).hub.push_to_hub is True
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
@@ -78,20 +93,23 @@ def test_unknown_command_line_argument_is_refused():
     ({"architecture": "vgg"}, "architecture='vgg' is not valid"),
     ({"channels": 2}, "channels=2 is not valid"),
     ({"decoder_upsample": "pixelshuffle"}, "decoder_upsample='pixelshuffle' is not valid"),
-    ({"num_subtasks": 0}, "num_subtasks, num_experts, latents_per_class and max_start_epoch must all be >= 1"),
-    ({"max_start_epoch": 0}, "max_start_epoch must all be >= 1"),
+    ({"num_subtasks": 0}, "num_subtasks=0 must be >= 1"),
+    ({"num_experts": 0}, "num_experts=0 must be >= 1"),
+    ({"latents_per_class": 0}, "latents_per_class=0 must be >= 1"),
+    ({"max_start_epoch": 0}, "max_start_epoch=0 must be >= 1"),
     ({"mtt_weight": 0.0, "mmd_weight": 0.0}, "not both 0"),
     ({"mmd_weight": -1.0}, "need >= 0"),
     ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        D3Config(**kwargs)
+        D3Config.from_dict(kwargs)
 
 
 def test_short_trajectories_are_fine_without_trajectory_matching():
-    assert D3Config(trajectory_epochs=2, max_start_epoch=5, mtt_weight=0.0).mtt_weight == 0
-    D3Config(trajectory_epochs=7, max_start_epoch=5, expert_epochs=2)  # exactly enough
+    config = D3Config.from_dict({"trajectory_epochs": 2, "max_start_epoch": 5, "mtt_weight": 0.0})
+    assert config.distillation.mtt_weight == 0
+    D3Config.from_dict({"trajectory_epochs": 7, "max_start_epoch": 5, "expert_epochs": 2})  # exactly enough
 
 
 def test_short_trajectories_from_the_command_line(tmp_path):
@@ -110,26 +128,31 @@ SMALL = {"resolution": 8, "channels": 1, "latents_per_class": 2, "latent_dim": 8
          "decoder_kernel_size": 4}
 
 
+def storage(num_subtasks: int, **settings):
+    return planned_storage(D3Config.from_dict({**SMALL, **settings}), plan_subtasks([0, 1, 2], num_subtasks))
+
+
 def test_storage_budget_met():
-    report = check_storage_budget(D3Config(**SMALL, storage_budget_ipc=19), [0, 1, 2], num_subtasks=2)
-    assert report["total_values"] == 3570 and report["ipc_equivalent"] == pytest.approx(3570 / (3 * 64))
-    assert check_storage_budget(D3Config(**SMALL), [0, 1, 2], 2)["total_values"] == 3570  # no budget: no limit
+    report = storage(2, storage_budget_ipc=19)
+    assert report.total_values == 3570 and report.ipc_equivalent == pytest.approx(3570 / (3 * 64))
+    assert storage(2).total_values == 3570  # no budget: no limit
 
 
 def test_storage_budget_the_sizes_cannot_meet():
     with pytest.raises(ValueError) as error:
-        check_storage_budget(D3Config(**SMALL, storage_budget_ipc=18), [0, 1, 2], num_subtasks=2)
+        storage(2, storage_budget_ipc=18)
     message = str(error.value)
     assert "3,570 values = 18.59 IPC-equivalent, over storage_budget_ipc=18" in message
     assert "decoder 3,444" in message and "shrink latents_per_class, latent_dim or decoder_channels" in message
     # one generator fewer fits the same budget
-    assert check_storage_budget(D3Config(**SMALL, storage_budget_ipc=18), [0, 1, 2], 1)["total_values"] < 3570
+    assert storage(1, storage_budget_ipc=18).total_values < 3570
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_fit_their_budget(path):
     config = parse_config(["--config", str(path)])
-    assert config.dataset and config.output_dir
-    if config.dataset == "builtin:fashion_mnist":  # 10 classes: the planned storage must fit the file's own budget
-        report = check_storage_budget(config, list(range(10)), config.num_subtasks)
-        assert config.storage_budget_ipc is None or report["ipc_equivalent"] <= config.storage_budget_ipc
+    assert config.data.dataset and config.run.output_dir
+    if config.data.dataset == "builtin:fashion_mnist":  # 10 classes: the planned storage must fit its own budget
+        report = planned_storage(config, plan_subtasks(list(range(10)), config.run.num_subtasks))
+        budget = config.representation.storage_budget_ipc
+        assert budget is None or report.ipc_equivalent <= budget

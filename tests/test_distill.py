@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -19,17 +20,16 @@ from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore, build_classifier
 from hf_d3.config import D3Config
-from hf_d3.data import load_image_dataset, to_tensors
+from hf_d3.data import SubtaskData, load_image_dataset, to_tensors
 from hf_d3.distill import (
     FlatModel,
-    SubtaskData,
-    _mmd_step_loss,
+    class_mmd_loss,
     distill_subtask,
     mmd2_unbiased,
-    relabel,
     trajectory_matching_loss,
     warm_start,
 )
+from hf_d3.distill.subtask import distill_one_subtask
 from hf_d3.evaluation import (
     accuracy,
     epoch_batches,
@@ -39,9 +39,12 @@ from hf_d3.evaluation import (
     train_student,
 )
 from hf_d3.experts import flat_parameters, load_trajectory, save_trajectory, train_classifier
-from hf_d3.run import distill_one_subtask, run_distillation, train_expert_trajectories
+from hf_d3.federated import train_expert_trajectories
+from hf_d3.run import run_distillation
+from hf_d3.run_folder import RunFolder
+from hf_d3.teacher import relabel
 
-CONFIG = D3Config(**TINY_RUN)  # 16x16 grayscale, 2 latents of 8 dims per class, decoder [8, 8, 8]
+CONFIG = D3Config.from_dict(TINY_RUN)  # 16x16 grayscale, 2 latents of 8 dims per class, decoder [8, 8, 8]
 
 
 def make_net(num_labels: int = 4) -> nn.Module:
@@ -116,7 +119,7 @@ def test_mmd_step_reaches_every_component_when_there_are_more_than_samples(data,
     reached = torch.zeros(store.num_components, dtype=torch.bool)
     for _ in range(20):
         store.mean.grad = None
-        _mmd_step_loss(store, decoder, data, embed, 2, [1.0, 4.0], gen).backward()
+        class_mmd_loss(store, decoder, data, embed, 2, [1.0, 4.0], gen).backward()
         touched = store.mean.grad.abs().sum(1) > 0
         assert touched.view(4, 6).sum(1).tolist() == [2, 2, 2, 2]
         reached |= touched
@@ -229,9 +232,9 @@ def test_expert_training_resumes_from_what_is_on_disk(fmnist4_folder, tiny_run, 
 
     def train_experts(num_experts: int) -> list[Path]:
         config = tiny_run(num_experts=num_experts, output_dir=str(tmp_path))
-        summary = train_expert_trajectories(config, plan, train, torch.device("cpu"))
-        assert len(summary) == 1 and summary[0]["rank"] == 0
-        return sorted((tmp_path / "subtasks").glob("subtask_*/experts/expert_*.safetensors")), summary[0]["experts"]
+        summary = train_expert_trajectories(config, RunFolder(tmp_path), plan, train, torch.device("cpu"))
+        assert len(summary) == 1 and summary[0].rank == 0
+        return sorted((tmp_path / "subtasks").glob("subtask_*/experts/expert_*.safetensors")), summary[0].experts
 
     paths, trained = train_experts(2)
     assert [p.relative_to(tmp_path / "subtasks").as_posix() for p in paths] == [
@@ -256,7 +259,7 @@ def test_expert_training_resumes_from_what_is_on_disk(fmnist4_folder, tiny_run, 
 
 def distill(data, trajectory, seed=0, checkpoint_dir=None, **overrides):
     store, decoder = make_store_and_decoder(seed)
-    config = D3Config(**{**TINY_RUN, **overrides})
+    config = D3Config.from_dict({**TINY_RUN, **overrides}).distillation
     stats = distill_subtask(store, decoder, data, [trajectory], config, torch.Generator().manual_seed(seed),
                             checkpoint_dir=checkpoint_dir)
     return store, decoder, stats
@@ -268,10 +271,11 @@ def test_seeded_distillation_is_deterministic(data, trajectory):
     for (name, a), (_, b) in zip([*a_store.state_dict().items(), *a_decoder.state_dict().items()],
                                  [*b_store.state_dict().items(), *b_decoder.state_dict().items()], strict=True):
         assert torch.equal(a, b), name
-    assert a_stats.pop("iterations_wall_time_s") > 0 and b_stats.pop("iterations_wall_time_s") > 0
-    assert a_stats == b_stats and a_stats["iterations_run"] == 3
-    assert len(a_stats["loss_history"]["mtt"]) == 3 and len(a_stats["loss_history"]["mmd"]) == 3
-    assert a_stats["syn_lr"] != CONFIG.syn_lr_init  # the learnable lr was stepped
+    assert a_stats.iterations_wall_time_s > 0 and b_stats.iterations_wall_time_s > 0
+    assert replace(a_stats, iterations_wall_time_s=0) == replace(b_stats, iterations_wall_time_s=0)
+    assert a_stats.iterations_run == 3
+    assert len(a_stats.loss_history["mtt"]) == 3 and len(a_stats.loss_history["mmd"]) == 3
+    assert a_stats.syn_lr != CONFIG.distillation.syn_lr_init  # the learnable lr was stepped
 
     init_store, _ = make_store_and_decoder(0)
     assert not torch.equal(a_store.mean, init_store.mean)  # the latents were trained
@@ -281,17 +285,17 @@ def test_seeded_distillation_is_deterministic(data, trajectory):
 
 def test_a_time_limit_stops_the_iterations(data, trajectory):
     _, _, stats = distill(data, trajectory, iterations=5, max_distill_time_s=0.0)
-    assert stats["iterations_run"] == 0 and stats["loss_history"] == {"mtt": [], "mmd": []}
+    assert stats.iterations_run == 0 and stats.loss_history == {"mtt": [], "mmd": []}
     _, _, stats = distill(data, trajectory, iterations=2, max_distill_time_s=600.0)
-    assert stats["iterations_run"] == 2
+    assert stats.iterations_run == 2
 
 
 def test_each_term_can_be_switched_off(data, trajectory):
     _, _, only_mmd = distill(data, trajectory, mtt_weight=0.0)
-    assert only_mmd["loss_history"]["mtt"] == [] and len(only_mmd["loss_history"]["mmd"]) == 2
-    assert only_mmd["syn_lr"] == pytest.approx(CONFIG.syn_lr_init)  # never stepped
+    assert only_mmd.loss_history["mtt"] == [] and len(only_mmd.loss_history["mmd"]) == 2
+    assert only_mmd.syn_lr == pytest.approx(CONFIG.distillation.syn_lr_init)  # never stepped
     _, _, only_mtt = distill(data, trajectory, mmd_weight=0.0)
-    assert only_mtt["loss_history"]["mmd"] == [] and len(only_mtt["loss_history"]["mtt"]) == 2
+    assert only_mtt.loss_history["mmd"] == [] and len(only_mtt.loss_history["mtt"]) == 2
 
 
 def test_checkpoints_are_written_every_n_iterations(data, trajectory, tmp_path):
@@ -317,16 +321,16 @@ def test_an_interrupted_distillation_resumes_exactly(data, trajectory, tmp_path)
     for (name, a), (_, b) in zip([*whole_store.state_dict().items(), *whole_decoder.state_dict().items()],
                                  [*store.state_dict().items(), *decoder.state_dict().items()], strict=True):
         assert torch.equal(a, b), name
-    assert resumed.pop("iterations_wall_time_s") >= progress["iterations_wall_time_s"]  # both attempts count
-    whole.pop("iterations_wall_time_s")
-    assert resumed == whole and resumed["iterations_run"] == 4
+    assert resumed.iterations_wall_time_s >= progress["iterations_wall_time_s"]  # both attempts count
+    assert replace(resumed, iterations_wall_time_s=0) == replace(whole, iterations_wall_time_s=0)
+    assert resumed.iterations_run == 4
 
 
 def test_a_resumed_time_limit_counts_the_earlier_iterations(data, trajectory, tmp_path):
     distill(data, trajectory, iterations=2, checkpoint_every=1, checkpoint_dir=tmp_path)
     spent = json.loads((tmp_path / "progress.json").read_text())["iterations_wall_time_s"]
     _, _, stats = distill(data, trajectory, iterations=10, max_distill_time_s=spent, checkpoint_dir=tmp_path)
-    assert stats["iterations_run"] == 2
+    assert stats.iterations_run == 2
 
 
 def test_a_checkpoint_of_other_sizes_is_refused(data, trajectory, tmp_path):
@@ -334,7 +338,8 @@ def test_a_checkpoint_of_other_sizes_is_refused(data, trajectory, tmp_path):
     store = GaussianLatentStore([0, 1, 2, 3], num_classes=4, latents_per_class=3, latent_dim=8)
     decoder = D3Decoder(latent_dim=8, resolution=16, out_channels=1, channels=[8, 8, 8])
     with pytest.raises(ValueError, match=r"another GaussianLatentStore \(\['latents_per_class'\] differ"):
-        distill_subtask(store, decoder, data, [trajectory], CONFIG, torch.Generator(), checkpoint_dir=tmp_path)
+        distill_subtask(store, decoder, data, [trajectory], CONFIG.distillation, torch.Generator(),
+                        checkpoint_dir=tmp_path)
 
 
 @pytest.mark.parametrize("weights, term", [({}, "trajectory matching"), ({"mtt_weight": 0.0}, "MMD")])
@@ -342,7 +347,7 @@ def test_nan_loss_stops_with_a_checkpoint(data, trajectory, tmp_path, weights, t
     store, decoder = make_store_and_decoder()
     with torch.no_grad():
         store.mean[3, 2] = float("nan")
-    config = D3Config(**{**TINY_RUN, **weights})
+    config = D3Config.from_dict({**TINY_RUN, **weights}).distillation
     with pytest.raises(FloatingPointError) as error:
         distill_subtask(store, decoder, data, [trajectory], config, torch.Generator().manual_seed(0),
                         checkpoint_dir=tmp_path / "checkpoint")
@@ -357,7 +362,7 @@ def test_nan_loss_stops_with_a_checkpoint(data, trajectory, tmp_path, weights, t
 
 def test_diverging_learning_rate_stops(data, trajectory, tmp_path):
     store, decoder = make_store_and_decoder()
-    config = D3Config(**{**TINY_RUN, "syn_lr_init": 1e30, "iterations": 3})
+    config = D3Config.from_dict({**TINY_RUN, "syn_lr_init": 1e30, "iterations": 3}).distillation
     with pytest.raises(FloatingPointError, match="loss became (nan|inf)"):
         distill_subtask(store, decoder, data, [trajectory], config, torch.Generator().manual_seed(0),
                         checkpoint_dir=tmp_path)
@@ -450,10 +455,10 @@ def test_pipeline_sampler_and_evaluation(data):
     kwargs = {"architecture": "convnet", "steps": 12, "batch_size": 32, "lr": 0.01, "augment": False, "seeds": 2,
               "width": 8, "depth": 2}
     result = evaluate_sampler(real_sampler, data.images, data.labels, 4, **kwargs)
-    assert result["num_eval_runs"] == 2 and len(result["accuracies"]) == 2 and result["student_steps"] == 12
-    assert all(0 <= a <= 1 for a in result["accuracies"])
+    assert result.num_eval_runs == 2 and len(result.accuracies) == 2 and result.student_steps == 12
+    assert all(0 <= a <= 1 for a in result.accuracies)
     assert result == evaluate_sampler(real_sampler, data.images, data.labels, 4, **kwargs)  # seeded
-    assert result["accuracy_mean"] > 0.4  # well above the 0.25 of chance after 12 steps on its own training data
+    assert result.accuracy_mean > 0.4  # well above the 0.25 of chance after 12 steps on its own training data
 
     student = train_student(make_net(), real_sampler, steps=3, batch_size=32, augment=True)
     assert student.training
@@ -478,11 +483,11 @@ def runs(fmnist4_folder, bad_teacher, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("run")
     settings = {"dataset": str(fmnist4_folder), "output_dir": str(output_dir), **TINY_RUN}
     with pytest.raises(ValueError) as error:
-        run_distillation(D3Config(**settings, teacher=str(bad_teacher)))
+        run_distillation(D3Config.from_dict({**settings, "teacher": str(bad_teacher)}))
     after_failure = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*"))
     subtask = output_dir / "subtasks" / "subtask_0"
     mtimes = {p: p.stat().st_mtime_ns for p in (subtask / "done.json", subtask / "experts" / "expert_0.safetensors")}
-    result = run_distillation(D3Config(**settings))
+    result = run_distillation(D3Config.from_dict(settings))
     return output_dir, error.value, after_failure, mtimes, result
 
 
@@ -533,8 +538,8 @@ def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_pa
     teacher.save_pretrained(tmp_path / "teacher")
     rerun = tmp_path / "rerun"
     shutil.copytree(output_dir / "subtasks", rerun / "subtasks")  # reuse the distilled subtask
-    result = run_distillation(D3Config(**{**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(rerun),
-                                          "teacher": str(tmp_path / "teacher")}))
+    result = run_distillation(D3Config.from_dict({**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(rerun),
+                                                  "teacher": str(tmp_path / "teacher")}))
     store, decoder = result.pipeline.latent_store, result.pipeline.decoder
     with torch.no_grad():
         expected = teacher(decoder.eval()(store.mean, store.component_subtask)).logits.softmax(1)
@@ -551,10 +556,12 @@ def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path)
     names = train.features["label"].names
 
     def distill_into(folder: Path, **overrides):
-        config = D3Config(**{**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(folder), "init": "real",
-                             **overrides})
-        train_expert_trajectories(config, [[0, 1], [2, 3]], train, torch.device("cpu"))
-        return distill_one_subtask(config, 1, [2, 3], train, names, torch.device("cpu"))
+        config = D3Config.from_dict({**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(folder),
+                                     "init": "real", **overrides})
+        train_expert_trajectories(config, RunFolder(folder), [[0, 1], [2, 3]], train, torch.device("cpu"))
+        store, decoder, stats = distill_one_subtask(config, RunFolder(folder), 1, [2, 3], train, names,
+                                                    torch.device("cpu"))
+        return {"latent_store": store, "decoder": decoder, "stats": stats}
 
     fresh = distill_into(tmp_path / "fresh")
     distill_into(tmp_path / "resumed", iterations=0)  # its checkpoint holds the state after the warm start
@@ -565,8 +572,8 @@ def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path)
     warm_started = (subtask / "warm_start.json").stat().st_mtime_ns
     resumed = distill_into(tmp_path / "resumed")
     assert (subtask / "warm_start.json").stat().st_mtime_ns == warm_started  # not warm-started again
-    assert resumed["stats"]["warm_start_mse"] == fresh["stats"]["warm_start_mse"] is not None
-    assert resumed["stats"]["iterations_run"] == TINY_RUN["iterations"]
+    assert resumed["stats"].warm_start_mse == fresh["stats"].warm_start_mse is not None
+    assert resumed["stats"].iterations_run == TINY_RUN["iterations"]
     assert torch.equal(resumed["latent_store"].mean, fresh["latent_store"].mean)
     for name, value in fresh["decoder"].state_dict().items():
         assert torch.equal(resumed["decoder"].state_dict()[name], value), name

@@ -155,8 +155,8 @@ def test_aggregate_decoders_built_with_default_settings():
 
 
 def launch_processes(config: dict, tmp_path: Path, num_processes: int = 2) -> subprocess.CompletedProcess:
-    """`accelerate launch` recipes/distill.py on CPU processes (gloo), as DESIGN.md section 3 says they must be
-    started; returns the finished process with stdout and stderr together."""
+    """`accelerate launch` recipes/distill.py on CPU processes (gloo), as they must be started for two real gloo ranks
+   ; returns the finished process with stdout and stderr together."""
     config_file = tmp_path / "launch.yaml"
     config_file.write_text(yaml.safe_dump(config))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -277,14 +277,14 @@ def rerun(failed_two_process_run, one_short_class_folder):
             subtasks / "subtask_0" / "experts" / "expert_0.safetensors",
             subtasks / "subtask_1" / "experts" / "expert_0.safetensors"]
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
-    config = D3Config(**{**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2, "init": "random",
-                         "output_dir": str(output_dir)})
+    config = D3Config.from_dict({**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2,
+                                 "init": "random", "output_dir": str(output_dir)})
     return config, mtimes, run_distillation(config)
 
 
 def test_a_rerun_after_a_failure_reuses_what_finished(rerun):
     config, mtimes, result = rerun
-    output_dir = Path(config.output_dir)
+    output_dir = Path(config.run.output_dir)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # not recomputed
     assert (output_dir / "subtasks" / "subtask_1" / "done.json").is_file()
     metrics = json.loads((output_dir / "metrics.json").read_text())

@@ -21,14 +21,9 @@ from datasets import ClassLabel, load_dataset
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
-from hf_d3.hub import (
-    METRIC_KEYS,
-    HubPublishError,
-    extract_train_snippet,
-    pipeline_to_dataset,
-    push_dataset_to_hub,
-    push_pipeline_to_hub,
-)
+from hf_d3.cards import extract_train_snippet
+from hf_d3.hub import HubPublishError, push_dataset_to_hub, push_pipeline_to_hub
+from hf_d3.results import CARD_METRICS
 
 # huggingface_hub's plain-LFS upload (the path taken with HF_HUB_DISABLE_XET=1) passes `data=<file>` to httpx2.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -136,7 +131,7 @@ def test_pipeline_card(local_hub, published):
     assert "latents_per_class: 2" in text  # settings
     assert "must-not-leak" not in text and "hub_token" not in text  # secret-looking settings are dropped
     assert local_hub.token not in text
-    assert set(METRIC_KEYS) == set(METRICS)  # every key the card reads is documented
+    assert set(CARD_METRICS) == set(METRICS)  # every key the card reads is documented
 
 
 def test_pull_from_cache_offline(local_hub, published, tmp_path):
@@ -214,7 +209,7 @@ def test_dataset_configs_round_trip(local_hub, new_repo_id):
     ipc10_commit = local_hub.commit_ids(repo_id, "dataset")[0]
     push_dataset_to_hub(pipe, repo_id, "ipc50", num_samples_per_component=5, source_dataset="mnist")
 
-    expected = pipeline_to_dataset(pipe)
+    expected = pipe.to_dataset()
     loaded = load_dataset(repo_id, "ipc10", split="train")
     assert loaded.features["label"] == ClassLabel(names=CLASS_NAMES)
     assert_same_rows(loaded, expected)
@@ -242,7 +237,7 @@ def test_dataset_card_snippet_trains_a_model(local_hub, new_repo_id):
 
 
 def test_push_a_dataset_object(local_hub, new_repo_id):
-    dataset, repo_id = pipeline_to_dataset(make_pipe(9), seed=3), new_repo_id("d3-object")
+    dataset, repo_id = make_pipe(9).to_dataset(seed=3), new_repo_id("d3-object")
     push_dataset_to_hub(dataset, repo_id, "ipc2", revision="draft")
     assert_same_rows(load_dataset(repo_id, "ipc2", split="train", revision="draft"), dataset)
     assert local_hub.commit_ids(repo_id, "dataset", "main") == local_hub.commit_ids(repo_id, "dataset")[-1:]
@@ -355,7 +350,7 @@ def test_failed_dataset_publish_keeps_the_existing_configs(local_hub, new_repo_i
         with pytest.raises(HubPublishError, match="config 'ipc50' of the dataset"):
             push_dataset_to_hub(pipe, repo_id, "ipc50", num_samples_per_component=3)
     assert local_hub.commit_ids(repo_id, "dataset") == commits
-    assert_same_rows(load_dataset(repo_id, "ipc10", split="train"), pipeline_to_dataset(pipe))
+    assert_same_rows(load_dataset(repo_id, "ipc10", split="train"), pipe.to_dataset())
 
 
 # ----------------------------------------------------------------------------------------------------------

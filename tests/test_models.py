@@ -99,7 +99,8 @@ def test_decoder_rejects_bad_sizes(kwargs, message):
 
 
 def test_decoder_presets_have_the_papers_sizes_at_64():
-    """Parameter counts worked out by hand from DESIGN.md's layer table (weights + biases, BatchNorm gamma/beta)."""
+    """Parameter counts worked out by hand from the paper's layer table (docs/method.md, Reference settings of
+    the paper): weights + biases, BatchNorm gamma/beta."""
     # small: Linear(64 -> 256*2*2), ConvT k4 256-128-64-32-32-32, Conv3x3 32 -> 3
     small = (64 * 1024 + 1024) + (256 * 128 * 16 + 128) + (128 * 64 * 16 + 64) + (64 * 32 * 16 + 32) \
         + 2 * (32 * 32 * 16 + 32) + (32 * 3 * 9 + 3) + 2 * (128 + 64 + 32 + 32 + 32)
@@ -109,7 +110,7 @@ def test_decoder_presets_have_the_papers_sizes_at_64():
     # large: no Linear (latent 4096 = 1024*2*2), ConvT k3 1024-512-256-128-64-64
     large = (1024 * 512 * 9 + 512) + (512 * 256 * 9 + 256) + (256 * 128 * 9 + 128) + (128 * 64 * 9 + 64) \
         + (64 * 64 * 9 + 64) + (64 * 3 * 9 + 3) + 2 * (512 + 256 + 128 + 64 + 64)
-    assert (small, medium, large) == (789_187, 5_774_691, 6_308_547)  # DESIGN.md: ~0.79 M, ~5.8 M, ~6.3 M
+    assert (small, medium, large) == (789_187, 5_774_691, 6_308_547)  # the paper's: ~0.79 M, ~5.8 M, ~6.3 M
     for name, expected, latent_dim in (("small", small, 64), ("medium", medium, 2048), ("large", large, 4096)):
         decoder = D3Decoder.from_preset(name, resolution=64, out_channels=3)
         assert n_params(decoder) == expected, name

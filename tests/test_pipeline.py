@@ -176,13 +176,25 @@ def test_storage_counts_by_hand(pipe, tmp_path):
 
 def test_shared_log_variances_are_stored_once(tmp_path):
     # one log-variance per 4 dimensions: each of the 6 components stores 8 means and 2 log-variances
-    store = GaussianLatentStore(class_ids=[0, 1, 2], num_classes=3, latents_per_class=2, latent_dim=8, logvar_dim=2)
+    store = GaussianLatentStore(class_ids=[0, 1, 2], num_classes=3, latents_per_class=2, latent_dim=8, logvar_dim=2,
+                                subtask_sizes=[2, 1])
     pipe = D3Pipeline(latent_store=store, decoder=make_pipe().decoder)
     assert pipe.storage_report().latent_values == 6 * (8 + 2)
     pipe.save_pretrained(tmp_path)
     loaded = D3Pipeline.from_pretrained(tmp_path)
     assert loaded.latent_store.config.logvar_dim == 2
     assert torch.equal(draw(loaded, seed=1).images, draw(pipe, seed=1).images)
+
+
+@pytest.mark.parametrize("store_settings, message", [
+    ({"subtask_sizes": None}, "the store has 1 subtask"),
+    ({"latent_dim": 6}, "latent_dim=6, the decoder 2 generator"),
+])
+def test_components_that_disagree_are_refused(store_settings, message):
+    settings = {"class_ids": [0, 1, 2], "num_classes": 3, "latents_per_class": 2, "latent_dim": 8,
+                "subtask_sizes": [2, 1], **store_settings}
+    with pytest.raises(ValueError, match=f"the latent store and the decoder disagree: .*{message}"):
+        D3Pipeline(latent_store=GaussianLatentStore(**settings), decoder=make_pipe().decoder)
 
 
 def test_prototype_storage_by_hand():

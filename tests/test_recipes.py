@@ -3,7 +3,6 @@ stand-in dataset of the same image shape (at least 2 classes per subtask and 10 
 storage budgets of the CIFAR-10 / Fashion-MNIST configs assume), so their keys, decoder presets, latent sizes,
 storage budgets and subtask counts are exercised for real."""
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Image
 
 from hf_d3 import D3Pipeline
-from hf_d3.config import parse_config
+from hf_d3.config import D3Config, parse_config
 from hf_d3.run import run_distillation
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("*.yaml"))
@@ -40,15 +39,17 @@ def test_every_paper_recipe_is_covered():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_on_stand_in_data(recipe, tmp_path):
     config = parse_config(["--config", str(recipe)])
-    num_classes = max(10, 2 * config.num_subtasks)
-    data = stand_in_dataset(tmp_path, num_classes, config.resolution, config.channels,
-                            per_class=max(4, config.latents_per_class))  # init: real fits one image per latent
-    config = dataclasses.replace(config, dataset=data, test_split="test", output_dir=str(tmp_path / "run"), **TINY)
+    num_classes = max(10, 2 * config.run.num_subtasks)
+    data, sizes = config.data, config.representation
+    folder = stand_in_dataset(tmp_path, num_classes, data.resolution, data.channels,
+                              per_class=max(4, sizes.latents_per_class))  # init: real fits one image per latent
+    config = D3Config.from_dict({**config.to_dict(), "dataset": folder, "test_split": "test",
+                                 "output_dir": str(tmp_path / "run"), **TINY})
     result = run_distillation(config)
 
     pipe = D3Pipeline.from_pretrained(tmp_path / "run" / "pipeline")
-    assert len(pipe.decoder.generators) == config.num_subtasks
-    assert pipe.latent_store.mean.shape == (num_classes * config.latents_per_class, config.latent_dim)
+    assert len(pipe.decoder.generators) == config.run.num_subtasks
+    assert pipe.latent_store.mean.shape == (num_classes * sizes.latents_per_class, sizes.latent_dim)
     assert pipe.decoder.config.channels == result.pipeline.decoder.config.channels
     images = pipe(output_type="pt").images
-    assert images.shape[1:] == (config.channels, config.resolution, config.resolution)
+    assert images.shape[1:] == (data.channels, data.resolution, data.resolution)

@@ -1,23 +1,35 @@
-"""The run configuration: one dataclass, read from YAML with command-line overrides."""
+"""The run configuration: settings grouped by concern, read from one flat YAML file with command-line overrides.
+
+A YAML file and the command line name settings flat (`iterations: 600`, `--latent_dim 196`); every name belongs to
+exactly one group, so `D3Config.from_dict` and `parse_config` know where each goes, and each part of the job
+receives only the group it needs (`config.distillation`, `config.evaluation`, ...).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
 
 from .models.decoder import UPSAMPLE_MODES
 
+ARCHITECTURES = ("convnet", "resnet18_ap")
+
+
+def _check_choice(group: Any, name: str, valid: tuple) -> None:
+    if getattr(group, name) not in valid:
+        raise ValueError(f"{name}={getattr(group, name)!r} is not valid; choose one of {list(valid)}")
+
 
 @dataclass
-class D3Config:
-    """Every setting of a distillation run. Defaults follow the paper's reference settings where they
-    apply (DESIGN.md section 1); the YAML files in `recipes/configs` size them for a dataset and budget."""
+class DataConfig:
+    """The real dataset and how its images are read."""
 
-    # Data
     dataset: str = field(default="builtin:fashion_mnist",
                          metadata={"help": "Hub id, local folder or builtin:fashion_mnist"})
     train_split: str = "train"
@@ -29,25 +41,47 @@ class D3Config:
     max_train_per_class: int | None = field(default=None, metadata={"help": "subsample real data per class"})
     max_test_examples: int | None = None
 
-    # Run
+    def __post_init__(self):
+        _check_choice(self, "channels", (1, 3))
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives, its seed and its federated split."""
+
     output_dir: str = "outputs/run"
     seed: int = 0
     num_subtasks: int = field(default=1, metadata={"help": "classes are split into this many contiguous blocks"})
     collective_timeout_s: int = field(default=7200, metadata={"help": "longest wait for a peer process"})
 
-    # Networks (experts, teacher, MMD embedding)
+    def __post_init__(self):
+        if self.num_subtasks < 1:
+            raise ValueError(f"num_subtasks={self.num_subtasks} must be >= 1")
+
+
+@dataclass
+class ExpertConfig:
+    """The networks (experts, teacher, MMD embedding) and the expert trajectories."""
+
     architecture: str = "convnet"
     net_width: int = 128
     net_depth: int = 3
-
-    # Expert trajectories
     num_experts: int = 2
     trajectory_epochs: int = 10
     expert_lr: float = 0.01
     expert_batch_size: int = 256
     expert_augment: bool = True
 
-    # Representation
+    def __post_init__(self):
+        _check_choice(self, "architecture", ARCHITECTURES)
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts={self.num_experts} must be >= 1")
+
+
+@dataclass
+class RepresentationConfig:
+    """The sizes of the distilled dataset: Gaussians per class, latent shape, decoder, and the storage budget."""
+
     latents_per_class: int = 10
     latent_dim: int = 64
     logvar_dim: int | None = field(default=None, metadata={
@@ -59,12 +93,21 @@ class D3Config:
     decoder_upsample: str = field(default="transpose", metadata={
         "help": "transpose (the paper's) or nearest / bilinear (resize + 3x3 conv, no checkerboard)"})
     storage_budget_ipc: float | None = field(default=None, metadata={"help": "fail if storage exceeds this IPC"})
+
+    def __post_init__(self):
+        _check_choice(self, "decoder_upsample", UPSAMPLE_MODES)
+        if self.latents_per_class < 1:
+            raise ValueError(f"latents_per_class={self.latents_per_class} must be >= 1")
+
+
+@dataclass
+class DistillationConfig:
+    """The warm start and the objective (trajectory matching + MMD) of every subtask."""
+
     init: str = field(default="random", metadata={"help": "random (the paper's) or real (fit real images first)"})
     init_steps: int = 300
     init_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the warm start (init real)"})
     init_images_per_component: int = field(default=1, metadata={"help": "real images each component fits (init real)"})
-
-    # Objective
     iterations: int = 1000
     max_distill_time_s: float | None = field(
         default=None, metadata={"help": "stop iterating a subtask after this many seconds"})
@@ -82,12 +125,27 @@ class D3Config:
     mmd_bandwidths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
     checkpoint_every: int = 200
 
-    # Relabelling
+    def __post_init__(self):
+        _check_choice(self, "init", ("random", "real"))
+        if self.max_start_epoch < 1:
+            raise ValueError(f"max_start_epoch={self.max_start_epoch} must be >= 1")
+        if self.mtt_weight < 0 or self.mmd_weight < 0 or self.mtt_weight + self.mmd_weight == 0:
+            raise ValueError(f"mtt_weight={self.mtt_weight}, mmd_weight={self.mmd_weight}: need >= 0, not both 0")
+
+
+@dataclass
+class RelabelConfig:
+    """The teacher that gives every Gaussian its soft label."""
+
     teacher: str | None = field(default=None, metadata={"help": "image-classification checkpoint (path or Hub id)"})
     teacher_epochs: int = 10
     relabel_temperature: float = 1.0
 
-    # Evaluation
+
+@dataclass
+class EvaluationConfig:
+    """The students trained on the distilled data (docs/method.md, Evaluation protocol)."""
+
     eval_architecture: str = "convnet"
     eval_steps: int = 1000
     eval_batch_size: int = 256
@@ -95,54 +153,89 @@ class D3Config:
     eval_seeds: int = 3
     eval_augment: bool = True
 
-    # Hub
+    def __post_init__(self):
+        _check_choice(self, "eval_architecture", ARCHITECTURES)
+
+
+@dataclass
+class HubConfig:
+    """Publishing the result."""
+
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_dataset_id: str | None = field(default=None, metadata={"help": "also publish the materialised dataset"})
     hub_private: bool = False
 
     def __post_init__(self):
-        choices = {"init": ("random", "real"), "architecture": ("convnet", "resnet18_ap"),
-                   "eval_architecture": ("convnet", "resnet18_ap"), "channels": (1, 3),
-                   "decoder_upsample": UPSAMPLE_MODES}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {list(valid)}")
-        if self.max_start_epoch + self.expert_epochs > self.trajectory_epochs and self.mtt_weight > 0:
-            raise ValueError(
-                f"trajectory_epochs={self.trajectory_epochs} is too few for max_start_epoch={self.max_start_epoch} "
-                f"+ expert_epochs={self.expert_epochs}: train at least {self.max_start_epoch + self.expert_epochs} "
-                "epochs per expert, or lower max_start_epoch"
-            )
-        if min(self.num_subtasks, self.num_experts, self.latents_per_class, self.max_start_epoch) < 1:
-            raise ValueError("num_subtasks, num_experts, latents_per_class and max_start_epoch must all be >= 1")
-        if self.mtt_weight < 0 or self.mmd_weight < 0 or self.mtt_weight + self.mmd_weight == 0:
-            raise ValueError(f"mtt_weight={self.mtt_weight}, mmd_weight={self.mmd_weight}: need >= 0, not both 0")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. 'user/fashion-mnist-d3')")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass
+class D3Config:
+    """Every setting of a distillation run, by group. Defaults follow the paper's reference settings where they
+    apply (docs/method.md); the YAML files in `recipes/configs` size them for a dataset and budget."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    def __post_init__(self):
+        trajectory, objective = self.experts, self.distillation
+        needed = objective.max_start_epoch + objective.expert_epochs
+        if objective.mtt_weight > 0 and needed > trajectory.trajectory_epochs:
+            raise ValueError(
+                f"trajectory_epochs={trajectory.trajectory_epochs} is too few for max_start_epoch="
+                f"{objective.max_start_epoch} + expert_epochs={objective.expert_epochs}: train at least "
+                f"{needed} epochs per expert, or lower max_start_epoch"
+            )
+
+    @classmethod
+    def groups(cls) -> dict[str, type]:
+        return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> D3Config:
+        """A config from flat settings (`{"iterations": 600, "latent_dim": 196}`); unknown keys are refused."""
+        unknown = sorted(set(values) - set(FIELD_GROUP))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(FIELD_GROUP)}")
+        return cls(**{name: group(**{k: v for k, v in values.items() if FIELD_GROUP[k] == name})
+                      for name, group in cls.groups().items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat settings, as in a YAML file (what `config.json` of a run holds)."""
+        return {k: v for group in dataclasses.asdict(self).values() for k, v in group.items()}
+
+
+# Every flat setting name -> the group it belongs to.
+FIELD_GROUP: dict[str, str] = {f.name: name for name, group in D3Config.groups().items()
+                               for f in dataclasses.fields(group)}
 
 
 def parse_config(args: list[str] | None = None) -> D3Config:
     """Parse `--config file.yaml` and `--key value` overrides (the command line wins over the file)."""
-    parser = HfArgumentParser(D3Config, allow_abbrev=False)
-    parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config fields")
+    groups = D3Config.groups()
+    parser = HfArgumentParser(list(groups.values()), allow_abbrev=False)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config settings (flat keys)")
     known, unknown = parser.parse_known_args(args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if known.config:
         parser.set_defaults(**load_yaml(known.config))
-    config, _ = parser.parse_args_into_dataclasses(args, look_for_args_file=False)
-    return config
+    *parsed, _ = parser.parse_args_into_dataclasses(args, look_for_args_file=False)
+    return D3Config(**dict(zip(groups, parsed, strict=True)))
 
 
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config, rejecting keys that are not `D3Config` fields."""
+    """Read a flat YAML config, rejecting keys that are not `D3Config` settings."""
     values = yaml.safe_load(Path(path).read_text()) or {}
-    valid = {f.name for f in dataclasses.fields(D3Config)}
-    unknown = sorted(set(values) - valid)
+    unknown = sorted(set(values) - set(FIELD_GROUP))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown} in {path}; valid keys: {sorted(valid)}")
+        raise ValueError(f"unknown config keys {unknown} in {path}; valid keys: {sorted(FIELD_GROUP)}")
     return values

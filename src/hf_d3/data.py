@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,23 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image
 
+from .atomic import staged
+from .config import DataConfig
+
 FASHION_MNIST = "builtin:fashion_mnist"
 FASHION_MNIST_DIR = Path(os.environ.get("HF_D3_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CACHE_DIR = Path(os.environ.get("HF_D3_CACHE", Path.home() / ".cache" / "hf_d3"))
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+@dataclass
+class SubtaskData:
+    """The real data of one subtask; `labels` are local (0..n-1), `class_ids` maps them to global ids."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_ids: list[int]
 
 
 @dataclass
@@ -65,12 +76,8 @@ def fashion_mnist_offline(split: str) -> Dataset:
     labels = _read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz")
     features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
     dataset = Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
-    staging = cached.with_name(f"{split}.partial-{os.getpid()}")
-    dataset.save_to_disk(str(staging))
-    try:
-        staging.rename(cached)  # atomic: concurrent ranks never read (or overwrite) a half-written cache
-    except OSError:  # another process published it first
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged(cached, replace=False) as staging:  # concurrent ranks never read a half-written cache
+        dataset.save_to_disk(str(staging))
     return datasets.load_from_disk(str(cached))
 
 
@@ -142,3 +149,13 @@ def to_tensors(
         labels=torch.from_numpy(labels[keep]).long(),
         class_names=class_names,
     )
+
+
+def load_subtask_data(train: Dataset, data: DataConfig, class_ids: list[int], seed: int,
+                      device: torch.device | str = "cpu") -> SubtaskData:
+    """The real images of one subtask's classes only (at most `max_train_per_class` each, picked by `seed`), with
+    local labels 0..n-1."""
+    real = to_tensors(train, data.resolution, data.channels, classes=class_ids, image_column=data.image_column,
+                      label_column=data.label_column, max_per_class=data.max_train_per_class, seed=seed)
+    local = torch.searchsorted(torch.tensor(class_ids), real.labels)
+    return SubtaskData(real.images.to(device), local.to(device), class_ids)

@@ -9,7 +9,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import dsa_augmentation
+from .config import EvaluationConfig, ExpertConfig
+from .factories import net_kwargs
 from .models.classifiers import build_classifier
+from .results import EvaluationResult
 
 # A source of training data: given a generator, one epoch of (images in [0, 1], soft labels).
 EpochSampler = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -32,9 +35,9 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     """One epoch in random order, split into the fewest batches of at most `batch_size`, as equal as possible.
 
-    Not `split(batch_size)`: its last batch holds what is left over (16 of an epoch of 2,320 images, every tenth
-    step), which cost D3 students 1.8 points on the CIFAR-10 subset (BENCHMARKS.md), a penalty set only by how a
-    method's set size falls against the batch size.
+    Not `split(batch_size)`: its last batch holds what is left over (a few images of an epoch, every few steps),
+    a penalty set only by how a method's set size falls against the batch size (docs/method.md, Evaluation
+    protocol).
     """
     order = torch.randperm(num_images, generator=generator)
     return order.tensor_split(-(-num_images // batch_size))
@@ -95,7 +98,7 @@ def evaluate_sampler(
     augment: bool = True,
     seeds: int = 3,
     **net_kwargs,
-) -> dict:
+) -> EvaluationResult:
     """Final-step test accuracy of `seeds` students trained from scratch (never the best checkpoint)."""
     accuracies = []
     for seed in tqdm(range(seeds), desc="evaluation seeds"):
@@ -105,11 +108,17 @@ def evaluate_sampler(
         train_student(student, sampler, steps, batch_size, lr, augment, seed)
         accuracies.append(accuracy(student, test_images, test_labels))
     values = torch.tensor(accuracies)
-    return {
-        "accuracy_mean": values.mean().item(),
-        "accuracy_std": values.std().item() if seeds > 1 else 0.0,
-        "accuracies": accuracies,
-        "num_eval_runs": seeds,
-        "student_architecture": architecture,
-        "student_steps": steps,
-    }
+    return EvaluationResult(accuracy_mean=values.mean().item(), accuracy_std=values.std().item() if seeds > 1 else 0.0,
+                            accuracies=accuracies, num_eval_runs=seeds, student_architecture=architecture,
+                            student_steps=steps)
+
+
+def evaluate_with_config(config: EvaluationConfig, networks: ExpertConfig, sampler: EpochSampler,
+                         images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         seeds: int | None = None) -> EvaluationResult:
+    """`evaluate_sampler` with a run's student settings (architecture, steps, batch, lr, augmentation; the width
+    and depth of its networks)."""
+    return evaluate_sampler(sampler, images, labels, num_classes, config.eval_architecture, config.eval_steps,
+                            config.eval_batch_size, config.eval_lr, config.eval_augment,
+                            config.eval_seeds if seeds is None else seeds,
+                            **net_kwargs(config.eval_architecture, networks.net_width, networks.net_depth))

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import staged, write_json
 from .augment import dsa_augmentation
 from .models.classifiers import CLASSIFIERS
 
@@ -48,12 +49,10 @@ def train_classifier(
 
 def save_trajectory(path: Path, model_config: dict, trajectory: list[torch.Tensor]) -> None:
     """One safetensors file per expert (epoch 0..E as `epoch_{e}`), its classifier config beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path.with_suffix(".json"), model_config)
     tensors = {f"epoch_{e}": p.contiguous() for e, p in enumerate(trajectory)}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"num_epochs": str(len(trajectory) - 1)})
-    path.with_suffix(".json").write_text(json.dumps(model_config, indent=2))
-    tmp.rename(path)  # the file appears only once complete, so a rerun can trust what exists
+    with staged(path) as staging:  # the trajectory, written last, marks the expert finished
+        save_file(tensors, str(staging), metadata={"num_epochs": str(len(trajectory) - 1)})
 
 
 def load_trajectory(path: Path) -> tuple[nn.Module, torch.Tensor]:

@@ -1,17 +1,30 @@
-"""Federated distillation: split classes into subtasks, spread them over processes, gather the results."""
+"""Federated distillation (docs/method.md, Federated plan): split the classes into subtasks, spread subtasks and
+experts over the processes, route trajectories to the rank that needs them, gather and aggregate the results."""
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Hashable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .data import load_subtask_data
+from .experts import save_trajectory, train_expert
+from .factories import build_net
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
+from .results import ExpertWork, SubtaskStats
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from .config import D3Config
+    from .run_folder import RunFolder
 
 
 def plan_subtasks(class_ids: list[int], num_subtasks: int) -> list[list[int]]:
@@ -112,3 +125,58 @@ def aggregate(
     for generator, sub in zip(decoder.generators, subtask_decoders, strict=True):
         generator.load_state_dict(sub.generators[0].state_dict())
     return store, decoder
+
+
+def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[list[int]], train: Dataset,
+                              device: torch.device, rank: int = 0, world_size: int = 1) -> list[ExpertWork]:
+    """Every expert trajectory of the run, shared over the ranks (`expert_rank`); each ends up in the
+    `experts` folder of the rank that distils its subtask, sent point to point when another rank trained it.
+    Experts already on the distilling rank's disk (or of a finished subtask) are not trained again; expert i
+    of subtask k is seeded by (seed, k, i) only. Returns, per rank, the experts it trained."""
+    num_subtasks, num_experts, experts = len(plan), config.experts.num_experts, config.experts
+
+    # No shared filesystem: only the distilling rank can see what is finished.
+    on_my_disk = [(k, i) for k in subtasks_of_rank(num_subtasks, rank, world_size) for i in range(num_experts)
+                  if folder.is_done(k) or folder.expert(k, i).is_file()]
+    finished = {tuple(job) for jobs in gather_to_all(on_my_disk) for job in jobs}
+    todo = [(k, i) for i in range(num_experts) for k in range(num_subtasks) if (k, i) not in finished]
+    mine = [(k, i) for k, i in todo if expert_rank(k, i, num_subtasks, world_size) == rank]
+    to_send = {}
+
+    def work() -> ExpertWork:
+        start = time.perf_counter()
+        for k in sorted({k for k, _ in mine}):
+            seed = subtask_seed(config.run.seed, k)
+            data = load_subtask_data(train, config.data, plan[k], seed, device)
+            for i in sorted(i for kk, i in mine if kk == k):
+                trained = train_expert(partial(build_net, experts, config.data, len(plan[k]), device), data.images,
+                                       data.labels, experts.trajectory_epochs, experts.expert_lr,
+                                       experts.expert_batch_size, seed + i, experts.expert_augment,
+                                       desc=f"subtask {k} expert {i + 1}/{num_experts}")
+                if subtask_rank(k, world_size) == rank:
+                    save_trajectory(folder.expert(k, i), *trained)
+                else:
+                    to_send[(k, i)] = trained
+            del data
+        return ExpertWork(rank=rank, experts=mine, wall_time_s=time.perf_counter() - start)
+
+    summary = run_and_gather(work)  # every rank learns of a failure before any waits on a send
+    routes = [(job, expert_rank(*job, num_subtasks, world_size), subtask_rank(job[0], world_size)) for job in todo]
+    for (k, i), trained in send_point_to_point(to_send, routes).items():
+        save_trajectory(folder.expert(k, i), *trained)
+    return summary
+
+
+def to_portable(store: GaussianLatentStore, decoder: D3Decoder, stats: SubtaskStats) -> tuple:
+    """A finished subtask as plain data to send between processes: each module as its config and a state dict of
+    CPU tensors."""
+    return (*((m.config, {k: v.cpu() for k, v in m.state_dict().items()}) for m in (store, decoder)), stats)
+
+
+def from_portable(portable: tuple) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
+    """The subtask `to_portable` packed."""
+    (store_config, store_state), (decoder_config, decoder_state), stats = portable
+    store, decoder = GaussianLatentStore.from_config(store_config), D3Decoder.from_config(decoder_config)
+    store.load_state_dict(store_state)
+    decoder.load_state_dict(decoder_state)
+    return store, decoder, stats

@@ -9,8 +9,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-# Channels of the paper's three decoders at 64x64 (DESIGN.md section 1): the first entry is the feature
-# map the latent becomes, each next one an upsampling stage that doubles the side.
+# Channels of the paper's three decoders at 64x64 (docs/method.md, Reference settings of the paper): the first
+# entry is the feature map the latent becomes, each next one an upsampling stage that doubles the side.
 PRESETS: dict[str, dict] = {
     "small": {"latent_dim": 64, "channels": [256, 128, 64, 32, 32, 32], "latent_projection": True,
               "upsample_kernel_size": 4},

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import PIL.Image
 import torch
@@ -18,8 +19,7 @@ from ..models.latent_store import GaussianLatentStore
 from ..storage import StorageReport, storage_report
 
 # Images decoded per decoder call: a slice's activations stay in the CPU's cache, where one call on a whole
-# evaluation epoch (2,320 CIFAR-size images) ran 2.2-2.5x slower (BENCHMARKS.md); in eval mode the images are
-# the same either way.
+# evaluation epoch ran over twice as slow (BENCHMARKS.md, decoding); in eval mode the images are the same either way.
 DECODE_SLICE_SIZE = 64
 
 
@@ -49,6 +49,14 @@ class D3Pipeline(DiffusionPipeline):
 
     def __init__(self, latent_store: GaussianLatentStore, decoder: D3Decoder):
         super().__init__()
+        store, generator = latent_store.config, decoder.config
+        subtasks = len(store.subtask_sizes) if store.subtask_sizes else 1
+        if (subtasks, store.latent_dim) != (generator.num_subtasks, generator.latent_dim):
+            raise ValueError(
+                f"the latent store and the decoder disagree: the store has {subtasks} subtask(s) of latent_dim="
+                f"{store.latent_dim}, the decoder {generator.num_subtasks} generator(s) of latent_dim="
+                f"{generator.latent_dim}; they must come from the same distillation"
+            )
         self.register_modules(latent_store=latent_store, decoder=decoder)
 
     @classmethod
@@ -72,12 +80,34 @@ class D3Pipeline(DiffusionPipeline):
         """Values and bytes needed to regenerate the training data, and the IPC equivalent."""
         return storage_report(self.latent_store, self.decoder)
 
-    def to_dataset(self, num_samples_per_component: int = 1, include_means: bool = True, seed: int = 0):
-        """The distilled training set as a `datasets.Dataset` (`image`, `label`, `soft_label`); see
-        `hf_d3.hub.pipeline_to_dataset`."""
-        from ..hub import pipeline_to_dataset
+    def to_dataset(self, num_samples_per_component: int = 1, include_means: bool = True, seed: int = 0
+                   ) -> datasets.Dataset:
+        """The distilled training set as a `datasets.Dataset`.
 
-        return pipeline_to_dataset(self, num_samples_per_component, include_means, seed)
+        Args:
+            num_samples_per_component: fresh samples drawn from every Gaussian component.
+            include_means: also include every component's mean image (first).
+            seed: seed of the `torch.Generator` the samples are drawn with; the same seed gives the same dataset.
+
+        Returns:
+            A dataset with columns `image` (PIL images), `label` (a `ClassLabel` named by the latent store's
+            `class_names`) and `soft_label` (the component's soft label, float32): `dataset_features`.
+        """
+        if num_samples_per_component < 0 or (num_samples_per_component == 0 and not include_means):
+            raise ValueError(
+                f"num_samples_per_component={num_samples_per_component} with include_means={include_means} "
+                "draws no image; use num_samples_per_component >= 1 or include_means=True"
+            )
+        output = self(num_samples_per_component=num_samples_per_component, include_means=include_means,
+                      generator=torch.Generator().manual_seed(seed), output_type="pil")
+        return datasets.Dataset.from_dict(
+            {
+                "image": list(output.images),
+                "label": output.labels.cpu().tolist(),
+                "soft_label": output.soft_labels.float().cpu().tolist(),
+            },
+            features=dataset_features(self.latent_store.class_names),
+        )
 
     @torch.no_grad()
     def __call__(
@@ -122,6 +152,17 @@ class D3Pipeline(DiffusionPipeline):
         if not return_dict:
             return images, labels, soft_labels
         return D3PipelineOutput(images=images, labels=labels, soft_labels=soft_labels)
+
+
+def dataset_features(class_names: list[str]) -> datasets.Features:
+    """The columns of a materialised D3 dataset: `image`, `label` (ClassLabel) and `soft_label` (float32 list)."""
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=list(class_names)),
+            "soft_label": datasets.List(datasets.Value("float32")),
+        }
+    )
 
 
 # Keyword arguments that belong to the snapshot download, not to diffusers' folder loading.

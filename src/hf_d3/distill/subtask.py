@@ -1,0 +1,68 @@
+"""One subtask of a run, from its experts on disk to its finished latents and decoder in the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+
+import torch
+from datasets import Dataset
+
+from ..atomic import write_json
+from ..config import D3Config
+from ..data import load_subtask_data
+from ..experts import load_trajectory
+from ..factories import build_decoder, build_latent_store
+from ..federated import subtask_seed
+from ..models.decoder import D3Decoder
+from ..models.latent_store import GaussianLatentStore
+from ..results import SubtaskStats
+from ..run_folder import RunFolder
+from .checkpoint import has_checkpoint
+from .distiller import distill_subtask
+from .warm_start import warm_start
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def distill_one_subtask(config: D3Config, folder: RunFolder, subtask: int, class_ids: list[int], train: Dataset,
+                        class_names: list[str], device: torch.device
+                        ) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
+    """Distil one subtask from its experts in `folder`; a finished subtask is reused, and an interrupted one
+    resumes from its checkpoint (after the warm start, or at the last `checkpoint_every`). Returns its latent
+    store, decoder and `SubtaskStats`."""
+    if folder.is_done(subtask):
+        return folder.load_subtask(subtask)
+    seed = subtask_seed(config.run.seed, subtask)
+    generator = torch.Generator().manual_seed(seed)
+    data = load_subtask_data(train, config.data, class_ids, seed, device)
+    trajectories = [(model.to(device), trajectory.to(device)) for model, trajectory in
+                    (load_trajectory(folder.expert(subtask, i)) for i in range(config.experts.num_experts))]
+
+    torch.manual_seed(seed)
+    store = build_latent_store(config.representation, class_ids, class_names).to(device)
+    decoder = build_decoder(config.representation, config.data).to(device)
+    objective = config.distillation
+    if not has_checkpoint(folder.checkpoint(subtask)):
+        start = time.perf_counter()
+        mse = None
+        if objective.init == "real":
+            mse = warm_start(store, decoder, data, objective.init_steps, lr=objective.init_lr, generator=generator,
+                             images_per_component=objective.init_images_per_component)
+        write_json(folder.warm_start(subtask), {"warm_start_mse": mse,
+                                                "warm_start_wall_time_s": time.perf_counter() - start})
+    distilled = distill_subtask(store, decoder, data, trajectories, objective, generator,
+                                checkpoint_dir=folder.checkpoint(subtask), desc=f"distill subtask {subtask}")
+    warm = json.loads(folder.warm_start(subtask).read_text())
+    stats = SubtaskStats(**dataclasses.asdict(distilled), subtask=subtask, classes=class_ids,
+                         warm_start_mse=warm["warm_start_mse"], warm_start_wall_time_s=warm["warm_start_wall_time_s"],
+                         distill_wall_time_s=warm["warm_start_wall_time_s"] + distilled.iterations_wall_time_s,
+                         peak_memory_bytes=peak_memory_bytes())
+    folder.save_subtask(subtask, store, decoder, stats)
+    return folder.load_subtask(subtask)

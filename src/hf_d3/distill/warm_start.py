@@ -1,0 +1,49 @@
+"""`init: real`: fit the decoder and the Gaussians to real images before distilling (docs/method.md,
+Initialisation)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import SubtaskData
+from ..models.decoder import D3Decoder
+from ..models.latent_store import GaussianLatentStore
+
+
+def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData, steps: int, lr: float,
+               generator: torch.Generator, images_per_component: int = 1, batch_size: int = 256,
+               prior_weight: float = 0.01) -> float | None:
+    """Fit the decoder to reconstruct `images_per_component` real images per component.
+
+    Every real image gets a free latent (generative latent optimisation), pulled towards its component's mean
+    by `prior_weight`; each component then becomes the Gaussian of its images' latents (mean, per-dimension
+    variance, at least 0.01), so samples decode to images like those real ones rather than copies of one.
+    Returns the reconstruction error (mean squared, pixels in [0, 1]) over the last 10 % of the steps, or None
+    with `steps=0` (nothing was fitted; the components still become the Gaussians of their images' latents).
+    """
+    m, r = store.config.latents_per_class, images_per_component
+    per_class = [data.images[data.labels == local] for local in range(len(data.class_ids))]
+    targets = torch.cat([x[torch.randperm(len(x), generator=generator)[:m * r]] for x in per_class])
+    if len(targets) != store.num_components * r:
+        raise ValueError(f"init=real needs {m * r} real images per class; some class of {data.class_ids} has fewer "
+                         f"({m} latents x {r} images per component)")
+    component = torch.arange(store.num_components, device=targets.device).repeat_interleave(r)
+    latents = nn.Parameter(store.mean.detach()[component] + 0.1 * torch.randn(
+        len(targets), store.config.latent_dim, generator=generator).to(targets.device))
+    optimizer = torch.optim.Adam([latents, store.mean, *decoder.parameters()], lr=lr)
+    decoder.train()
+    tail = max(1, steps // 10)
+    tail_error = torch.zeros((), device=targets.device)  # summed on the device: no sync per step
+    for step in tqdm(range(steps), desc="warm start", leave=False):
+        batch = torch.randperm(len(targets), generator=generator)[:batch_size].to(targets.device)
+        error = nn.functional.mse_loss(decoder(latents[batch]), targets[batch])
+        loss = error + prior_weight * (latents[batch] - store.mean[component[batch]]).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= steps - tail:
+            tail_error += error.detach()
+    store.fit_to(latents.detach().view(store.num_components, r, -1))
+    return (tail_error / tail).item() if steps else None

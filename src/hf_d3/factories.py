@@ -1,0 +1,59 @@
+"""Every model a run builds from its config: the latent store and decoder of a subtask, the expert / teacher
+network, and the storage those sizes give."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import D3Config, DataConfig, ExpertConfig, RepresentationConfig
+from .models.classifiers import build_classifier
+from .models.decoder import D3Decoder
+from .models.latent_store import GaussianLatentStore
+from .storage import StorageReport, storage_report
+
+
+def build_decoder(sizes: RepresentationConfig, data: DataConfig, num_subtasks: int = 1) -> D3Decoder:
+    if sizes.decoder_preset:
+        return D3Decoder.from_preset(sizes.decoder_preset, data.resolution, data.channels, num_subtasks,
+                                     latent_dim=sizes.latent_dim, upsample_mode=sizes.decoder_upsample)
+    return D3Decoder(
+        latent_dim=sizes.latent_dim, resolution=data.resolution, out_channels=data.channels,
+        channels=sizes.decoder_channels, latent_projection=sizes.decoder_latent_projection,
+        upsample_kernel_size=sizes.decoder_kernel_size, upsample_mode=sizes.decoder_upsample,
+        num_subtasks=num_subtasks,
+    )
+
+
+def build_latent_store(sizes: RepresentationConfig, class_ids: list[int], class_names: list[str],
+                       subtask_sizes: list[int] | None = None) -> GaussianLatentStore:
+    return GaussianLatentStore(class_ids, len(class_names), sizes.latents_per_class, sizes.latent_dim,
+                               class_names=class_names, subtask_sizes=subtask_sizes, logvar_dim=sizes.logvar_dim)
+
+
+def net_kwargs(architecture: str, width: int, depth: int) -> dict:
+    return {"width": width, **({"depth": depth} if architecture == "convnet" else {})}
+
+
+def build_net(experts: ExpertConfig, data: DataConfig, num_labels: int, device: torch.device | str = "cpu"
+              ) -> nn.Module:
+    """An expert, MMD embedding or teacher network (`architecture`, `net_width`, `net_depth`)."""
+    return build_classifier(experts.architecture, data.channels, data.resolution, num_labels,
+                            **net_kwargs(experts.architecture, experts.net_width, experts.net_depth)).to(device)
+
+
+def planned_storage(config: D3Config, plan: list[list[int]]) -> StorageReport:
+    """The storage of the whole pipeline these sizes give for this subtask plan; fails before any work if it
+    exceeds `storage_budget_ipc`."""
+    sizes = config.representation
+    class_ids = [c for block in plan for c in block]
+    store = build_latent_store(sizes, class_ids, [str(c) for c in class_ids], [len(block) for block in plan])
+    report = storage_report(store, build_decoder(sizes, config.data, len(plan)))
+    if sizes.storage_budget_ipc is not None and report.ipc_equivalent > sizes.storage_budget_ipc:
+        raise ValueError(
+            f"these sizes store {report.total_values:,} values = {report.ipc_equivalent:.2f} IPC-equivalent, over "
+            f"storage_budget_ipc={sizes.storage_budget_ipc} (decoder {report.decoder_values:,}, latents "
+            f"{report.latent_values:,}, labels {report.label_values:,}); shrink latents_per_class, latent_dim "
+            "or decoder_channels"
+        )
+    return report

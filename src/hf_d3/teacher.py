@@ -1,0 +1,53 @@
+"""The relabelling teacher and `relabel` (docs/method.md, Relabelling): every Gaussian gets the teacher's soft
+label of its mean image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import AutoModelForImageClassification
+
+from .config import D3Config
+from .data import to_tensors
+from .experts import train_classifier
+from .factories import build_net
+from .models.decoder import D3Decoder
+from .models.latent_store import GaussianLatentStore
+
+
+def load_teacher(config: D3Config, folder: Path, train: Dataset, device: torch.device) -> nn.Module:
+    """The relabelling teacher: the given `teacher` checkpoint; else the one an earlier run saved in `folder`;
+    else a global expert trained on all classes and all training images (`max_train_per_class` bounds only the
+    experts and MMD) with momentum 0.9 for `teacher_epochs`, saved in `folder`."""
+    if config.relabel.teacher:
+        return AutoModelForImageClassification.from_pretrained(config.relabel.teacher).to(device)
+    if (folder / "config.json").is_file():
+        return AutoModelForImageClassification.from_pretrained(folder).to(device)
+    data, experts, seed = config.data, config.experts, config.run.seed
+    real = to_tensors(train, data.resolution, data.channels, image_column=data.image_column,
+                      label_column=data.label_column)
+    torch.manual_seed(seed)
+    teacher = build_net(experts, data, len(real.class_names), device)
+    train_classifier(teacher, real.images.to(device), real.labels.to(device), config.relabel.teacher_epochs,
+                     experts.expert_lr, experts.expert_batch_size, torch.Generator().manual_seed(seed),
+                     experts.expert_augment, desc="global teacher", momentum=0.9)
+    teacher.save_pretrained(folder)
+    return teacher
+
+
+@torch.no_grad()
+def relabel(store: GaussianLatentStore, decoder: D3Decoder, teacher: nn.Module, temperature: float = 1.0) -> None:
+    """Give every component the soft label softmax(teacher(decoder(mean)) / temperature)."""
+    num_classes = store.config.num_classes
+    if teacher.config.num_labels != num_classes:
+        raise ValueError(
+            f"the teacher predicts {teacher.config.num_labels} classes but the dataset has {num_classes}; "
+            "give a teacher trained on this dataset's label space"
+        )
+    teacher.eval()
+    decoder.eval()
+    images = decoder(store.mean, store.component_subtask)
+    store.soft_labels.copy_((teacher(images).logits / temperature).softmax(dim=1))
