@@ -78,26 +78,60 @@ class ExpertConfig:
             raise ValueError(f"num_experts={self.num_experts} must be >= 1")
 
 
+# The sizes of a representation, and the paper's "small" 1 IPC defaults (docs/method.md, Reference settings of the
+# paper) that the unset ones take when the budget does not choose them.
+PAPER_SIZES: dict[str, Any] = {
+    "latents_per_class": 10, "latent_dim": 64, "logvar_dim": None, "decoder_preset": None,
+    "decoder_channels": [256, 128, 64, 32, 32, 32], "decoder_latent_projection": True, "decoder_kernel_size": 4,
+    "decoder_upsample": "transpose",
+}
+
+
 @dataclass
 class RepresentationConfig:
-    """The sizes of the distilled dataset: Gaussians per class, latent shape, decoder, and the storage budget."""
+    """The sizes of the distilled dataset: Gaussians per class, latent shape, decoder, and the storage budget.
 
-    latents_per_class: int = 10
-    latent_dim: int = 64
+    With `storage_budget_ipc` and no size given (or `sizes: auto`), the sizes are chosen to use the budget once the
+    class count is known (`hf_d3.sizing.resolve_sizes`); sizes given explicitly win over the chosen ones. Otherwise
+    the unset sizes take the paper's defaults (`PAPER_SIZES`) and the budget is only checked.
+    """
+
+    sizes: str | None = field(default=None, metadata={
+        "help": "auto: choose the unset sizes from storage_budget_ipc (the default when a budget and no size is "
+                "given); explicit: the given sizes, the paper's defaults for the rest"})
+    latents_per_class: int | None = None
+    latent_dim: int | None = None
     logvar_dim: int | None = field(default=None, metadata={
         "help": "log-variances per Gaussian, each shared by latent_dim / logvar_dim dimensions; default latent_dim"})
     decoder_preset: str | None = field(default=None, metadata={"help": "small, medium or large; else decoder_channels"})
-    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 32, 32])
-    decoder_latent_projection: bool = True
-    decoder_kernel_size: int = 4
-    decoder_upsample: str = field(default="transpose", metadata={
+    decoder_channels: list[int] | None = None
+    decoder_latent_projection: bool | None = None
+    decoder_kernel_size: int | None = None
+    decoder_upsample: str | None = field(default=None, metadata={
         "help": "transpose (the paper's) or nearest / bilinear (resize + 3x3 conv, no checkerboard)"})
-    storage_budget_ipc: float | None = field(default=None, metadata={"help": "fail if storage exceeds this IPC"})
+    storage_budget_ipc: float | None = field(default=None, metadata={
+        "help": "the storage budget in IPC-equivalents: the sizes are chosen to use it, or checked against it"})
 
     def __post_init__(self):
-        _check_choice(self, "decoder_upsample", UPSAMPLE_MODES)
-        if self.latents_per_class < 1:
+        _check_choice(self, "sizes", (None, "auto", "explicit"))
+        if self.sizes is None:
+            given = any(getattr(self, name) is not None for name in PAPER_SIZES)
+            self.sizes = "auto" if self.storage_budget_ipc is not None and not given else "explicit"
+        if self.sizes == "auto" and self.storage_budget_ipc is None:
+            raise ValueError("sizes=auto chooses the sizes from the budget: give storage_budget_ipc too")
+        if self.sizes == "explicit":
+            for name, default in PAPER_SIZES.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
+        if self.decoder_upsample is not None:
+            _check_choice(self, "decoder_upsample", UPSAMPLE_MODES)
+        if self.latents_per_class is not None and self.latents_per_class < 1:
             raise ValueError(f"latents_per_class={self.latents_per_class} must be >= 1")
+
+    @property
+    def chosen_by_budget(self) -> bool:
+        """Whether the sizes still wait to be chosen from the budget (`hf_d3.sizing.resolve_sizes`)."""
+        return self.sizes == "auto"
 
 
 @dataclass

@@ -91,6 +91,14 @@ def load_image_dataset(name: str, split: str, cache_dir: str | None = None) -> D
     return dataset
 
 
+def class_names_of(data: DataConfig) -> list[str]:
+    """The class names of the config's dataset (its train split's label feature)."""
+    if data.dataset == FASHION_MNIST:
+        return list(FASHION_MNIST_CLASSES)
+    train = load_image_dataset(data.dataset, data.train_split)
+    return list(train.features[find_columns(train, data.image_column, data.label_column)[1]].names)
+
+
 def find_columns(
     dataset: Dataset, image_column: str | None = None, label_column: str | None = None
 ) -> tuple[str, str]:

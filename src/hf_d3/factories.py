@@ -13,7 +13,14 @@ from .models.latent_store import GaussianLatentStore
 from .storage import StorageReport, storage_report
 
 
+def _check_concrete(sizes: RepresentationConfig) -> None:
+    if sizes.chosen_by_budget:
+        raise ValueError("these sizes are still to be chosen from storage_budget_ipc: resolve them with "
+                         "hf_d3.sizing.resolve_sizes(config, num_classes) first")
+
+
 def build_decoder(sizes: RepresentationConfig, data: DataConfig, num_subtasks: int = 1) -> D3Decoder:
+    _check_concrete(sizes)
     if sizes.decoder_preset:
         return D3Decoder.from_preset(sizes.decoder_preset, data.resolution, data.channels, num_subtasks,
                                      latent_dim=sizes.latent_dim, upsample_mode=sizes.decoder_upsample)
@@ -27,6 +34,7 @@ def build_decoder(sizes: RepresentationConfig, data: DataConfig, num_subtasks: i
 
 def build_latent_store(sizes: RepresentationConfig, class_ids: list[int], class_names: list[str],
                        subtask_sizes: list[int] | None = None) -> GaussianLatentStore:
+    _check_concrete(sizes)
     return GaussianLatentStore(class_ids, len(class_names), sizes.latents_per_class, sizes.latent_dim,
                                class_names=class_names, subtask_sizes=subtask_sizes, logvar_dim=sizes.logvar_dim)
 

@@ -27,6 +27,7 @@ from .hub import publish_run
 from .pipelines.pipeline_d3 import D3Pipeline
 from .results import RunMetrics
 from .run_folder import RunFolder
+from .sizing import resolve_sizes
 from .teacher import load_teacher, relabel
 
 
@@ -47,11 +48,12 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
         folder.start()
     start = time.perf_counter()
 
-    # Real data and the plan: which classes each subtask distils, and the storage that gives.
+    # Real data and the plan: which classes each subtask distils, their sizes, and the storage that gives.
     data = config.data
     train = load_image_dataset(data.dataset, data.train_split)
     class_names = list(train.features[find_columns(train, data.image_column, data.label_column)[1]].names)
     plan = plan_subtasks(list(range(len(class_names))), config.run.num_subtasks)
+    config = resolve_sizes(config, len(class_names))
     storage = planned_storage(config, plan)
 
     # Experts, then every rank distils its subtasks; the results reach the main process.

@@ -1,59 +1,42 @@
 """Sizes of a D3 representation chosen from a storage budget (`storage_budget_ipc` with the sizes unset).
 
-Everything is counted the way `hf_d3.storage.storage_report` counts it, but analytically, so solving for
-1,000 classes at 64x64 allocates nothing: the decoder's parameters and buffers (K generators for K subtasks),
-every Gaussian's mean and log-variances, and per component its soft label, class id and subtask id.
+Everything is counted the way `hf_d3.storage.storage_report` counts it, but analytically, so solving for 1,000
+classes at 64x64 allocates nothing: the decoder's parameters and buffers (K generators for K subtasks), every
+Gaussian's mean and log-variances, and per component its soft label, class id and subtask id.
 
-The shape the solver fills in is the one that won every CPU comparison in BENCHMARKS.md (issue 3, *Spatial
-latents* and *One log-variance per channel*): a spatial latent, a `C x s x s` feature map with
-`s = resolution / 2**stages` (`decoder_latent_projection: False`, so `latent_dim = C * s * s`), one log-variance
-per latent channel (`logvar_dim = C`: on Fashion-MNIST at 50 IPC-equivalent 86 Gaussians per class fitted where a
-variance per value fitted 44-47, and scored 78.39 against 77.49; on the CIFAR-10 subset the doubled count tied,
-41.23 against 41.40, which is why `cifar10_ipc50.yaml` still keeps a variance per value), and a small all-conv
-decoder with nearest-neighbour upsampling (`decoder_upsample: "nearest"`, no checkerboard artefacts). What is left
-to choose, and the rule:
+The shape is the one that won the CPU comparisons (BENCHMARKS.md, Method comparison and Ablations and variants):
+a spatial latent, a `C x s x s` feature map (`decoder_latent_projection: False`, `latent_dim = C * s * s`), one
+log-variance per latent channel (`logvar_dim = C`, which fits twice the Gaussians of a variance per value), and a
+small all-conv decoder with nearest-neighbour upsampling. The rule for what is left:
 
-- **Stages**: the start side closest to 8 (in log scale) among the integer sides >= 2 the resolution can be
-  doubled from: 28 -> 7 (2 stages), 32 -> 8 (2), 64 -> 8 (3). Sides 7 and 8 are the only ones measured
-  (`fashion_mnist*.yaml`, `cifar10_ipc*.yaml`); keeping the side fixed makes a latent channel mean the same
-  thing at every resolution.
-- **Latent channels C** (a power of two, as in every measured config): a Gaussian's mean should hold a fraction of
-  an image that grows like sqrt(budget): 1/4 of a grayscale image and 1/6 of an RGB image at 10 IPC-equivalent; C
-  is a power of two near that target (see the last paragraph). The measured optima: Fashion-MNIST 4 x 7 x 7 at 10
-  (`fashion_mnist.yaml`; with a log-variance per channel, +4.6 points over 2 x 7 x 7 with one per value at equal
-  storage and phase lengths) and 8 x 7 x 7 at 50 (`fashion_mnist_ipc50.yaml`: 77.49, and 78.05 with MMD only,
-  above 2 x 7 x 7 at 76.76 and 4 x 7 x 7 at 77.33); CIFAR-10 8 x 8 x 8 at 10 (`cifar10_ipc10.yaml`, the one
-  spatial size run there, 1.8 points above real images with soft labels) and 16 x 8 x 8 at 50
-  (`cifar10_ipc50.yaml`: 41.40, above 8 x 8 x 8 at 39.69 and 32 x 8 x 8 at 40.31). Both datasets doubled their
-  best latent from 10 to 50 IPC-equivalent, a factor sqrt(5) = 2.2 in the rule; colour wants fewer values per
-  Gaussian relative to the image (its three channels are correlated; 32 x 8 x 8, 2/3 of a CIFAR image, already
-  lost). So the budget's growth is split about evenly between more Gaussians and larger ones, and tiny budgets get
-  fewer latent channels (C = 1 at 1 IPC on 28 x 28 x 1). Only when no power of two can fill the budget (a soft
-  label that costs more than the latent, as with 1,000 classes at 32 x 32 x 1 and 2 IPC) may C be any integer, for
-  a finer step.
-- **Decoder width**: stage widths double towards the latent (`[..., 4w, 2w, w]`, as in the paper's decoders
-  and `cifar10_ipc10.yaml`'s [8, 64, 32]) with w a multiple of 4 in [8, 64]. The decoder's target share of
-  the budget (all K generators together) is 0.4 / sqrt(budget), at most 1/2: 12.6 % at 10 IPC-equivalent,
-  between the measured winners' 7.9 % (`cifar10_ipc10.yaml`) and 14 % (`fashion_mnist.yaml`); 5.7 % at 50
-  (the shipped 50 IPC configs kept their 10 IPC decoders, 1.9-3.1 %, untested against wider ones); 28-40 %
-  at 1-2, where ten classes cannot amortise any decoder and the paper itself spends 26-47 % (docs/method.md,
-  Reference settings of the paper: 5 x 0.79 M of ImageNet's 1 IPC budget of 12.3 M values). The absolute
-  decoder size then grows like sqrt(budget) too. w >= 8 is a floor (a decoder of [16, 8] is already 4x
-  narrower than any measured one); w <= 64 caps the cost of decoding (width 64 at three stages is
-  [256, 128, 64], about 0.5 M values, below the paper's 0.79 M "small" decoder) when many classes share a
-  decoder and 0.4 / sqrt(budget) asks for millions of values.
+- **Stages**: the start side `s` closest to 8 that the resolution doubles from (28 -> 7, 32 -> 8, 64 -> 8): the
+  measured configs use 7 and 8, and a fixed side keeps a latent channel meaning the same at every resolution.
+- **Latent channels C**, a power of two near a target that grows like sqrt(budget): a Gaussian's mean holds 1/4
+  of a grayscale image or 1/6 of an RGB one at 10 IPC-equivalent. This reproduces the four measured optima
+  (4 x 7 x 7 and 8 x 7 x 7 on Fashion-MNIST at 10 and 50, `fashion_mnist*.yaml`; 8 x 8 x 8 and 16 x 8 x 8 on
+  CIFAR-10, `cifar10_ipc*.yaml`): both datasets doubled their best latent from 10 to 50, so a budget's growth
+  goes about evenly to more Gaussians and to larger ones; colour wants fewer values per Gaussian (its channels
+  are correlated). Only when no power of two fills the budget (a soft label dearer than the latent, as with
+  1,000 classes at 32 x 32 x 1) may C be any integer.
+- **Decoder widths** double towards the latent (`[..., 4w, 2w, w]`, as in the paper's decoders), w a multiple of
+  4 in [8, 64]. All K generators together target 0.4 / sqrt(budget) of the budget, at most 1/2: about 13 % at 10
+  (between the measured winners' 8 and 14 %), 6 % at 50, 28-40 % at 1-2 where ten classes cannot amortise a
+  decoder (the paper's own 1 IPC decoders take a similar share, docs/method.md, Reference settings of the paper).
+  w >= 8 is a floor; w <= 64 caps the cost of decoding when many classes share a decoder.
 - **Gaussians per class M**: as many as the rest of the budget allows, at least 1.
 
-Among all (C, w) whose largest M fits, the solver takes the one closest to the two targets, counted in
-doublings (`|log2(C / C_target)| + |log2(D / D_target)| / 2`: quadrupling the decoder's values is about one
-doubling of its width), among those that fill at least 90 % of the budget; only when none does (a budget just
-above the smallest that works) it takes the fullest. Explicit sizes in a config always win over these.
+Among all (C, w) whose largest M fits and fills at least 90 % of the budget, the solver takes the one closest to
+the two targets, counted in doublings (`|log2(C / C_target)| + |log2(D / D_target)| / 2`: quadrupling the
+decoder's values is about one doubling of its width); only when none fills 90 % (a budget just above the smallest
+that works) it takes the fullest. Sizes given explicitly in a config win over these (`resolve_sizes`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+from .config import PAPER_SIZES, D3Config, RepresentationConfig
 
 # Fraction of one image's values that a Gaussian's mean holds at 10 IPC-equivalent, by image channels:
 # 4 x 7 x 7 of 28 x 28 (Fashion-MNIST) and 8 x 8 x 8 of 3 x 32 x 32 (CIFAR-10), the measured optima.
@@ -313,3 +296,17 @@ def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, ch
         decoder_latent_projection=False,
         decoder_upsample="nearest",
     )
+
+
+def resolve_sizes(config: D3Config, num_classes: int) -> D3Config:
+    """`config` with concrete sizes: when the budget chooses them (`RepresentationConfig.chosen_by_budget`), those
+    of `solve_sizes` for `num_classes`, with every size the config gives explicitly in their place; otherwise
+    `config` itself."""
+    sizes = config.representation
+    if not sizes.chosen_by_budget:
+        return config
+    solved = solve_sizes(sizes.storage_budget_ipc, num_classes, config.data.resolution, config.data.channels,
+                         config.run.num_subtasks).to_config()
+    given = {name: value for name, value in asdict(sizes).items() if name in PAPER_SIZES and value is not None}
+    chosen = RepresentationConfig(**{**asdict(sizes), **solved, **given, "sizes": "explicit"})
+    return replace(config, representation=chosen)
