@@ -33,9 +33,9 @@ import torch
 from transformers import AutoModelForImageClassification
 
 import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
-from hf_d3.baselines import largest_ipc_within, random_real_sampler
+from hf_d3.baselines import choose_temperature, largest_ipc_within, random_real_sampler, split_held_out
 from hf_d3.config import parse_config
-from hf_d3.data import load_image_dataset, to_tensors
+from hf_d3.data import ImageTensors, load_image_dataset, to_tensors
 from hf_d3.evaluation import evaluate_with_config
 from hf_d3.storage import prototype_storage
 
@@ -122,23 +122,24 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
     columns = {"image_column": data.image_column, "label_column": data.label_column}
     train = to_tensors(load_image_dataset(data.dataset, data.train_split), data.resolution, data.channels, **columns)
     test = to_tensors(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels, **columns)
-    held_out = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))
-    held_out, pool = held_out[: len(held_out) // 10], held_out[len(held_out) // 10:]
+    held_out, pool = split_held_out(len(train.labels), seed)
+    pool = ImageTensors(train.images[pool], train.labels[pool], train.class_names)
     teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher or out / "d3" / "teacher")
     n, per_image = len(train.class_names), main_run["storage"]["values_per_image"]
     budget = main_run["storage"]["total_values"]
 
     def real(ipc, temperature=None):
-        return random_real_sampler(train.images[pool], train.labels[pool], n, ipc, seed=seed,
+        return random_real_sampler(pool.images, pool.labels, n, ipc, seed=seed,
                                    teacher=None if temperature is None else teacher, temperature=temperature or 1.0)
+
+    def held_out_score(sampler) -> float:
+        return evaluate_with_config(config.evaluation, config.experts, sampler, train.images[held_out],
+                                    train.labels[held_out], n, seeds=1).accuracy_mean
 
     ipc_hard = largest_ipc_within(budget, n, per_image, soft_labels=False)
     ipc_soft = largest_ipc_within(budget, n, per_image, soft_labels=True)
-    held_out_accuracy = {str(t): done["held_out"][str(t)] if str(t) in done["held_out"] else evaluate_with_config(
-        config.evaluation, config.experts, real(ipc_soft, t), train.images[held_out], train.labels[held_out], n,
-        seeds=1).accuracy_mean
-        for t in temperatures}
-    best = float(max(held_out_accuracy, key=held_out_accuracy.get))
+    best, held_out_accuracy = choose_temperature(held_out_score, pool, ipc_soft, teacher, temperatures, seed,
+                                                 done["held_out"])
     for name, ipc, temperature in ((f"R+H ({ipc_hard} img/class)", ipc_hard, None),
                                    (f"R+S ({ipc_soft} img/class, T={best:g})", ipc_soft, best)):
         if name in done["rows"]:

@@ -1,7 +1,12 @@
 import torch
+from conftest import TINY_RUN
 
 from hf_d3 import build_classifier
-from hf_d3.baselines import largest_ipc_within, random_real_sampler
+from hf_d3.baselines import distill_prototypes, largest_ipc_within, pick_per_class, random_real_sampler
+from hf_d3.config import D3Config
+from hf_d3.data import SubtaskData
+from hf_d3.experts import train_classifier
+from hf_d3.storage import prototype_storage
 
 
 def test_largest_ipc_within_counts_images_and_labels():
@@ -27,3 +32,31 @@ def test_random_real_sampler_hard_and_soft_labels():
     soft_images, soft = random_real_sampler(images, labels, 3, 4, seed=1, teacher=teacher, temperature=4)(None)
     assert torch.equal(soft_images, hard_images)
     assert torch.allclose(soft.sum(1), torch.ones(12)) and (soft < 1).all()
+
+
+def test_prototype_storage_by_hand_at_a_d3_budget():
+    # the demo's D3 budget: 76,699 values for 10 classes of 28x28x1. A prototype with a 10-way soft label stores
+    # 784 + 10 = 794 values: 9 per class (71,460) fit, 10 (79,400) do not; with hard labels 9 too (70,650)
+    assert largest_ipc_within(76_699, 10, 784, soft_labels=True) == 9
+    assert prototype_storage(10, 9, 784, soft_labels=True) == 10 * 9 * (784 + 10) == 71_460
+    assert prototype_storage(10, 9, 784, soft_labels=False) == 10 * 9 * (784 + 1) == 70_650
+
+
+def test_a_tiny_prototype_distillation(fmnist4_tensors):
+    data = SubtaskData(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
+    torch.manual_seed(0)
+    net = build_classifier("convnet", 1, 16, 4, width=8, depth=2)
+    trajectory = torch.stack(train_classifier(net, data.images, data.labels, epochs=2, lr=0.01, batch_size=32,
+                                              generator=torch.Generator().manual_seed(0), augment=False))
+    config = D3Config.from_dict({**TINY_RUN, "iterations": 3, "lr_latents": 0.5}).distillation
+    start = data.images[pick_per_class(data.labels, 4, 2, seed=0)]  # 2 real images per class
+
+    def run():
+        return distill_prototypes(start, data, [(net, trajectory)], config, torch.Generator().manual_seed(0))
+
+    prototypes, stats = run()
+    assert stats["iterations_run"] == 3 and prototypes.shape == start.shape
+    assert 0 <= prototypes.min() and prototypes.max() <= 1 and not torch.equal(prototypes, start)
+    assert torch.equal(run()[0], prototypes)  # seeded
+    one_each = distill_prototypes(start[::2], data, [(net, trajectory)], config, torch.Generator().manual_seed(0))
+    assert torch.isfinite(one_each[0]).all()  # one prototype per class: MMD has no within-set pair

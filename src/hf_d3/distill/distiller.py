@@ -28,8 +28,9 @@ def _optimizers(store: GaussianLatentStore, decoder: D3Decoder, syn_lr: torch.Te
     }
 
 
-def _step(loss: torch.Tensor, weight: float, optimizers: list[torch.optim.Optimizer], term: str,
-          iteration: int) -> None:
+def take_step(loss: torch.Tensor, weight: float, optimizers: list[torch.optim.Optimizer], term: str,
+              iteration: int) -> None:
+    """One optimiser step on `weight * loss`, refused (FloatingPointError) for a non-finite loss."""
     if not torch.isfinite(loss):  # raised before stepping: the parameters are still the last good state
         raise FloatingPointError(f"the {term} loss became {loss.item()} at iteration {iteration}")
     for opt in optimizers:
@@ -127,14 +128,15 @@ def distill_subtask(
                 losses["mtt"] = trajectory_matching_loss(net, trajectory[start_epoch],
                                                          trajectory[start_epoch + config.expert_epochs], batches,
                                                          syn_lr)
-                _step(losses["mtt"], config.mtt_weight, list(optimizers.values()), "trajectory matching", iteration)
+                take_step(losses["mtt"], config.mtt_weight, list(optimizers.values()), "trajectory matching",
+                          iteration)
             if config.mmd_weight > 0:
                 net, trajectory = pick_expert()
                 flat = trajectory[int(torch.randint(len(trajectory), (1,), generator=generator))]
                 losses["mmd"] = class_mmd_loss(store, decoder, data, partial(net.features, flat),
                                                config.mmd_samples_per_class, config.mmd_bandwidths, generator)
-                _step(losses["mmd"], config.mmd_weight, [optimizers["latents"], optimizers["decoder"]], "MMD",
-                      iteration)
+                take_step(losses["mmd"], config.mmd_weight, [optimizers["latents"], optimizers["decoder"]], "MMD",
+                          iteration)
             for name, loss in losses.items():
                 history[name].append(loss.item())
             if (iteration + 1) % config.checkpoint_every == 0:

@@ -13,16 +13,18 @@ from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
 
 
+def _mean_off_diagonal(kernel: torch.Tensor) -> torch.Tensor:
+    n = len(kernel)  # a sample of one has no pair: its term is 0 (one prototype per class)
+    return (kernel.sum() - kernel.diagonal().sum()) / (n * (n - 1)) if n > 1 else kernel.new_zeros(())
+
+
 def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
     """Unbiased MMD^2 between samples x [n, d] and y [m, d] with a sum of Gaussian kernels."""
     xy = torch.cat([x, y])
     sq_dist = torch.cdist(xy, xy).pow(2)
     kernel = sum(torch.exp(-sq_dist / (2 * s**2)) for s in bandwidths)
-    n, m = len(x), len(y)
-    k_xx, k_yy, k_xy = kernel[:n, :n], kernel[n:, n:], kernel[:n, n:]
-    return ((k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
-            + (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
-            - 2 * k_xy.mean())
+    n = len(x)
+    return _mean_off_diagonal(kernel[:n, :n]) + _mean_off_diagonal(kernel[n:, n:]) - 2 * kernel[:n, n:].mean()
 
 
 class FlatModel:
@@ -65,6 +67,15 @@ def trajectory_matching_loss(
     return (params - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
+def real_per_class(data: SubtaskData, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `samples_per_class` random real images (with replacement) of every class, class by class."""
+    return torch.cat([
+        torch.nonzero(data.labels == c).flatten()[
+            torch.randint(int((data.labels == c).sum()), (samples_per_class,), generator=generator)]
+        for c in range(len(data.class_ids))
+    ])
+
+
 def class_mmd_loss(
     store: GaussianLatentStore,
     decoder: D3Decoder,
@@ -86,12 +97,7 @@ def class_mmd_loss(
     ])
     latents, _ = store.sample(components.to(store.mean.device), generator=generator)
     fake = embed(decoder(latents))
-    real_index = torch.cat([
-        torch.nonzero(data.labels == c).flatten()[
-            torch.randint(int((data.labels == c).sum()), (samples_per_class,), generator=generator)]
-        for c in range(n_classes)
-    ])
-    real = embed(data.images[real_index])
+    real = embed(data.images[real_per_class(data, samples_per_class, generator)])
     return sum(
         mmd2_unbiased(real[c * samples_per_class:(c + 1) * samples_per_class],
                       fake[c * samples_per_class:(c + 1) * samples_per_class], bandwidths)
