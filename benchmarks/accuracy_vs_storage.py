@@ -19,7 +19,7 @@ every budget and method. Per budget, in `<out>/<dataset>/ipc<B>/`:
 A baseline that needs more than the budget (one image per class does not fit) is marked `over_budget`. Every student
 uses the config's evaluation settings and `--seeds` seeds. Finished rows (`row_<method>.json`) are reused when their
 settings and torch's thread count match, so two processes with other `--budgets` can share a folder; every run
-merges what is there into `<out>/results.json` and draws `<out>/accuracy_vs_storage.png`.
+merges what is there into `<out>/results.json` and draws `--figure` (default `<out>/accuracy_vs_storage.png`).
 """
 
 import argparse
@@ -45,7 +45,14 @@ from hf_d3.baselines import (
     teacher_labels,
 )
 from hf_d3.config import PAPER_SIZES, parse_config
-from hf_d3.data import ImageTensors, class_names_of, load_image_dataset, load_subtask_data, to_tensors
+from hf_d3.data import (
+    ImageTensors,
+    class_names_of,
+    load_image_dataset,
+    load_subtask_data,
+    load_test_split,
+    to_tensors,
+)
 from hf_d3.evaluation import evaluate_with_config
 from hf_d3.experts import load_trajectory
 from hf_d3.federated import plan_subtasks, subtask_seed, train_expert_trajectories
@@ -157,14 +164,14 @@ def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
     (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
 
 
-def merge_and_plot(out: Path) -> dict:
+def merge_and_plot(out: Path, figure: Path) -> dict:
     results = {}
     for row in sorted(out.glob("*/ipc*/row_*.json")):
         saved = json.loads(row.read_text())
         results.setdefault(saved["dataset"], {}).setdefault(saved["budget"], {})[saved["method"]] = saved["row"]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if results:
-        plot(results, out / "accuracy_vs_storage.png")
+        plot(results, figure)
     for dataset, budgets in results.items():
         print(f"\n{dataset}: test accuracy (%), mean +- std over seeds, at the stored IPC-equivalent")
         print("| budget | " + " | ".join(METHODS) + " |\n|---|" + "---|" * len(METHODS))
@@ -219,9 +226,12 @@ def main():
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--plot_only", action="store_true")
+    parser.add_argument("--figure", type=Path, default=None, help="where to draw the PNG (default: in output_dir; "
+                        "src/hf_d3/model_cards/accuracy_vs_storage.png ships it with the pipeline cards)")
     args, overrides = parser.parse_known_args()
+    figure = args.figure or args.output_dir / "accuracy_vs_storage.png"
     if args.plot_only:
-        merge_and_plot(args.output_dir)
+        merge_and_plot(args.output_dir, figure)
         return
 
     out = args.output_dir / args.dataset
@@ -233,10 +243,7 @@ def main():
     prepare_shared(config, out / "shared", train)
     teacher = AutoModelForImageClassification.from_pretrained(RunFolder(out / "shared").teacher)
     columns = {"image_column": data.image_column, "label_column": data.label_column}
-    test = to_tensors(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels, **columns)
-    if data.max_test_examples:
-        test = ImageTensors(test.images[:data.max_test_examples], test.labels[:data.max_test_examples],
-                            test.class_names)
+    test = load_test_split(data)
     train_tensors = None
     for budget in args.budgets:
         folder = out / f"ipc{budget:g}"
@@ -255,7 +262,7 @@ def main():
                 train_tensors = to_tensors(train, data.resolution, data.channels, **columns)
             for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds).items():
                 save_row(folder, method, key, row)
-    merge_and_plot(args.output_dir)
+    merge_and_plot(args.output_dir, figure)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import textwrap
 import urllib.error
 import urllib.request
 import uuid
+from importlib import resources
 
 import numpy as np
 import PIL.Image
@@ -21,7 +22,7 @@ from datasets import ClassLabel, load_dataset
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
-from hf_d3.cards import extract_train_snippet
+from hf_d3.cards import CURVE_FILENAME, extract_train_snippet
 from hf_d3.hub import HubPublishError, push_dataset_to_hub, push_pipeline_to_hub
 from hf_d3.results import CARD_METRICS
 
@@ -111,6 +112,8 @@ def test_publish_pipeline_in_one_commit_and_load_it_back(local_hub, new_repo_id,
     assert_same_outputs(pipe, loaded)
     assert loaded.latent_store.class_names == CLASS_NAMES
     assert samples_png.read_bytes() == files["samples.png"]
+    curve = resources.files("hf_d3").joinpath("model_cards", CURVE_FILENAME)
+    assert files[CURVE_FILENAME] == curve.read_bytes()  # the benchmark's accuracy-vs-storage figure, shipped
 
 
 def test_pipeline_card(local_hub, published):
@@ -128,6 +131,7 @@ def test_pipeline_card(local_hub, published):
     assert "812 s wall time, 3.00 GiB peak memory" in text
     assert f'D3Pipeline.from_pretrained("{repo_id}")' in text and "pipe.to_dataset(" in text
     assert "arXiv:2403.00999" in text and "Alvarez-Melis" in text and "@article{" in text
+    assert f"![Test accuracy against storage: D3, explicit prototypes and random real images]({CURVE_FILENAME})" in text
     assert "latents_per_class: 2" in text  # settings
     assert "must-not-leak" not in text and "hub_token" not in text  # secret-looking settings are dropped
     assert local_hub.token not in text

@@ -29,6 +29,8 @@ TEMPLATES_PACKAGE = "hf_d3"
 TEMPLATES_FOLDER = "model_cards"
 PIPELINE_CARD_TEMPLATE = "pipeline_card.md.jinja"
 DATASET_CARD_TEMPLATE = "dataset_card.md.jinja"
+#: hf_d3's own benchmark figure (`benchmarks/accuracy_vs_storage.py`), shipped with the package for the cards.
+CURVE_FILENAME = "accuracy_vs_storage.png"
 TRAIN_SNIPPET_MARKERS = ("<!-- hf_d3:train-snippet:start -->", "<!-- hf_d3:train-snippet:end -->")
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
 
@@ -95,13 +97,15 @@ def render_pipeline_card(
     metrics: Mapping[str, Any] | None = None,
     settings: Mapping[str, Any] | None = None,
     samples_file: str | None = None,
+    curve_file: str | None = None,
     source_dataset: str | None = None,
     license: str = "apache-2.0",
 ) -> str:
     """The README.md of a pipeline repo: card metadata (validated with `ModelCardData` / `ModelCard`) and body.
 
     `metrics` keys are described in `CARD_METRICS`; `settings` are shown as YAML (secret-looking keys dropped),
-    and `settings["dataset"]` names the source dataset unless `source_dataset` is given.
+    and `settings["dataset"]` names the source dataset unless `source_dataset` is given. `samples_file` and
+    `curve_file` (`CURVE_FILENAME`, the benchmark's accuracy against storage) are images in the repo to show.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -168,6 +172,7 @@ def render_pipeline_card(
         latents_per_class=store_config.latents_per_class,
         num_subtasks=pipe.decoder.config.num_subtasks,
         samples_file=samples_file,
+        curve_file=curve_file,
         accuracy_text=accuracy_text,
         storage=storage,
         storage_bytes_text=_format_bytes(storage.total_bytes),

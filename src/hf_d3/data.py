@@ -91,11 +91,11 @@ def load_image_dataset(name: str, split: str, cache_dir: str | None = None) -> D
     return dataset
 
 
-def class_names_of(data: DataConfig) -> list[str]:
-    """The class names of the config's dataset (its train split's label feature)."""
-    if data.dataset == FASHION_MNIST:
+def class_names_of(data: DataConfig, train: Dataset | None = None) -> list[str]:
+    """The class names of the config's dataset: its train split's label feature (`train`, loaded if not given)."""
+    if train is None and data.dataset == FASHION_MNIST:
         return list(FASHION_MNIST_CLASSES)
-    train = load_image_dataset(data.dataset, data.train_split)
+    train = train if train is not None else load_image_dataset(data.dataset, data.train_split)
     return list(train.features[find_columns(train, data.image_column, data.label_column)[1]].names)
 
 
@@ -167,3 +167,13 @@ def load_subtask_data(train: Dataset, data: DataConfig, class_ids: list[int], se
                       label_column=data.label_column, max_per_class=data.max_train_per_class, seed=seed)
     local = torch.searchsorted(torch.tensor(class_ids), real.labels)
     return SubtaskData(real.images.to(device), local.to(device), class_ids)
+
+
+def load_test_split(data: DataConfig) -> ImageTensors:
+    """The real test split the students are scored on (its first `max_test_examples` images, if set)."""
+    test = to_tensors(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels,
+                      image_column=data.image_column, label_column=data.label_column)
+    if data.max_test_examples:
+        test = ImageTensors(test.images[:data.max_test_examples], test.labels[:data.max_test_examples],
+                            test.class_names)
+    return test

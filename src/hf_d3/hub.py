@@ -15,10 +15,11 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cards import render_dataset_card, render_pipeline_card
+from .cards import CURVE_FILENAME, TEMPLATES_FOLDER, TEMPLATES_PACKAGE, render_dataset_card, render_pipeline_card
 from .pipelines.pipeline_d3 import D3Pipeline
 
 if TYPE_CHECKING:
@@ -143,10 +144,12 @@ def push_pipeline_to_hub(
         if not samples_path.is_file():
             raise ValueError(f"samples_png={str(samples_png)!r} is not a file")
     api = HfApi(token=token, library_name="hf_d3", library_version=__version__)
+    curve = resources.files(TEMPLATES_PACKAGE).joinpath(TEMPLATES_FOLDER, CURVE_FILENAME)
     card_args = dict(
         metrics=metrics,
         settings=settings,
         samples_file=SAMPLES_FILENAME if samples_path else None,
+        curve_file=CURVE_FILENAME if curve.is_file() else None,
         source_dataset=source_dataset,
         license=license,
     )
@@ -162,6 +165,8 @@ def push_pipeline_to_hub(
         ]
         if samples_path is not None:
             operations.append(CommitOperationAdd(path_in_repo=SAMPLES_FILENAME, path_or_fileobj=str(samples_path)))
+        if curve.is_file():
+            operations.append(CommitOperationAdd(path_in_repo=CURVE_FILENAME, path_or_fileobj=curve.read_bytes()))
         try:
             created_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             if created_id != repo_id:  # a bare name went to the token owner's namespace: show the full id

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from accelerate import Accelerator
 
 from .config import D3Config
-from .data import ImageTensors, find_columns, load_image_dataset, to_tensors
+from .data import class_names_of, load_image_dataset, load_test_split
 from .distill.subtask import distill_one_subtask
 from .evaluation import accuracy, evaluate_with_config, pipeline_sampler
 from .factories import planned_storage
@@ -51,7 +51,7 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
     # Real data and the plan: which classes each subtask distils, their sizes, and the storage that gives.
     data = config.data
     train = load_image_dataset(data.dataset, data.train_split)
-    class_names = list(train.features[find_columns(train, data.image_column, data.label_column)[1]].names)
+    class_names = class_names_of(data, train)
     plan = plan_subtasks(list(range(len(class_names))), config.run.num_subtasks)
     config = resolve_sizes(config, len(class_names))
     storage = planned_storage(config, plan)
@@ -73,11 +73,7 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
     # Relabel with a global teacher, then train students on the distilled data and test them on real data.
     teacher = load_teacher(config, folder.teacher, train, device)
     relabel(store, decoder, teacher, config.relabel.relabel_temperature)
-    test = to_tensors(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels,
-                      image_column=data.image_column, label_column=data.label_column)
-    if data.max_test_examples:
-        test = ImageTensors(test.images[:data.max_test_examples], test.labels[:data.max_test_examples],
-                            test.class_names)
+    test = load_test_split(data)
     test_images, test_labels = test.images.to(device), test.labels.to(device)
     evaluation = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test_images,
                                       test_labels, len(class_names))
