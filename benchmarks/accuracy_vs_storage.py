@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"fashion_mnist": ROOT / "recipes/configs/fashion_mnist.yaml",
            "cifar10": ROOT / "recipes/configs/cifar10_ipc10.yaml"}
 METHODS = ("D3", "prototypes", "R+H", "R+S")
+TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 train / 1,017 test)"}
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 
 
@@ -192,6 +193,7 @@ def merge_and_plot(out: Path, figure: Path) -> dict:
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -199,8 +201,8 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, (dataset, budgets) in zip(axes[0], sorted(results.items())):
         for method in METHODS:
-            points = sorted((row["ipc_equivalent"], 100 * torch.tensor(row["accuracies"]))
-                            for b in budgets.values() if (row := b.get(method)))
+            points = sorted(((row["ipc_equivalent"], 100 * torch.tensor(row["accuracies"]))
+                             for b in budgets.values() if (row := b.get(method))), key=lambda point: point[0])
             if points:
                 ax.errorbar([x for x, _ in points], [a.mean().item() for _, a in points],
                             yerr=[a.std().item() if len(a) > 1 else 0.0 for _, a in points],
@@ -208,9 +210,10 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xscale("log")
         ticks = sorted({float(b) for b in budgets})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("stored values, in IPC-equivalents (log)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(dataset)
+        ax.set_title(TITLES[dataset])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
