@@ -68,8 +68,8 @@ TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 t
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 
 
-def base_config(dataset: str, cifar10_path: Path, out: Path, overrides: list[str]) -> tuple[Path, list[str]]:
-    """The shipped config without its sizes or budget, written to `out`, and the overrides to pass with it."""
+def base_config(dataset: str, cifar10_path: Path, out: Path) -> Path:
+    """The shipped config without its sizes or budget, written to `out`."""
     values = yaml.safe_load(CONFIGS[dataset].read_text())
     values = {k: v for k, v in values.items() if k not in PAPER_SIZES and k != "storage_budget_ipc"}
     if dataset == "cifar10":
@@ -77,7 +77,7 @@ def base_config(dataset: str, cifar10_path: Path, out: Path, overrides: list[str
     path = out / "base.yaml"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values))
-    return path, overrides
+    return path
 
 
 def prepare_shared(config, shared: Path, train) -> None:
@@ -99,9 +99,10 @@ def d3_row(config_path: Path, args: list[str], shared: Path, folder: Path, seeds
                    "--output_dir", str(run), "--teacher", str(RunFolder(shared).teacher), "--eval_seeds", str(seeds)]
         subprocess.run(command, check=True)
     metrics = json.loads((run / "metrics.json").read_text())
+    chosen = json.loads((run / "config.json").read_text())
     return {"values": metrics["storage"]["total_values"], "ipc_equivalent": metrics["storage"]["ipc_equivalent"],
             "accuracies": metrics["accuracies"], "over_budget": False,
-            "sizes": {k: json.loads((run / "config.json").read_text())[k] for k in PAPER_SIZES},
+            "sizes": {k: chosen[k] for k in PAPER_SIZES},
             "iterations": [s["iterations_run"] for s in metrics["subtasks"]],
             "distill_wall_time_s": metrics["distill_wall_time_s"]}
 
@@ -238,7 +239,7 @@ def main():
         return
 
     out = args.output_dir / args.dataset
-    config_path, overrides = base_config(args.dataset, args.cifar10_path, out, overrides)
+    config_path = base_config(args.dataset, args.cifar10_path, out)
     config = parse_config(["--config", str(config_path), *overrides, "--output_dir", str(out / "shared")])
     settings = {**config.to_dict(), "seeds": args.seeds, "num_threads": torch.get_num_threads()}
     data = config.data

@@ -156,11 +156,12 @@ class D3Pipeline(DiffusionPipeline):
 
 def dataset_features(class_names: list[str]) -> datasets.Features:
     """The columns of a materialised D3 dataset: `image`, `label` (ClassLabel) and `soft_label` (float32 list)."""
+    float_list = getattr(datasets, "List", None) or datasets.Sequence  # `List` is datasets >= 4; we allow 3
     return datasets.Features(
         {
             "image": datasets.Image(),
             "label": datasets.ClassLabel(names=list(class_names)),
-            "soft_label": datasets.List(datasets.Value("float32")),
+            "soft_label": float_list(datasets.Value("float32")),
         }
     )
 
