@@ -1,33 +1,42 @@
-"""Evaluate a saved D3 pipeline (a folder or Hub repo id) with the paper's protocol:
-`python recipes/evaluate.py outputs/fashion_mnist/pipeline --dataset builtin:fashion_mnist --seeds 3`."""
+"""Evaluate a distilled dataset with the run's student protocol, on the real test split:
 
-import argparse
+    python recipes/evaluate.py outputs/fashion_mnist                  # a run folder: its config.json, its student
+    python recipes/evaluate.py outputs/fashion_mnist --eval_seeds 5   # any setting overridden on the command line
+    python recipes/evaluate.py user/fmnist-d3 --config recipes/configs/fashion_mnist.yaml   # a pipeline + a config
+
+Settings are `D3Config`'s, parsed as `recipes/distill.py` parses them (YAML + command line); a run folder's
+`config.json` is the default config, so the student is the one its `metrics.json` reports unless told otherwise.
+"""
+
 import json
+import sys
+from pathlib import Path
 
 from hf_d3 import D3Pipeline
-from hf_d3.data import load_image_dataset, to_tensors
-from hf_d3.evaluation import evaluate_sampler, pipeline_sampler
+from hf_d3.config import parse_config
+from hf_d3.data import load_test_split
+from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("pipeline", help="a saved pipeline folder or Hub repo id")
-    parser.add_argument("--dataset", default="builtin:fashion_mnist", help="where the real test split comes from")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--architecture", default="convnet", choices=["convnet", "resnet18_ap"])
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--no_augment", action="store_true")
-    args = parser.parse_args()
-
-    pipe = D3Pipeline.from_pretrained(args.pipeline)
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)
+    source, args = Path(sys.argv[1]), sys.argv[2:]
+    is_run = (source / "config.json").is_file() and (source / "pipeline").is_dir()
+    if is_run and "--config" not in args:
+        args = ["--config", str(source / "config.json"), *args]
+    config = parse_config(args)
+    pipe = D3Pipeline.from_pretrained(source / "pipeline" if is_run else sys.argv[1])
     decoder = pipe.decoder.config
-    test = to_tensors(load_image_dataset(args.dataset, args.split), decoder.resolution, decoder.out_channels)
-    metrics = evaluate_sampler(pipeline_sampler(pipe), test.images, test.labels, pipe.latent_store.config.num_classes,
-                               args.architecture, args.steps, augment=not args.no_augment, seeds=args.seeds,
-                               width=args.width)
-    print(json.dumps(metrics.to_dict(), indent=2))
+    if (config.data.resolution, config.data.channels) != (decoder.resolution, decoder.out_channels):
+        sys.exit(f"the config reads the test split at resolution={config.data.resolution}, channels="
+                 f"{config.data.channels}, but the pipeline makes {decoder.out_channels}x{decoder.resolution}x"
+                 f"{decoder.resolution} images: pass --resolution {decoder.resolution} --channels "
+                 f"{decoder.out_channels}, or the run's config")
+    test = load_test_split(config.data)
+    result = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test.images, test.labels,
+                                  pipe.latent_store.config.num_classes)
+    print(json.dumps(result.to_dict(), indent=2))
 
 
 if __name__ == "__main__":

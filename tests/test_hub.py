@@ -3,6 +3,7 @@ to the local Hub of `tests/hub_server.py` (the `local_hub` fixture); nothing is 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -414,8 +415,8 @@ def test_publish_recipe_publishes_a_finished_run(local_hub, new_repo_id, tmp_pat
     (run_dir / "config.json").write_text(json.dumps({"dataset": "builtin:fashion_mnist", "iterations": 5}))
     model_id, dataset_id = new_repo_id("run"), new_repo_id("run-data")
     recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "publish.py")
-    done = subprocess.run([sys.executable, recipe, str(run_dir), model_id, "--dataset", dataset_id],
-                          capture_output=True, text=True, timeout=300)
+    command = [sys.executable, recipe, str(run_dir), "--hub_model_id", model_id, "--hub_dataset_id", dataset_id]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert local_hub.token not in done.stdout + done.stderr
 
@@ -428,7 +429,79 @@ def test_publish_recipe_publishes_a_finished_run(local_hub, new_repo_id, tmp_pat
 
 
 def test_publish_refuses_an_unfinished_run(tmp_path):
-    from hf_d3.hub import publish_run
+    from hf_d3.run_folder import publish_run
 
     with pytest.raises(ValueError, match="metrics.json is missing"):
         publish_run(tmp_path, "user/never")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The diffusers way: push_to_hub on the pipeline, DiffusionPipeline loading, remote code
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_pipe_push_to_hub_is_the_d3_publish(local_hub, new_repo_id):
+    pipe, repo_id = make_pipe(11), new_repo_id("d3-push")
+    info = pipe.push_to_hub(repo_id, metrics=METRICS, settings=SETTINGS)
+    assert local_hub.commit_ids(repo_id)[0] == info.oid and len(local_hub.commit_ids(repo_id)) == 2  # one commit
+    files = local_hub.files(repo_id)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "hf_d3" and "Model Card for Model ID" not in card.content
+    assert "87.31 ± 0.42%" in card.content
+    assert "![Samples drawn from the distilled dataset](samples.png)" in card.content
+    grid = PIL.Image.open(io.BytesIO(files["samples.png"]))  # drawn from the pipeline when none is given
+    assert grid.width >= 8 * 60 and grid.height >= 3 * 60  # 8 images a row, one row per class, readable
+    assert {"pipeline_d3.py", "latent_store/latent_store.py", "decoder/decoder.py"} <= set(files)
+    assert_same_outputs(pipe, D3Pipeline.from_pretrained(repo_id))
+
+
+def test_diffusion_pipeline_loads_a_published_repo_as_hf_d3_s_class(local_hub, published):
+    from diffusers import DiffusionPipeline
+
+    repo_id, pipe, _ = published
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # diffusers' rule for a repo that carries code
+        DiffusionPipeline.from_pretrained(repo_id)
+    loaded = DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)
+    assert type(loaded) is D3Pipeline and type(loaded.latent_store) is GaussianLatentStore
+    assert_same_outputs(pipe, loaded)
+
+
+def test_a_published_repo_loads_and_samples_without_hf_d3(local_hub, published, tmp_path):
+    repo_id, pipe, _ = published
+    script = textwrap.dedent(
+        """
+        import importlib.abc, importlib.util, sys
+
+        class NoHfD3(importlib.abc.MetaPathFinder):  # as if hf_d3 were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "hf_d3":
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+
+        sys.meta_path.insert(0, NoHfD3())
+        try:
+            importlib.import_module("hf_d3")
+            raise SystemExit("hf_d3 is importable")
+        except ModuleNotFoundError:
+            pass
+        import torch
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+        out = pipe(num_samples_per_component=2, include_means=True, generator=torch.Generator().manual_seed(0),
+                   output_type="pt")
+        report = pipe.storage_report()
+        print(type(pipe).__module__, type(pipe).__name__, report.total_values)
+        assert not any(name.split(".")[0] == "hf_d3" for name in sys.modules)
+        torch.save([out.images, out.labels, out.soft_labels], sys.argv[2])
+        """
+    )
+    result_path = tmp_path / "remote.pt"
+    done = subprocess.run([sys.executable, "-c", script, repo_id, str(result_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, name, values = done.stdout.split()
+    assert module.startswith("diffusers_modules.") and name == "D3Pipeline"  # the repo's code, not hf_d3's
+    assert int(values) == pipe.storage_report().total_values
+    assert "Expected types" not in done.stderr and "might require" not in done.stderr
+    for x, y in zip(torch.load(result_path), draw(pipe), strict=True):
+        assert torch.equal(x, y)

@@ -244,3 +244,94 @@ def test_a_copied_folder_loads(saved, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(saved, copy)
     assert torch.equal(draw(D3Pipeline.from_pretrained(copy)).images, draw(D3Pipeline.from_pretrained(saved)).images)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading through diffusers, and streaming samples
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_diffusion_pipeline_loads_a_saved_folder(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is D3Pipeline
+    assert torch.equal(draw(loaded, seed=5).images, draw(pipe, seed=5).images)
+
+
+def test_a_folder_of_another_pipeline_is_refused(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = tmp_path / "model_index.json"
+    index.write_text(index.read_text().replace('"D3Pipeline"', '"StableDiffusionPipeline"'))
+    with pytest.raises(OSError, match="holds a 'StableDiffusionPipeline' pipeline, not a D3Pipeline"):
+        D3Pipeline.from_pretrained(tmp_path)
+
+
+def image_bytes(example: dict) -> bytes:
+    return np.asarray(example["image"]).tobytes()
+
+
+def take(stream, n: int) -> list[dict]:
+    return [example for _, example in zip(range(n), stream)]
+
+
+def test_stream_is_endless_and_deterministic_by_seed(pipe):
+    components = pipe.latent_store.num_components  # 6: a pass is 12 images with the means
+    first = take(pipe.to_iterable_dataset(seed=0), 5 * 2 * components)  # five passes: more than a dataset holds
+    again = take(pipe.to_iterable_dataset(seed=0), 5 * 2 * components)
+    other = take(pipe.to_iterable_dataset(seed=1), 5 * 2 * components)
+    assert [image_bytes(e) for e in first] == [image_bytes(e) for e in again]
+    assert [image_bytes(e) for e in first] != [image_bytes(e) for e in other]
+    assert set(first[0]) == {"image", "label", "soft_label"} and isinstance(first[0]["image"], PIL.Image.Image)
+
+
+def test_a_pass_is_every_mean_and_one_fresh_sample_of_every_component(pipe):
+    store = pipe.latent_store
+    first_pass = take(pipe.to_iterable_dataset(seed=0), 2 * store.num_components)
+    means = draw(pipe, num_samples_per_component=0).images  # the decoded means, NCHW in [0, 1]
+    mean_bytes = {np.asarray(pipe.numpy_to_pil(m.permute(1, 2, 0)[None].numpy())[0]).tobytes() for m in means}
+    streamed_means = [e for e in first_pass if image_bytes(e) in mean_bytes]
+    assert len(streamed_means) == store.num_components
+    assert len({image_bytes(e) for e in first_pass}) == len(first_pass)
+    assert sorted(e["label"] for e in first_pass) == sorted(store.component_class.tolist() * 2)
+    for example in first_pass:  # each image carries its own component's soft label
+        own = store.soft_labels[store.component_class == example["label"]]
+        assert any(torch.allclose(torch.tensor(example["soft_label"]), s) for s in own)
+    no_means = take(pipe.to_iterable_dataset(seed=0, include_means=False), 3 * store.num_components)
+    assert not {image_bytes(e) for e in no_means} & mean_bytes
+    assert sorted(e["label"] for e in no_means) == sorted(store.component_class.tolist() * 3)
+
+
+def test_ranks_and_workers_read_disjoint_streams(pipe):
+    from datasets.distributed import split_dataset_by_node
+    from torch.utils.data import DataLoader
+
+    stream = pipe.to_iterable_dataset(seed=0, include_means=False)
+    n = 4 * pipe.latent_store.num_components  # four passes each
+    ranks = [split_dataset_by_node(stream, rank, 2) for rank in range(2)]
+    seen = [{image_bytes(e) for e in take(part, n)} for part in ranks]
+    assert len(seen[0]) == len(seen[1]) == n and not seen[0] & seen[1]
+    assert seen[0] == {image_bytes(e) for e in take(split_dataset_by_node(stream, 0, 2), n)}  # by seed alone
+
+    loader = DataLoader(ranks[0].with_format("numpy"), batch_size=None, num_workers=2)
+    from_workers = [np.asarray(e["image"]).tobytes() for e in take(loader, 2 * n)]
+    assert len(set(from_workers)) == 2 * n and not set(from_workers) & seen[1]
+    labels = [int(e["label"]) for e in take(DataLoader(ranks[0], batch_size=None, num_workers=2), 2 * n)]
+    assert sorted(labels) == sorted(pipe.latent_store.component_class.tolist() * 8)  # every component, evenly
+
+
+def test_stream_needs_a_shard(pipe):
+    with pytest.raises(ValueError, match="num_shards=0 must be >= 1"):
+        pipe.to_iterable_dataset(num_shards=0)
+
+
+def test_sample_grid_names_a_row_per_class_at_a_readable_size(pipe):
+    from hf_d3.cards import sample_grid
+
+    grid = sample_grid(pipe, per_class=5)
+    assert grid.width >= 5 * 60 and 3 * 60 <= grid.height < 3 * 120  # 3 classes, each image drawn ~80 px
+    assert sample_grid(pipe, per_class=5, max_classes=2).height < grid.height  # at most max_classes rows
+    left = np.asarray(grid.convert("L"))[:, : grid.width // 10]  # the class names, left of the images
+    assert (left < 100).any()
+    assert sample_grid(make_pipe(out_channels=3), per_class=5).size == grid.size  # colour images too

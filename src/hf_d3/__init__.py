@@ -11,8 +11,7 @@ from .models import (
 )
 from .pipelines import D3Pipeline, D3PipelineOutput
 from .storage import StorageReport
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ConvNetConfig",
@@ -24,5 +23,6 @@ __all__ = [
     "ResNet18APConfig",
     "ResNet18APForImageClassification",
     "StorageReport",
+    "__version__",
     "build_classifier",
 ]

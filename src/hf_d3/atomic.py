@@ -2,17 +2,36 @@
 
 A rerun trusts what it finds (a finished expert, subtask, checkpoint or run), so every writer of something that
 marks work finished goes through `staged`: a job killed mid-write leaves the previous version or nothing.
+`kill_point` marks the places tests/test_kill_resume.py kills a run at (inert unless HF_D3_KILL_AT names one).
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+_reached: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Fault injection, for testing that a run survives being killed anywhere: with `HF_D3_KILL_AT="<name>:<n>"`
+    in the environment (and `HF_D3_KILL_RANK`, if set, equal to this process's `RANK`), the process SIGKILLs
+    itself the n-th time it reaches the point `name` (or sends itself `HF_D3_KILL_SIGNAL`: SIGSTOP makes a hung
+    process). Without them, nothing happens."""
+    point, _, count = os.environ.get("HF_D3_KILL_AT", "").rpartition(":")
+    if point != name or os.environ.get("HF_D3_KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] == int(count):
+        os.kill(os.getpid(), signal.Signals[os.environ.get("HF_D3_KILL_SIGNAL", "SIGKILL")])
 
 
 def _remove(path: Path) -> None:
@@ -20,6 +39,10 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _disk_full(error: BaseException) -> bool:
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error)
 
 
 @contextmanager
@@ -34,11 +57,18 @@ def staged(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
     _remove(staging)
+    if replace:  # one writer per `final`: what a killed one left half-written goes (a cache's racers keep theirs)
+        for stale in final.parent.glob(f"{glob.escape(final.name)}.partial-*"):
+            _remove(stale)
     try:
         yield staging
-    except BaseException:
+    except BaseException as error:
         _remove(staging)
+        if _disk_full(error):  # safetensors reports it as text: say what could not be written, and what to do
+            raise OSError(errno.ENOSPC, f"no space left on the device to write {final} ({error}); free some space "
+                          "or choose another output_dir, then rerun: the work finished so far is kept") from error
         raise
+    kill_point(f"write {final.name}")  # written in full, not yet under its final name
     if final.exists() and not replace:
         _remove(staging)
         return

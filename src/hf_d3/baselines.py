@@ -8,13 +8,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import DistillationConfig
 from .data import ImageTensors, SubtaskData
 from .distill.distiller import take_step
 from .distill.losses import FlatModel, mmd2_unbiased, real_per_class, trajectory_matching_loss
 from .evaluation import EpochSampler
+from .progress import progress_bar
 from .storage import prototype_storage
 
 
@@ -86,7 +86,7 @@ def distill_prototypes(
     batch = config.syn_batch_size or len(images)
     n = config.mmd_samples_per_class
     start, iterations_run = time.perf_counter(), 0
-    for iteration in tqdm(range(config.iterations), desc="prototypes", leave=False):
+    for iteration in progress_bar(range(config.iterations), desc="prototypes", leave=False):
         if config.max_distill_time_s is not None and time.perf_counter() - start >= config.max_distill_time_s:
             break
         if config.mtt_weight > 0:

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
 from .models.decoder import UPSAMPLE_MODES
+from .validation import check_ranges, check_types, field_types
 
 ARCHITECTURES = ("convnet", "resnet18_ap")
 
@@ -47,16 +49,30 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """Where the run lives, its seed and its federated split."""
+    """Where the run lives, its seed, its federated split and how it reports progress."""
 
     output_dir: str = "outputs/run"
     seed: int = 0
     num_subtasks: int = field(default=1, metadata={"help": "classes are split into this many contiguous blocks"})
     collective_timeout_s: int = field(default=7200, metadata={"help": "longest wait for a peer process"})
+    log_every: int = field(default=10, metadata={"help": "iterations between two logs of the distillation losses"})
+    report_to: str = field(default="none", metadata={
+        "help": 'trackers for Accelerate\'s log_with, comma-separated: e.g. "tensorboard", "wandb", "all" or "none"'})
 
     def __post_init__(self):
         if self.num_subtasks < 1:
             raise ValueError(f"num_subtasks={self.num_subtasks} must be >= 1")
+        if self.log_every < 1:
+            raise ValueError(f"log_every={self.log_every} must be >= 1")
+        unknown = [name for name in self.trackers if name not in LoggerType.list()]  # what log_with accepts
+        if unknown:
+            raise ValueError(f"report_to={self.report_to!r}: unknown tracker(s) {unknown}; choose \"none\" or "
+                             f"one or more (comma-separated) of {LoggerType.list()}")
+
+    @property
+    def trackers(self) -> list[str]:
+        """`report_to` as the list Accelerate's `log_with` takes; empty for "none"."""
+        return [] if self.report_to == "none" else [name.strip() for name in self.report_to.split(",")]
 
 
 @dataclass
@@ -220,6 +236,7 @@ class D3Config:
     hub: HubConfig = field(default_factory=HubConfig)
 
     def __post_init__(self):
+        check_ranges(self.to_dict())
         trajectory, objective = self.experts, self.distillation
         needed = objective.max_start_epoch + objective.expert_epochs
         if objective.mtt_weight > 0 and needed > trajectory.trajectory_epochs:
@@ -239,6 +256,7 @@ class D3Config:
         unknown = sorted(set(values) - set(FIELD_GROUP))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(FIELD_GROUP)}")
+        check_types(values, FIELD_TYPES)
         return cls(**{name: group(**{k: v for k, v in values.items() if FIELD_GROUP[k] == name})
                       for name, group in cls.groups().items()})
 
@@ -250,26 +268,42 @@ class D3Config:
 # Every flat setting name -> the group it belongs to.
 FIELD_GROUP: dict[str, str] = {f.name: name for name, group in D3Config.groups().items()
                                for f in dataclasses.fields(group)}
+FIELD_TYPES: dict[str, Any] = field_types(D3Config.groups().values())
 
 
 def parse_config(args: list[str] | None = None) -> D3Config:
     """Parse `--config file.yaml` and `--key value` overrides (the command line wins over the file)."""
+    return parse_recipe_args(args)[0]
+
+
+def parse_recipe_args(args: list[str] | None = None, *extra: type) -> tuple:
+    """`parse_config` for a recipe with settings of its own: returns `(D3Config, *instances of extra)`.
+
+    The extra dataclasses' fields are named flat beside the `D3Config` ones, in the YAML file and on the command
+    line; `--config` may also be a finished run's `config.json` (JSON is YAML), so a recipe reruns a run's settings.
+    """
     groups = D3Config.groups()
-    parser = HfArgumentParser(list(groups.values()), allow_abbrev=False)
+    parser = HfArgumentParser([*groups.values(), *extra], allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config settings (flat keys)")
     known, unknown = parser.parse_known_args(args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if known.config:
-        parser.set_defaults(**load_yaml(known.config))
+        extra_fields = {f.name for cls in extra for f in dataclasses.fields(cls)}
+        parser.set_defaults(**load_yaml(known.config, extra_fields))
     *parsed, _ = parser.parse_args_into_dataclasses(args, look_for_args_file=False)
-    return D3Config(**dict(zip(groups, parsed, strict=True)))
+    config = D3Config(**dict(zip(groups, parsed[: len(groups)], strict=True)))
+    return (config, *parsed[len(groups):])
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a flat YAML config, rejecting keys that are not `D3Config` settings."""
+def load_yaml(path: str | Path, extra_keys: set[str] = frozenset()) -> dict:
+    """Read a flat YAML config, rejecting keys that are neither `D3Config` settings nor `extra_keys`."""
     values = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = sorted(set(values) - set(FIELD_GROUP))
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a YAML {type(values).__name__}; valid: a mapping of settings, `name: value` "
+                         "one a line")
+    unknown = sorted(set(values) - set(FIELD_GROUP) - set(extra_keys))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown} in {path}; valid keys: {sorted(FIELD_GROUP)}")
+        raise ValueError(f"unknown config keys {unknown} in {path}; valid keys: {sorted({*FIELD_GROUP, *extra_keys})}")
+    check_types(values, FIELD_TYPES, where=f" in {path}", from_text=True)
     return values

@@ -108,15 +108,18 @@ def find_columns(
         image_column = next((k for k, f in features.items() if isinstance(f, Image)), None)
     if label_column is None:
         label_column = next((k for k, f in features.items() if isinstance(f, ClassLabel)), None)
+    # Labels as strings or plain integers do not say the classes and their order: they must be a ClassLabel.
+    encode = {"image": "", "label": "; class names or ids in a plain column must be cast to a ClassLabel first "
+                                    "(datasets: Dataset.class_encode_column(name), then save the dataset)"}
     for kind, column, wanted in (("image", image_column, Image), ("label", label_column, ClassLabel)):
         if column is None or column not in features:
             raise ValueError(
                 f"no {kind} column {'named ' + repr(column) + ' ' if column else ''}in the dataset; its columns are "
-                f"{ {k: type(f).__name__ for k, f in features.items()} }; name one with {kind}_column"
+                f"{ {k: type(f).__name__ for k, f in features.items()} }; name one with {kind}_column{encode[kind]}"
             )
         if not isinstance(features[column], wanted):
             found = type(features[column]).__name__
-            raise ValueError(f"{kind} column {column!r} is a {found}, not a {wanted.__name__}")
+            raise ValueError(f"{kind} column {column!r} is a {found}, not a {wanted.__name__}{encode[kind]}")
     return image_column, label_column
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .augment import dsa_augmentation
 from .config import EvaluationConfig, ExpertConfig
 from .factories import net_kwargs
 from .models.classifiers import build_classifier
+from .progress import progress_bar
 from .results import EvaluationResult
+
+logger = logging.getLogger(__name__)
 
 # A source of training data: given a generator, one epoch of (images in [0, 1], soft labels).
 EpochSampler = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -72,7 +75,7 @@ def train_student(
     augmentation = dsa_augmentation(r, c) if augment else nn.Identity()
     student.train()
     batches = iter(())
-    for _ in tqdm(range(steps), desc="student", leave=False):
+    for _ in progress_bar(range(steps), desc="student", leave=False):
         batch = next(batches, None)
         if batch is None:  # a new epoch: fresh samples from the distilled set
             images, targets = sampler(generator)
@@ -101,12 +104,14 @@ def evaluate_sampler(
 ) -> EvaluationResult:
     """Final-step test accuracy of `seeds` students trained from scratch (never the best checkpoint)."""
     accuracies = []
-    for seed in tqdm(range(seeds), desc="evaluation seeds"):
+    for seed in progress_bar(range(seeds), desc="evaluation seeds"):
         torch.manual_seed(seed)
         student = build_classifier(architecture, test_images.shape[1], test_images.shape[-1], num_classes,
                                    **net_kwargs)
         train_student(student, sampler, steps, batch_size, lr, augment, seed)
         accuracies.append(accuracy(student, test_images, test_labels))
+        logger.info("student %d/%d (%s, %d steps): accuracy %.4f on the test split", seed + 1, seeds, architecture,
+                    steps, accuracies[-1])
     values = torch.tensor(accuracies)
     return EvaluationResult(accuracy_mean=values.mean().item(), accuracy_std=values.std().item() if seeds > 1 else 0.0,
                             accuracies=accuracies, num_eval_runs=seeds, student_architecture=architecture,

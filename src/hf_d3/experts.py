@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from .atomic import staged, write_json
+from .atomic import kill_point, staged, write_json
 from .augment import dsa_augmentation
 from .models.classifiers import CLASSIFIERS
+from .progress import progress_bar
+
+logger = logging.getLogger(__name__)
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:
@@ -37,13 +41,14 @@ def train_classifier(
     augmentation = dsa_augmentation(images.shape[-1], images.shape[1]) if augment else nn.Identity()
     trajectory = [flat_parameters(model)]
     model.train()
-    for _ in tqdm(range(epochs), desc=desc, leave=False):
+    for _ in progress_bar(range(epochs), desc=desc, leave=False):
         for batch in torch.randperm(len(images), generator=generator).split(batch_size):
             loss = nn.functional.cross_entropy(model(augmentation(images[batch])).logits, labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         trajectory.append(flat_parameters(model))
+        kill_point("epoch")
     return trajectory
 
 
@@ -78,6 +83,8 @@ def train_expert(
     """One expert from `seed` alone (so any process can train it): its classifier config and trajectory."""
     torch.manual_seed(seed)
     model = build_model()
+    start = time.perf_counter()
     trajectory = train_classifier(model, images, labels, epochs, lr, batch_size,
                                   torch.Generator().manual_seed(seed), augment, desc=desc)
+    logger.info("%s: trained %d epochs on %d images in %.1f s", desc, epochs, len(images), time.perf_counter() - start)
     return model.config.to_dict(), [p.cpu() for p in trajectory]

@@ -3,9 +3,11 @@ experts over the processes, route trajectories to the rank that needs them, gath
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from collections.abc import Hashable
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 
     from .config import D3Config
     from .run_folder import RunFolder
+
+logger = logging.getLogger(__name__)
 
 
 def plan_subtasks(class_ids: list[int], num_subtasks: int) -> list[list[int]]:
@@ -60,13 +64,59 @@ def subtask_seed(seed: int, subtask: int) -> int:
     return seed * 100_003 + subtask
 
 
+# TRUSTED, RANK TO RANK ONLY: the object collectives below (all_gather_object, send/recv_object_list) pickle, and
+# this module is the one place hf_d3 uses them. They carry only what the ranks of one job send one another
+# (tracebacks, finished-work lists, configs and tensors of experts and subtasks) over the job's own process group;
+# nothing read from disk or the network is unpickled (tests/test_safety.py checks the package for it).
 def gather_to_all(obj: Any) -> list[Any]:
     """Every rank's `obj`, on every rank, through the process group (no shared filesystem needed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    global _gathers
+    _gathers += 1  # every rank gathers in the same order: the count names this gather on every rank
+    rank, world, store = dist.get_rank(), dist.get_world_size(), _default_store()
+    with _peers_answer(lambda: None if store is None else
+                       [r for r in range(world) if not store.check([f"hf_d3/gather/{_gathers}/{r}"])]):
+        if store is not None:
+            store.set(f"hf_d3/gather/{_gathers}/{rank}", "1")  # reached this gather
+        gathered = [None] * world
+        dist.all_gather_object(gathered, obj)
     return gathered
+
+
+class PeerLostError(RuntimeError):
+    """A peer process died or stopped answering during a collective (after at most `collective_timeout_s`)."""
+
+
+_gathers = 0
+
+
+def _default_store():
+    try:  # the process group's key-value store (in rank 0 or in the launcher's agent), to find who is missing
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 (a private helper: without it the message is less precise, no worse)
+        return None
+
+
+@contextmanager
+def _peers_answer(lost_ranks):
+    """Turn a collective's failure (a peer's connection closed, or the process group's timeout) into a
+    `PeerLostError` naming the ranks `lost_ranks()` says did not answer."""
+    start = time.perf_counter()
+    try:
+        yield
+    except RuntimeError as error:  # gloo's and NCCL's errors, their timeouts included (not a pickling error)
+        try:
+            lost = lost_ranks()
+        except Exception:  # noqa: BLE001 (the store lived in the lost process)
+            lost = None
+        who = (f"rank(s) {lost} never reached it" if lost else "a peer was lost inside it" if lost == []
+               else "rank 0 or another peer stopped answering, and so did the store that rank 0 or the launcher keeps")
+        raise PeerLostError(
+            f"rank {dist.get_rank()} lost a peer in a collective after {time.perf_counter() - start:.1f} s: {who} "
+            "(they died or hung; a rank waits at most collective_timeout_s). Nothing was aggregated or saved as a "
+            f"pipeline; rerun to resume from the finished experts and subtasks. ({type(error).__name__}: {error})"
+        ) from error
 
 
 def send_point_to_point(objects: dict[Hashable, Any], routes: list[tuple[Hashable, int, int]]) -> dict[Hashable, Any]:
@@ -79,10 +129,12 @@ def send_point_to_point(objects: dict[Hashable, Any], routes: list[tuple[Hashabl
         if source == destination:
             continue
         if rank == source:
-            dist.send_object_list([objects.pop(key)], dst=destination)
+            with _peers_answer(lambda destination=destination: [destination]):
+                dist.send_object_list([objects.pop(key)], dst=destination)
         elif rank == destination:
             box = [None]
-            dist.recv_object_list(box, src=source)
+            with _peers_answer(lambda source=source: [source]):
+                dist.recv_object_list(box, src=source)
             received[key] = box[0]
     return received
 
@@ -141,6 +193,8 @@ def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[li
     finished = {tuple(job) for jobs in gather_to_all(on_my_disk) for job in jobs}
     todo = [(k, i) for i in range(num_experts) for k in range(num_subtasks) if (k, i) not in finished]
     mine = [(k, i) for k, i in todo if expert_rank(k, i, num_subtasks, world_size) == rank]
+    logger.info("experts: %d of %d already trained; rank %d trains %d", len(finished), num_subtasks * num_experts,
+                rank, len(mine))
     to_send = {}
 
     def work() -> ExpertWork:
@@ -163,6 +217,7 @@ def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[li
     summary = run_and_gather(work)  # every rank learns of a failure before any waits on a send
     routes = [(job, expert_rank(*job, num_subtasks, world_size), subtask_rank(job[0], world_size)) for job in todo]
     for (k, i), trained in send_point_to_point(to_send, routes).items():
+        logger.info("subtask %d expert %d: received from rank %d", k, i, expert_rank(k, i, num_subtasks, world_size))
         save_trajectory(folder.expert(k, i), *trained)
     return summary
 

@@ -1,7 +1,9 @@
 """Publish D3 distilled datasets to the Hugging Face Hub, as a pipeline repo and as Parquet dataset repos.
 
 Pulling needs nothing from here: `D3Pipeline.from_pretrained(repo_id, revision=...)` downloads and loads a
-pipeline repo, and `datasets.load_dataset(repo_id, config_name)` loads a dataset config.
+pipeline repo, and `datasets.load_dataset(repo_id, config_name)` loads a dataset config. A pipeline repo also
+carries the code of its classes (`hf_d3.remote_code`), so `DiffusionPipeline.from_pretrained(repo_id,
+trust_remote_code=True)` loads it where hf_d3 is not installed.
 
 Everything goes through `huggingface_hub`, so `HF_ENDPOINT` (another Hub), `HF_TOKEN` and `HF_HOME` apply. The
 token is sent to the Hub only: it is never logged, put in an error message or written into a card.
@@ -9,7 +11,6 @@ token is sent to the Hub only: it is never logged, put in an error message or wr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,12 +20,22 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cards import CURVE_FILENAME, TEMPLATES_FOLDER, TEMPLATES_PACKAGE, render_dataset_card, render_pipeline_card
-from .pipelines.pipeline_d3 import D3Pipeline
+from .cards import (
+    CURVE_FILENAME,
+    TEMPLATES_FOLDER,
+    TEMPLATES_PACKAGE,
+    render_dataset_card,
+    render_pipeline_card,
+    sample_grid,
+)
+from .remote_code import add_remote_code
+from .version import __version__
 
 if TYPE_CHECKING:
     import datasets
     from huggingface_hub import CommitInfo
+
+    from .pipelines.pipeline_d3 import D3Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +118,19 @@ def push_pipeline_to_hub(
     source_dataset: str | None = None,
     license: str = "apache-2.0",
 ) -> CommitInfo:
-    """Publish a D3 pipeline (components, `model_index.json`, model card, sample grid) in one commit.
+    """Publish a D3 pipeline (components and their code, `model_index.json`, model card, sample grid) in one
+    commit; `pipe.push_to_hub(repo_id, ...)` is the same call.
 
-    The repo is created if needed and reused if it exists. Load it back with `D3Pipeline.from_pretrained(repo_id)`.
+    The repo is created if needed and reused if it exists. Load it back with `D3Pipeline.from_pretrained(repo_id)`,
+    or without hf_d3 with `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`.
 
     Args:
         pipe: the pipeline to publish.
         repo_id: "namespace/name" (a bare "name" goes to the token owner's namespace).
         metrics: measured results; keys in `hf_d3.results.CARD_METRICS` (fractions for accuracies).
         settings: the distillation settings, shown on the card (keys that look like secrets are dropped).
-        samples_png: a PNG sample grid, uploaded as `samples.png` and shown on the card.
+        samples_png: a PNG sample grid, uploaded as `samples.png` and shown on the card; default: one drawn from
+            `pipe` (`hf_d3.cards.sample_grid`).
         token: a Hub token with write access; defaults to `HF_TOKEN` / the saved login.
         private: create the repo as private (an existing repo keeps its visibility).
         revision: branch to commit to (created from `main` if missing); default `main`.
@@ -128,13 +142,14 @@ def push_pipeline_to_hub(
         The `CommitInfo` of the commit (a str: the commit URL; `.oid` is the revision).
 
     Raises:
-        ValueError: invalid `repo_id`, no token, a missing `samples_png`, malformed metrics.
+        ValueError: invalid `repo_id`, no token, a missing `samples_png`, malformed metrics; `RepoTakenError` (a
+            ValueError) for a repo that holds another model, before anything is uploaded.
         HubPublishError: the Hub refused the upload or the connection failed; the repo keeps its previous
             revision unless the commit went through, and nothing local changes.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from . import __version__
+    from .preflight import RepoTakenError, check_pipeline_repo
 
     repo_id = _check_repo_id(repo_id)
     token = _resolve_token(token, repo_id)
@@ -148,7 +163,7 @@ def push_pipeline_to_hub(
     card_args = dict(
         metrics=metrics,
         settings=settings,
-        samples_file=SAMPLES_FILENAME if samples_path else None,
+        samples_file=SAMPLES_FILENAME,
         curve_file=CURVE_FILENAME if curve.is_file() else None,
         source_dataset=source_dataset,
         license=license,
@@ -158,24 +173,30 @@ def push_pipeline_to_hub(
 
     with tempfile.TemporaryDirectory(prefix="hf_d3-push-") as folder:
         pipe.save_pretrained(folder, safe_serialization=True)
+        add_remote_code(folder)
+        if samples_path is None:
+            samples_path = Path(folder) / SAMPLES_FILENAME
+            sample_grid(pipe).save(samples_path, format="PNG")
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
             for path in sorted(Path(folder).rglob("*"))
-            if path.is_file() and path.relative_to(folder).as_posix() != "README.md"
+            if path.is_file() and path.relative_to(folder).as_posix() not in ("README.md", SAMPLES_FILENAME)
         ]
-        if samples_path is not None:
-            operations.append(CommitOperationAdd(path_in_repo=SAMPLES_FILENAME, path_or_fileobj=str(samples_path)))
+        operations.append(CommitOperationAdd(path_in_repo=SAMPLES_FILENAME, path_or_fileobj=str(samples_path)))
         if curve.is_file():
             operations.append(CommitOperationAdd(path_in_repo=CURVE_FILENAME, path_or_fileobj=curve.read_bytes()))
         try:
             created_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             if created_id != repo_id:  # a bare name went to the token owner's namespace: show the full id
                 repo_id, card = created_id, render_pipeline_card(pipe, created_id, **card_args)
+            check_pipeline_repo(api, repo_id, revision)  # before any upload: never mix D3 into another model
             card_bytes = _scrub(card, token).encode("utf-8")
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_bytes))
             if revision not in (None, "main"):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+        except RepoTakenError:
+            raise
         except Exception as error:
             raise _publish_error("the pipeline", repo_id, error, token) from error
     logger.info("Published the D3 pipeline %s at %s", repo_id, info.commit_url)
@@ -227,8 +248,6 @@ def push_dataset_to_hub(
     """
     import datasets
     from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi
-
-    from . import __version__
 
     repo_id = _check_repo_id(repo_id)
     if not isinstance(config_name, str) or not _CONFIG_NAME.fullmatch(config_name) or config_name == "data":
@@ -288,31 +307,3 @@ def push_dataset_to_hub(
         raise _publish_error("the dataset card", repo_id, error, token, state) from error
     logger.info("Published config %s of the D3 dataset %s at %s", config_name, repo_id, info.commit_url)
     return info
-
-
-def publish_run(
-    run_dir: str | os.PathLike,
-    hub_model_id: str,
-    hub_dataset_id: str | None = None,
-    *,
-    token: str | None = None,
-    private: bool = False,
-) -> dict[str, CommitInfo]:
-    """Publish a finished run folder (`pipeline/`, `metrics.json`, `config.json`, `samples.png`): the pipeline
-    to `hub_model_id` and, if given, its materialised dataset to `hub_dataset_id` under config `ipc<N>`."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.json").is_file():
-        raise ValueError(f"{run_dir} is not a finished run: metrics.json is missing (did the run fail?)")
-    pipe = D3Pipeline.from_pretrained(run_dir / "pipeline")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    settings = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
-    samples = run_dir / "samples.png"
-    commits = {"pipeline": push_pipeline_to_hub(
-        pipe, hub_model_id, metrics=metrics, settings=settings, token=token, private=private,
-        samples_png=samples if samples.is_file() else None,
-    )}
-    if hub_dataset_id:
-        budget = f"ipc{round(pipe.storage_report().ipc_equivalent)}"
-        commits["dataset"] = push_dataset_to_hub(pipe, hub_dataset_id, config_name=budget, token=token,
-                                                 private=private, pipeline_repo_id=hub_model_id)
-    return commits

@@ -1,16 +1,25 @@
 """The main job, top to bottom: real data -> expert trajectories -> distilled subtasks -> gathered, relabelled,
-evaluated and saved pipeline (docs/method.md, Federated plan)."""
+evaluated and saved pipeline (docs/method.md, Federated plan).
+
+Progress is logged with `logging` (each module's own logger) and, with `report_to`, to Accelerate's trackers.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-from .config import D3Config
+from .config import D3Config, RunConfig
 from .data import class_names_of, load_image_dataset, load_test_split
+from .distill.distiller import LossCallback
 from .distill.subtask import distill_one_subtask
 from .evaluation import accuracy, evaluate_with_config, pipeline_sampler
 from .factories import planned_storage
@@ -23,12 +32,14 @@ from .federated import (
     to_portable,
     train_expert_trajectories,
 )
-from .hub import publish_run
 from .pipelines.pipeline_d3 import D3Pipeline
+from .preflight import check_run_input
 from .results import RunMetrics
-from .run_folder import RunFolder
+from .run_folder import RunFolder, publish_run
 from .sizing import resolve_sizes
 from .teacher import load_teacher, relabel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,15 +48,45 @@ class RunResult:
     metrics: RunMetrics
 
 
+def make_accelerator(run: RunConfig, **kwargs: Any) -> Accelerator:
+    """An `Accelerator` reporting to the run's trackers (`report_to`), which write under `<output_dir>/logs`;
+    `kwargs` go to `Accelerator`. Unless they give `kwargs_handlers`, a rank waits at most `collective_timeout_s`
+    for its peers, so a dead peer cannot hang the job forever."""
+    kwargs.setdefault("kwargs_handlers", [InitProcessGroupKwargs(timeout=timedelta(seconds=run.collective_timeout_s))])
+    project = ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs"))
+    return Accelerator(log_with=run.trackers or None, project_config=project, **kwargs)
+
+
+def tracker_config(config: D3Config) -> dict[str, int | float | str | bool]:
+    """The flat settings as trackers take them: lists and None become strings."""
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.to_dict().items()}
+
+
+def log_losses(accelerator: Accelerator, subtask: int) -> LossCallback:
+    """The distillation losses of `subtask`, to this module's logger and to the trackers as `subtask_<k>/<loss>`.
+
+    Accelerate's trackers log on the main process only: the losses of subtasks distilled on other ranks reach only
+    the logger of their rank (and every subtask's `loss_history` in metrics.json)."""
+
+    def log(iteration: int, losses: dict[str, float]) -> None:
+        logger.info("subtask %d, iteration %d: %s", subtask, iteration,
+                    ", ".join(f"{name}={value:.6g}" for name, value in losses.items()))
+        accelerator.log({f"subtask_{subtask}/{name}": value for name, value in losses.items()}, step=iteration)
+
+    return log
+
+
 def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -> RunResult | None:
     """Run the whole job. Every rank distils its own subtasks; the main process aggregates, relabels,
     evaluates and writes the run folder (`hf_d3.run_folder`). Returns the result on the main process and None
-    elsewhere. A rerun with the same `output_dir` reuses every finished expert and subtask."""
-    accelerator = accelerator or Accelerator()
+    elsewhere. A rerun with the same `output_dir` reuses every finished expert and subtask.
+
+    Without `accelerator`, one is made from `config.run` (`make_accelerator`). Trackers it has are started here
+    and finished at the end; `accelerator.end_training()` is left to the caller, since it also ends the process
+    group."""
+    accelerator = accelerator or make_accelerator(config.run)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     folder = RunFolder(config.run.output_dir)
-    if accelerator.is_main_process:
-        folder.start()
     start = time.perf_counter()
 
     # Real data and the plan: which classes each subtask distils, their sizes, and the storage that gives.
@@ -55,14 +96,28 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
     plan = plan_subtasks(list(range(len(class_names))), config.run.num_subtasks)
     config = resolve_sizes(config, len(class_names))
     storage = planned_storage(config, plan)
+    # Bad input stops the run here, before any training and before an earlier result is withdrawn.
+    check_run_input(config, folder, train, class_names, plan, rank, world)
+    if accelerator.is_main_process:
+        folder.start()
+    logger.info("%d training images of %d classes in %d subtask(s), %d process(es); planned storage %d values = "
+                "%.2f IPC-equivalent", len(train), len(class_names), len(plan), world, storage.total_values,
+                storage.ipc_equivalent)
+    if config.run.trackers and not accelerator.log_with:
+        logger.warning("report_to=%r: the accelerator has no tracker (none installed, or made without log_with: "
+                       "see make_accelerator)", config.run.report_to)
+    if accelerator.log_with:
+        accelerator.init_trackers("hf_d3", config=tracker_config(config))
 
     # Experts, then every rank distils its subtasks; the results reach the main process.
     experts = train_expert_trajectories(config, folder, plan, train, device, rank, world)
     gathered = run_and_gather(lambda: {
-        k: to_portable(*distill_one_subtask(config, folder, k, plan[k], train, class_names, device))
+        k: to_portable(*distill_one_subtask(config, folder, k, plan[k], train, class_names, device,
+                                            on_log=log_losses(accelerator, k)))
         for k in subtasks_of_rank(len(plan), rank, world)
     })
     distill_wall_time = time.perf_counter() - start
+    logger.info("experts and distillation finished in %.1f s", distill_wall_time)
     if not accelerator.is_main_process:
         return None
     finished = {k: from_portable(portable) for per_rank in gathered for k, portable in per_rank.items()}
@@ -91,6 +146,15 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
         subtasks=list(stats),
     )
     folder.write_results(pipe, metrics, config)
+    logger.info("accuracy on the test split: teacher %.4f, students %.4f +- %.4f over %d; storage %.2f "
+                "IPC-equivalent; saved to %s",
+                metrics.teacher_accuracy, metrics.accuracy_mean, metrics.accuracy_std, metrics.num_eval_runs,
+                metrics.storage["ipc_equivalent"], folder.root)
+    accelerator.log({"accuracy_mean": metrics.accuracy_mean, "accuracy_std": metrics.accuracy_std,
+                     "teacher_accuracy": metrics.teacher_accuracy,
+                     "storage_ipc_equivalent": metrics.storage["ipc_equivalent"]})
+    for tracker in accelerator.trackers:
+        tracker.finish()  # flushed and closed: the run's logs are complete once it returns
     if config.hub.push_to_hub:
         publish_run(folder.root, config.hub.hub_model_id, config.hub.hub_dataset_id, private=config.hub.hub_private)
     return RunResult(pipe, metrics)

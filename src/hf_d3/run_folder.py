@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import os
 from pathlib import Path
-
-import torch
-from diffusers.utils import make_image_grid
+from typing import TYPE_CHECKING
 
 from .atomic import staged, write_json
+from .cards import sample_grid
 from .config import D3Config
+from .hub import push_dataset_to_hub
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
 from .pipelines.pipeline_d3 import D3Pipeline
 from .results import RunMetrics, SubtaskStats
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 
 class RunFolder:
@@ -71,17 +74,34 @@ class RunFolder:
         with staged(self.root / "pipeline") as staging:
             pipe.save_pretrained(staging)
         with staged(self.root / "samples.png") as staging:
-            save_sample_grid(pipe, staging)
+            sample_grid(pipe).save(staging, format="PNG")
         write_json(self.root / "config.json", config.to_dict())
         write_json(self.metrics, metrics.to_dict())
 
 
-def save_sample_grid(pipe: D3Pipeline, path: Path, per_class: int = 8, seed: int = 0) -> None:
-    """A PNG grid with one row per class: its mean images first, then samples."""
-    m = pipe.latent_store.config.latents_per_class
-    rows = []
-    for c in pipe.latent_store.config.class_ids:
-        out = pipe(class_labels=[c], include_means=True, num_samples_per_component=math.ceil(per_class / m),
-                   generator=torch.Generator().manual_seed(seed))
-        rows += out.images[:per_class]
-    make_image_grid(rows, rows=len(pipe.latent_store.config.class_ids), cols=per_class).save(path, format="PNG")
+def publish_run(
+    run_dir: str | os.PathLike,
+    hub_model_id: str,
+    hub_dataset_id: str | None = None,
+    *,
+    token: str | None = None,
+    private: bool = False,
+) -> dict[str, CommitInfo]:
+    """Publish a finished run folder (`pipeline/`, `metrics.json`, `config.json`, `samples.png`): the pipeline
+    to `hub_model_id` and, if given, its materialised dataset to `hub_dataset_id` under config `ipc<N>`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise ValueError(f"{run_dir} is not a finished run: metrics.json is missing (did the run fail?)")
+    pipe = D3Pipeline.from_pretrained(run_dir / "pipeline")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    settings = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
+    samples = run_dir / "samples.png"
+    commits = {"pipeline": pipe.push_to_hub(
+        hub_model_id, metrics=metrics, settings=settings, token=token, private=private,
+        samples_png=samples if samples.is_file() else None,
+    )}
+    if hub_dataset_id:
+        budget = f"ipc{round(pipe.storage_report().ipc_equivalent)}"
+        commits["dataset"] = push_dataset_to_hub(pipe, hub_dataset_id, config_name=budget, token=token,
+                                                 private=private, pipeline_repo_id=hub_model_id)
+    return commits

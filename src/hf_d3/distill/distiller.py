@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..atomic import kill_point
 from ..config import DistillationConfig
 from ..data import SubtaskData
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
+from ..progress import progress_bar
 from ..results import DistillStats
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .losses import FlatModel, class_mmd_loss, trajectory_matching_loss
+
+logger = logging.getLogger(__name__)
+
+# Called with the number of iterations run so far and the mean of each loss since the previous call ("mtt",
+# "mmd": the terms that are on) plus the learnable student learning rate ("lr").
+LossCallback = Callable[[int, dict[str, float]], None]
 
 
 def _optimizers(store: GaussianLatentStore, decoder: D3Decoder, syn_lr: torch.Tensor,
@@ -70,6 +79,8 @@ def distill_subtask(
     generator: torch.Generator,
     checkpoint_dir: Path | None = None,
     desc: str = "distill",
+    on_log: LossCallback | None = None,
+    log_every: int = 10,
 ) -> DistillStats:
     """Optimise `store` and `decoder` (both of one subtask) for `config.iterations` iterations (or until
     `config.max_distill_time_s`).
@@ -82,6 +93,8 @@ def distill_subtask(
     there, and a checkpoint already there is resumed from: the iterations and time limit count the iterations
     before it, and the run continues as it would have without the interruption. The learning rates are the
     config's, so a run stopped by a NaN loss can resume with lower ones.
+
+    `on_log` (a `LossCallback`) is called every `log_every` iterations and after the last one.
     """
     syn_lr = torch.tensor(config.syn_lr_init, requires_grad=True)
     optimizers = _optimizers(store, decoder, syn_lr, config)
@@ -107,13 +120,22 @@ def distill_subtask(
         i = int(torch.randint(len(trajectories), (1,), generator=generator))
         return nets[i], trajectories[i][1]
 
+    def report(logged: int) -> int:
+        """Pass the mean losses of the iterations after `logged` to `on_log`; returns the iterations now logged."""
+        done = _iterations_run(history)
+        if on_log is not None and done > logged:
+            means = {name: sum(values[logged:]) / len(values[logged:]) for name, values in history.items() if values}
+            on_log(done, {**means, "lr": syn_lr.item()})  # a CPU tensor: reading it waits for no device
+        return done
+
     decoder.train()
-    first = _iterations_run(history)
+    first = logged = _iterations_run(history)
+    logger.info("%s: iterations %d to %d, %d components", desc, first, config.iterations, store.num_components)
     if first == 0:
         checkpoint()  # after the warm start, which can be most of a subtask's time
     try:
-        for iteration in tqdm(range(first, config.iterations), desc=desc, leave=False, initial=first,
-                              total=config.iterations):
+        for iteration in progress_bar(range(first, config.iterations), desc=desc, leave=False, initial=first,
+                                      total=config.iterations):
             if config.max_distill_time_s is not None and elapsed() >= config.max_distill_time_s:
                 break
             losses = {}
@@ -139,15 +161,20 @@ def distill_subtask(
                           iteration)
             for name, loss in losses.items():
                 history[name].append(loss.item())
+            if (iteration + 1) % log_every == 0:
+                logged = report(logged)
             if (iteration + 1) % config.checkpoint_every == 0:
                 checkpoint()
+            kill_point("iteration")
     except FloatingPointError as error:
         checkpoint()
         where = "" if checkpoint_dir is None else f"; the last good state is saved in {checkpoint_dir}"
         raise FloatingPointError(f"{error}{where}. Lower the learning rates (lr_latents, lr_decoder, lr_lr) or "
                                  "syn_lr_init, and rerun to resume.") from None
+    report(logged)  # the last iterations, stopped by the iteration count or the time limit
     checkpoint()  # so that a rerun with more iterations continues from here
     iterations_wall_time = elapsed()
+    logger.info("%s: %d iterations run in %.1f s", desc, _iterations_run(history), iterations_wall_time)
     refresh_batchnorm(decoder, store, passes=10, generator=generator)
     return DistillStats(loss_history=history, syn_lr=syn_lr.item(), iterations_run=_iterations_run(history),
                         iterations_wall_time_s=iterations_wall_time)

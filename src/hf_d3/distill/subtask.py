@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import resource
 import time
 
@@ -21,8 +22,10 @@ from ..models.latent_store import GaussianLatentStore
 from ..results import SubtaskStats
 from ..run_folder import RunFolder
 from .checkpoint import has_checkpoint
-from .distiller import distill_subtask
+from .distiller import LossCallback, distill_subtask
 from .warm_start import warm_start
+
+logger = logging.getLogger(__name__)
 
 
 def peak_memory_bytes() -> int:
@@ -32,12 +35,14 @@ def peak_memory_bytes() -> int:
 
 
 def distill_one_subtask(config: D3Config, folder: RunFolder, subtask: int, class_ids: list[int], train: Dataset,
-                        class_names: list[str], device: torch.device
+                        class_names: list[str], device: torch.device, on_log: LossCallback | None = None
                         ) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
     """Distil one subtask from its experts in `folder`; a finished subtask is reused, and an interrupted one
     resumes from its checkpoint (after the warm start, or at the last `checkpoint_every`). Returns its latent
-    store, decoder and `SubtaskStats`."""
+    store, decoder and `SubtaskStats`. `on_log` receives the losses every `log_every` iterations
+    (`distill_subtask`)."""
     if folder.is_done(subtask):
+        logger.info("subtask %d: finished by an earlier run, reused", subtask)
         return folder.load_subtask(subtask)
     seed = subtask_seed(config.run.seed, subtask)
     generator = torch.Generator().manual_seed(seed)
@@ -58,11 +63,14 @@ def distill_one_subtask(config: D3Config, folder: RunFolder, subtask: int, class
         write_json(folder.warm_start(subtask), {"warm_start_mse": mse,
                                                 "warm_start_wall_time_s": time.perf_counter() - start})
     distilled = distill_subtask(store, decoder, data, trajectories, objective, generator,
-                                checkpoint_dir=folder.checkpoint(subtask), desc=f"distill subtask {subtask}")
+                                checkpoint_dir=folder.checkpoint(subtask), desc=f"distill subtask {subtask}",
+                                on_log=on_log, log_every=config.run.log_every)
     warm = json.loads(folder.warm_start(subtask).read_text())
     stats = SubtaskStats(**dataclasses.asdict(distilled), subtask=subtask, classes=class_ids,
                          warm_start_mse=warm["warm_start_mse"], warm_start_wall_time_s=warm["warm_start_wall_time_s"],
                          distill_wall_time_s=warm["warm_start_wall_time_s"] + distilled.iterations_wall_time_s,
                          peak_memory_bytes=peak_memory_bytes())
     folder.save_subtask(subtask, store, decoder, stats)
+    logger.info("subtask %d finished: classes %s, %d iterations, %.1f s (warm start %.1f s)", subtask, class_ids,
+                stats.iterations_run, stats.distill_wall_time_s, stats.warm_start_wall_time_s)
     return folder.load_subtask(subtask)

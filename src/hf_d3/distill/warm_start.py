@@ -3,13 +3,19 @@ Initialisation)."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..atomic import kill_point
 from ..data import SubtaskData
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
+from ..progress import progress_bar
+
+logger = logging.getLogger(__name__)
 
 
 def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData, steps: int, lr: float,
@@ -34,16 +40,21 @@ def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData
         len(targets), store.config.latent_dim, generator=generator).to(targets.device))
     optimizer = torch.optim.Adam([latents, store.mean, *decoder.parameters()], lr=lr)
     decoder.train()
+    start = time.perf_counter()
     tail = max(1, steps // 10)
     tail_error = torch.zeros((), device=targets.device)  # summed on the device: no sync per step
-    for step in tqdm(range(steps), desc="warm start", leave=False):
+    for step in progress_bar(range(steps), desc="warm start", leave=False):
         batch = torch.randperm(len(targets), generator=generator)[:batch_size].to(targets.device)
         error = nn.functional.mse_loss(decoder(latents[batch]), targets[batch])
         loss = error + prior_weight * (latents[batch] - store.mean[component[batch]]).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        kill_point("warm start step")
         if step >= steps - tail:
             tail_error += error.detach()
     store.fit_to(latents.detach().view(store.num_components, r, -1))
-    return (tail_error / tail).item() if steps else None
+    mse = (tail_error / tail).item() if steps else None
+    logger.info("warm start: %d steps on %d real images in %.1f s, reconstruction MSE %s", steps, len(targets),
+                time.perf_counter() - start, "-" if mse is None else f"{mse:.4f}")
+    return mse

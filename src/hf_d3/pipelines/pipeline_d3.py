@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +65,9 @@ class D3Pipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> D3Pipeline:
         """Load from a local folder or a Hub repo id (the snapshot is downloaded, then loaded as a folder).
 
-        Hub keyword arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are honoured.
+        Hub keyword arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are honoured; the rest
+        (`torch_dtype`, ...) go to the components' `from_pretrained`. The components are loaded with hf_d3's own
+        classes, so a published repo, which also carries their code for users without hf_d3, runs none of it.
         """
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
@@ -71,10 +75,25 @@ class D3Pipeline(DiffusionPipeline):
         for name in ("model_index.json", "latent_store/config.json", "decoder/config.json"):
             if not (path / name).is_file():
                 raise OSError(f"{path} is not a D3Pipeline folder: {name} is missing")
+        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        if (class_name[-1] if isinstance(class_name, list) else class_name) != cls.__name__:
+            raise OSError(f"{path} holds a {class_name!r} pipeline, not a {cls.__name__} (see its model_index.json)")
+        load = {"use_safetensors": True, **_load_kwargs(kwargs)}
         try:
-            return super().from_pretrained(path, **{"use_safetensors": True, **_load_kwargs(kwargs)})
+            pipe = cls(latent_store=GaussianLatentStore.from_pretrained(path / "latent_store", **load),
+                       decoder=D3Decoder.from_pretrained(path / "decoder", **load))
         except Exception as error:  # a truncated or corrupt safetensors file, a bad config
             raise OSError(f"could not load a D3Pipeline from {path}: {error}") from error
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Publish this pipeline with its D3 model card and a sample grid in one commit: the same as
+        `hf_d3.hub.push_pipeline_to_hub(self, repo_id, **kwargs)`, whose arguments it takes (`metrics`, `settings`,
+        `samples_png`, `token`, `private`, `revision`, `commit_message`, ...). Returns the `CommitInfo`."""
+        from ..hub import push_pipeline_to_hub
+
+        return push_pipeline_to_hub(self, repo_id, **kwargs)
 
     def storage_report(self) -> StorageReport:
         """Values and bytes needed to regenerate the training data, and the IPC equivalent."""
@@ -109,6 +128,40 @@ class D3Pipeline(DiffusionPipeline):
             features=dataset_features(self.latent_store.class_names),
         )
 
+    def to_iterable_dataset(self, seed: int = 0, include_means: bool = True, num_shards: int = 1024
+                            ) -> datasets.IterableDataset:
+        """The distilled training set as an endless `datasets.IterableDataset` of fresh samples.
+
+        The dataset has `num_shards` shards, each an endless stream of passes over every component: a pass is
+        every component's mean image (with `include_means`, as the evaluation protocol has every epoch) and one
+        fresh sample of each, in a new random order, drawn from a generator seeded by (`seed`, shard, pass).
+        `datasets` reads a reader's shards one after the other, so a reader, which never reaches the end of its
+        first shard, reads that shard alone. DataLoader workers and ranks (`datasets.distributed.
+        split_dataset_by_node`, which deals out whole shards when `num_shards` is a multiple of the world size)
+        each get other shards, so no sample is drawn twice, and what a shard yields does not depend on who reads
+        it. The default, 1024, is a multiple of every power-of-two world size and leaves shards for the workers.
+
+        Returns:
+            A dataset with the columns of `to_dataset`: `image`, `label` and `soft_label` (`dataset_features`).
+        """
+        if num_shards < 1:
+            raise ValueError(f"num_shards={num_shards} must be >= 1")
+        return datasets.IterableDataset.from_generator(
+            _endless_passes,
+            features=dataset_features(self.latent_store.class_names),
+            gen_kwargs={"pipe": self, "shards": list(range(num_shards)), "seed": seed, "include_means": include_means},
+        )
+
+    def decode(self, latents: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] in [0, 1] of `latents` drawn from `components` (indices into the latent store),
+        each decoded by its subtask's generator, in slices of `DECODE_SLICE_SIZE`."""
+        # A stored dataset must not depend on how images are batched: decode with running statistics.
+        self.decoder.eval()
+        subtasks = self.latent_store.component_subtask[components]
+        with torch.no_grad():
+            return torch.cat([self.decoder(z.to(self.decoder.dtype), k).clamp(0, 1) for z, k in
+                              zip(latents.split(DECODE_SLICE_SIZE), subtasks.split(DECODE_SLICE_SIZE))])
+
     @torch.no_grad()
     def __call__(
         self,
@@ -134,14 +187,10 @@ class D3Pipeline(DiffusionPipeline):
         if isinstance(class_labels, int):
             class_labels = [class_labels]
 
-        # A stored dataset must not depend on how images are batched: decode with running statistics.
-        self.decoder.eval()
         store = self.latent_store
         components = store.components_of(class_labels)
         latents, index = store.sample(components, num_samples_per_component, include_means, generator)
-        subtasks = store.component_subtask[index]
-        images = torch.cat([self.decoder(z.to(self.decoder.dtype), k).clamp(0, 1)
-                            for z, k in zip(latents.split(DECODE_SLICE_SIZE), subtasks.split(DECODE_SLICE_SIZE))])
+        images = self.decode(latents, index)
         labels, soft_labels = store.component_class[index], store.soft_labels[index]
 
         images = images.cpu().float()
@@ -164,6 +213,25 @@ def dataset_features(class_names: list[str]) -> datasets.Features:
             "soft_label": float_list(datasets.Value("float32")),
         }
     )
+
+
+def _endless_passes(pipe: D3Pipeline, shards: list[int], seed: int, include_means: bool) -> Iterator[dict]:
+    """The examples of `shards` (`D3Pipeline.to_iterable_dataset`; `datasets` passes one shard at a time)."""
+    store = pipe.latent_store
+    for shard in shards:
+        for epoch in itertools.count():
+            entropy = np.random.SeedSequence([seed, shard, epoch]).generate_state(2, dtype=np.uint32)
+            generator = torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+            with torch.no_grad():
+                latents, index = store.sample(None, 1, include_means, generator)
+            order = torch.randperm(len(index), generator=generator).to(index.device)
+            for part in order.split(4 * DECODE_SLICE_SIZE):  # decoded as they are read: a pass can be large
+                images = pipe.numpy_to_pil(pipe.decode(latents[part], index[part]).cpu().float()
+                                           .permute(0, 2, 3, 1).numpy())
+                labels = store.component_class[index[part]].tolist()
+                soft_labels = store.soft_labels[index[part]].float().tolist()
+                for image, label, soft_label in zip(images, labels, soft_labels):
+                    yield {"image": image, "label": label, "soft_label": soft_label}
 
 
 # Keyword arguments that belong to the snapshot download, not to diffusers' folder loading.
