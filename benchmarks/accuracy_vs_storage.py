@@ -49,9 +49,9 @@ from hf_d3.data import (
     ImageTensors,
     class_names_of,
     load_image_dataset,
+    load_images,
     load_subtask_data,
     load_test_split,
-    to_tensors,
 )
 from hf_d3.evaluation import evaluate_with_config
 from hf_d3.experts import load_trajectory
@@ -263,7 +263,7 @@ def main():
                      prototype_row(config, out / "shared", train, test, teacher, budget_values, args.seeds))
         if {"R+H", "R+S"} & set(args.methods) and not all(is_done(folder, m, settings) for m in ("R+H", "R+S")):
             if train_tensors is None:
-                train_tensors = to_tensors(train, data.resolution, data.channels, **columns)
+                train_tensors = load_images(train, data.resolution, data.channels, **columns)
             for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds).items():
                 save_row(folder, method, key, row)
     merge_and_plot(args.output_dir, figure)

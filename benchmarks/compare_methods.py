@@ -35,7 +35,7 @@ from transformers import AutoModelForImageClassification
 import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
 from hf_d3.baselines import choose_temperature, largest_ipc_within, random_real_sampler, split_held_out
 from hf_d3.config import parse_config
-from hf_d3.data import ImageTensors, load_image_dataset, to_tensors
+from hf_d3.data import ImageTensors, load_image_dataset, load_images
 from hf_d3.evaluation import evaluate_with_config
 from hf_d3.storage import prototype_storage
 
@@ -120,8 +120,8 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
     at the same settings; those are reused, not trained again."""
     data, seed = config.data, config.run.seed
     columns = {"image_column": data.image_column, "label_column": data.label_column}
-    train = to_tensors(load_image_dataset(data.dataset, data.train_split), data.resolution, data.channels, **columns)
-    test = to_tensors(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels, **columns)
+    train = load_images(load_image_dataset(data.dataset, data.train_split), data.resolution, data.channels, **columns)
+    test = load_images(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels, **columns)
     held_out, pool = split_held_out(len(train.labels), seed)
     pool = ImageTensors(train.images[pool], train.labels[pool], train.class_names)
     teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher or out / "d3" / "teacher")

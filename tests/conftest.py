@@ -148,10 +148,11 @@ def fmnist4_folder(tmp_path_factory, fmnist4_splits) -> Path:
 
 @pytest.fixture(scope="session")
 def fmnist4_tensors(fmnist4_folder):
-    """The train split of `fmnist4_folder` at 16x16, grayscale, as `hf_d3.data.ImageTensors`."""
-    from hf_d3.data import load_image_dataset, to_tensors
+    """The train split of `fmnist4_folder` at 16x16, grayscale, as `hf_d3.data.ImageTensors` (images read from the
+    image cache on demand)."""
+    from hf_d3.data import load_image_dataset, load_images
 
-    return to_tensors(load_image_dataset(str(fmnist4_folder), "train"), resolution=16, channels=1)
+    return load_images(load_image_dataset(str(fmnist4_folder), "train"), resolution=16, channels=1)
 
 
 # A whole distillation run in seconds: 16x16 images, ConvNet-D2 of width 8, one expert of 2 epochs, 2 iterations.

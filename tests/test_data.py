@@ -15,7 +15,7 @@ from conftest import FMNIST4_CLASSES, FMNIST4_TRAIN_PER_CLASS, HF_D3_CACHE, writ
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
 import hf_d3.data
-from hf_d3.data import FASHION_MNIST_CLASSES, find_columns, load_image_dataset, to_tensors
+from hf_d3.data import FASHION_MNIST_CLASSES, find_columns, load_image_dataset, load_images
 
 # ----------------------------------------------------------------------------------------------------------
 # An imagefolder dataset: PNGs of mixed modes and sizes, labels from the folder names
@@ -57,33 +57,35 @@ def test_imagefolder_columns_are_found(folder_dataset):
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_images_are_converted_resized_and_keep_their_labels(folder_dataset, channels):
-    data = to_tensors(folder_dataset, resolution=8, channels=channels)
+    data = load_images(folder_dataset, resolution=8, channels=channels)
+    images = data.images[:]  # read from the cache, as a tensor
+    assert data.images.shape == images.shape and images.dtype == torch.float32
     assert data.images.shape == (12, channels, 8, 8) and data.images.dtype == torch.float32
     assert data.class_names == FOLDER_CLASSES
     assert sorted(data.labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
     # each output is the flat gray image of its own file (any mode, any size), scaled to [0, 1]
-    levels = sorted((data.images * 255).round().flatten(1).unique(dim=1).flatten().tolist())
+    levels = sorted((images * 255).round().flatten(1).unique(dim=1).flatten().tolist())
     expected = sorted(gray_level(label, index) for label in range(3) for index in range(4))
     assert levels == expected
-    for image, label in zip(data.images, data.labels, strict=True):
+    for image, label in zip(images, data.labels, strict=True):
         level = (image * 255).round()
         assert level.unique().numel() == 1  # flat after resizing, in every channel
         assert abs(level.flatten()[0].item() - (30 + 80 * label.item())) <= 15  # ... and of its own class
 
 
 def test_class_filter_and_max_per_class(folder_dataset):
-    data = to_tensors(folder_dataset, resolution=8, channels=1, classes=[0, 2])
+    data = load_images(folder_dataset, resolution=8, channels=1, classes=[0, 2])
     assert sorted(data.labels.tolist()) == [0] * 4 + [2] * 4
     assert data.class_names == FOLDER_CLASSES  # the label space is still the dataset's
 
-    picked = to_tensors(folder_dataset, resolution=8, channels=1, classes=[2, 1], max_per_class=2, seed=0)
+    picked = load_images(folder_dataset, resolution=8, channels=1, classes=[2, 1], max_per_class=2, seed=0)
     assert sorted(picked.labels.tolist()) == [1, 1, 2, 2]
-    again = to_tensors(folder_dataset, resolution=8, channels=1, classes=[2, 1], max_per_class=2, seed=0)
-    assert torch.equal(picked.images, again.images)  # seeded
-    subsets = {tuple(to_tensors(folder_dataset, resolution=8, channels=1, max_per_class=2, seed=s).images[:, 0, 0, 0]
+    again = load_images(folder_dataset, resolution=8, channels=1, classes=[2, 1], max_per_class=2, seed=0)
+    assert torch.equal(picked.images[:], again.images[:])  # seeded
+    subsets = {tuple(load_images(folder_dataset, resolution=8, channels=1, max_per_class=2, seed=s).images[:, 0, 0, 0]
                      .mul(255).round().tolist()) for s in range(6)}
     assert len(subsets) > 1  # the subset depends on the seed: it really is a random choice
-    everything = to_tensors(folder_dataset, resolution=8, channels=1, max_per_class=10)
+    everything = load_images(folder_dataset, resolution=8, channels=1, max_per_class=10)
     assert len(everything.labels) == 12  # fewer images than max_per_class: all kept
 
 
@@ -93,10 +95,10 @@ def test_colour_conversion_is_pils():
     images = [PIL.Image.new("RGB", (4, 4), (255, 0, 0)), PIL.Image.new("RGB", (4, 4), (0, 255, 0)),
               PIL.Image.new("L", (4, 4), 200)]
     dataset = Dataset.from_dict({"image": images, "label": [0, 1, 2]}, features=features)
-    gray = to_tensors(dataset, resolution=4, channels=1)
-    assert (gray.images * 255).round()[:, 0, 0, 0].tolist() == [76, 150, 200]
-    rgb = to_tensors(dataset, resolution=4, channels=3)
-    assert (rgb.images * 255).round()[:, :, 0, 0].tolist() == [[255, 0, 0], [0, 255, 0], [200, 200, 200]]
+    gray = load_images(dataset, resolution=4, channels=1)
+    assert (gray.images[:] * 255).round()[:, 0, 0, 0].tolist() == [76, 150, 200]
+    rgb = load_images(dataset, resolution=4, channels=3)
+    assert (rgb.images[:] * 255).round()[:, :, 0, 0].tolist() == [[255, 0, 0], [0, 255, 0], [200, 200, 200]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,21 +126,22 @@ def parquet_dataset(tmp_path_factory, fmnist4_splits) -> Dataset:
 def test_parquet_columns_auto_and_explicit(parquet_dataset, fmnist4_splits):
     assert find_columns(parquet_dataset) == ("picture", "target")
     assert find_columns(parquet_dataset, image_column="inverted") == ("inverted", "target")
-    auto = to_tensors(parquet_dataset, resolution=28, channels=1)
-    inverted = to_tensors(parquet_dataset, resolution=28, channels=1, image_column="inverted", label_column="target")
-    assert torch.allclose(auto.images + inverted.images, torch.ones_like(auto.images), atol=1e-6)
+    auto = load_images(parquet_dataset, resolution=28, channels=1)
+    inverted = load_images(parquet_dataset, resolution=28, channels=1, image_column="inverted", label_column="target")
+    assert torch.allclose(auto.images[:] + inverted.images[:], torch.ones(auto.images.shape), atol=1e-6)
     # the pixels are the real Fashion-MNIST ones, unchanged at their own resolution
     raw = np.stack([np.asarray(im) for im in fmnist4_splits["train"]["image"]])
-    assert torch.equal((auto.images[:, 0] * 255).round().to(torch.uint8), torch.from_numpy(raw))
+    assert torch.equal((auto.images[:][:, 0] * 255).round().to(torch.uint8), torch.from_numpy(raw))
     assert auto.class_names == FMNIST4_CLASSES
     assert torch.bincount(auto.labels).tolist() == [FMNIST4_TRAIN_PER_CLASS] * 4
 
 
 def test_resize_to_a_larger_rgb_image(parquet_dataset):
-    data = to_tensors(parquet_dataset, resolution=32, channels=3, classes=[1], max_per_class=3)
-    assert data.images.shape == (3, 3, 32, 32) and data.labels.tolist() == [1, 1, 1]
-    assert torch.equal(data.images[:, 0], data.images[:, 1]) and torch.equal(data.images[:, 0], data.images[:, 2])
-    assert 0 <= data.images.min() and data.images.max() <= 1 and data.images.std() > 0.1
+    data = load_images(parquet_dataset, resolution=32, channels=3, classes=[1], max_per_class=3)
+    images = data.images[:]
+    assert images.shape == (3, 3, 32, 32) and data.labels.tolist() == [1, 1, 1]
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.1
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -159,7 +162,7 @@ def test_dataset_without_a_label_column(tmp_path):
     folder = write_parquet_dataset(tmp_path / "nolabel", {"train": dataset})
     loaded = load_image_dataset(str(folder), "train")
     with pytest.raises(ValueError) as error:
-        to_tensors(loaded, resolution=4, channels=1)
+        load_images(loaded, resolution=4, channels=1)
     assert "no label column in the dataset" in str(error.value)
     assert "'img': 'Image'" in str(error.value) and "'y': 'Value'" in str(error.value)
     assert "label_column" in str(error.value)
@@ -198,8 +201,8 @@ def test_builtin_fashion_mnist_test_split():
     raw_labels = read_idx(hf_d3.data.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
     assert raw_images.shape == (10_000, 28, 28)
     assert np.bincount(raw_labels).tolist() == [1000] * 10
-    first = to_tensors(test.select(range(50)), resolution=28, channels=1)
-    assert torch.equal((first.images[:, 0] * 255).round().to(torch.uint8), torch.from_numpy(raw_images[:50].copy()))
+    first = load_images(test.select(range(50)), resolution=28, channels=1)
+    assert torch.equal((first.images[:][:, 0] * 255).round().to(torch.uint8), torch.from_numpy(raw_images[:50].copy()))
     assert first.labels.tolist() == raw_labels[:50].tolist()
 
     cached = load_image_dataset("builtin:fashion_mnist", "test")  # second call: read back from the cache

@@ -22,7 +22,7 @@ from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore, build_classifier
 from hf_d3.config import D3Config
-from hf_d3.data import SubtaskData, load_image_dataset, to_tensors
+from hf_d3.data import SubtaskData, load_image_dataset, load_images
 from hf_d3.distill import (
     FlatModel,
     class_mmd_loss,
@@ -517,7 +517,7 @@ def test_end_to_end_run(runs, fmnist4_folder):
     assert metrics["num_processes"] == 1 and metrics["num_eval_runs"] == 1 and metrics["student_steps"] == 4
     assert 0 <= metrics["accuracy_mean"] <= 1
     teacher = AutoModelForImageClassification.from_pretrained(output_dir / "teacher")
-    test, n = to_tensors(load_image_dataset(str(fmnist4_folder), "test"), 16, 1), TINY_RUN["max_test_examples"]
+    test, n = load_images(load_image_dataset(str(fmnist4_folder), "test"), 16, 1), TINY_RUN["max_test_examples"]
     assert metrics["teacher_accuracy"] == accuracy(teacher, test.images[:n], test.labels[:n])
     assert metrics["storage"] == metrics["planned_storage"] == result.pipeline.storage_report().to_dict()
     (subtask,) = metrics["subtasks"]

@@ -53,3 +53,40 @@ def test_recipe_runs_on_stand_in_data(recipe, tmp_path):
     assert pipe.decoder.config.channels == result.pipeline.decoder.config.channels
     images = pipe(output_type="pt").images
     assert images.shape[1:] == (data.channels, data.resolution, data.resolution)
+
+
+def test_paper_scale_shape_on_two_ranks_with_1000_classes(tmp_path):
+    """ImageNet-64's shape end to end: 1,000 classes of 64x64 RGB, K=4 subtasks of 250 classes over two gloo ranks,
+    two iterations each, the real images read from the image cache; only the counts are cut (2 images per class,
+    narrow networks, short phases). `imagenet_64_ipc1.yaml` gives every other setting."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from hub_server import free_port
+
+    recipe = Path(__file__).parents[1] / "recipes" / "configs" / "imagenet_64_ipc1.yaml"
+    config = {**parse_config(["--config", str(recipe)]).to_dict(), **TINY,
+              "dataset": stand_in_dataset(tmp_path, 1000, 64, 3, per_class=2), "test_split": "test",
+              "output_dir": str(tmp_path / "run"), "num_subtasks": 4, "iterations": 2, "net_depth": 2,
+              "mmd_samples_per_class": 2, "decoder_preset": None, "decoder_channels": [16, 8, 8, 8, 8, 8],
+              "latent_dim": 8}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port("127.0.0.1")),
+                           str(Path(__file__).parents[1] / "recipes" / "distill.py"),
+                           "--config", str(tmp_path / "config.yaml")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert [len(s["classes"]) for s in metrics["subtasks"]] == [250] * 4
+    assert all(s["iterations_run"] == 2 for s in metrics["subtasks"])
+    pipe = D3Pipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert len(pipe.decoder.generators) == 4 and pipe.latent_store.mean.shape == (1000, 8)
+    assert pipe(output_type="pt").images.shape[1:] == (3, 64, 64)

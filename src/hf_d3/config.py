@@ -42,6 +42,8 @@ class DataConfig:
     channels: int = 1
     max_train_per_class: int | None = field(default=None, metadata={"help": "subsample real data per class"})
     max_test_examples: int | None = None
+    # -- data path (issue 23)
+    streaming: bool = field(default=False, metadata={"help": "stream the splits into the image cache, rank by rank"})
 
     def __post_init__(self):
         _check_choice(self, "channels", (1, 3))
@@ -58,12 +60,17 @@ class RunConfig:
     log_every: int = field(default=10, metadata={"help": "iterations between two logs of the distillation losses"})
     report_to: str = field(default="none", metadata={
         "help": 'trackers for Accelerate\'s log_with, comma-separated: e.g. "tensorboard", "wandb", "all" or "none"'})
+    # -- GPU-ready loop (issue 23): mixed precision
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no or bf16 (autocast for experts, MMD embedding, teacher and students; the decoder and the "
+                "trajectory-matching unroll stay float32); default: what Accelerate is launched with, else no"})
 
     def __post_init__(self):
         if self.num_subtasks < 1:
             raise ValueError(f"num_subtasks={self.num_subtasks} must be >= 1")
         if self.log_every < 1:
             raise ValueError(f"log_every={self.log_every} must be >= 1")
+        _check_choice(self, "mixed_precision", (None, "no", "bf16"))  # fp16 would need a gradient scaler
         unknown = [name for name in self.trackers if name not in LoggerType.list()]  # what log_with accepts
         if unknown:
             raise ValueError(f"report_to={self.report_to!r}: unknown tracker(s) {unknown}; choose \"none\" or "
@@ -174,6 +181,9 @@ class DistillationConfig:
     mmd_samples_per_class: int = 20
     mmd_bandwidths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
     checkpoint_every: int = 200
+    # -- GPU-ready loop (issue 23): compile the unroll's inner step
+    compile_inner_step: bool = field(default=False, metadata={
+        "help": "torch.compile the inner SGD step of trajectory matching (about a minute to compile)"})
 
     def __post_init__(self):
         _check_choice(self, "init", ("random", "real"))

@@ -1,24 +1,42 @@
-"""Image-classification data through `datasets`, as normalised-free tensors in [0, 1].
+"""Image-classification data through `datasets`, decoded once into an on-disk uint8 cache read batch by batch.
 
 Any Hub id or local folder that `datasets.load_dataset` reads works; the image and label columns are
 found by their feature types unless named. `builtin:fashion_mnist` reads the IDX files of the Debian
 package `dataset-fashion-mnist` into a real `datasets.Dataset` (the offline default).
+
+The images of a split are decoded and resized once per (split, resolution, channels) into an `ImageCache`: a
+uint8 NumPy file `images.npy` [N, H, W, C] in the dataset's order, its labels and a per-class index, under
+`$HF_D3_CACHE/images` (default `~/.cache/hf_d3/images`). Runs, ranks and reruns share it. Everything that trains on
+real images (experts, MMD, warm start, teacher, students' test) indexes a `CachedImages` like a float tensor and gets
+only the images it asked for, read from the file, so a process holds its batch, not every image it owns.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, Features, Image
+from datasets import ClassLabel, Dataset, Features, Image, IterableDataset
+from filelock import FileLock
+
+import hf_d3.cache_builder as cache_builder  # the module, so tests can replace its builders
 
 from .atomic import staged
+from .cached_images import (  # noqa: F401  (re-exported: consumers import them from hf_d3.data)
+    CACHE_FORMAT,
+    CachedImages,
+    ImageCache,
+    ImageSource,
+    ImageTensors,
+    SubtaskData,
+)
 from .config import DataConfig
 
 FASHION_MNIST = "builtin:fashion_mnist"
@@ -28,25 +46,53 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
-@dataclass
-class SubtaskData:
-    """The real data of one subtask; `labels` are local (0..n-1), `class_ids` maps them to global ids."""
+def cache_folder(source: str, split: str | None, resolution: int, channels: int, image_column: str,
+                 label_column: str) -> Path:
+    """Where the cache of `source` (a dataset's fingerprint, or a name for a stream) at these settings lives."""
+    key = json.dumps([CACHE_FORMAT, source, image_column, label_column, resolution, channels])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return CACHE_DIR / "images" / f"{split or 'split'}-{resolution}px-{channels}ch-{digest}"
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    class_ids: list[int]
+
+def image_cache(dataset: Dataset | IterableDataset, resolution: int, channels: int, image_column: str | None = None,
+                label_column: str | None = None, source: str | None = None,
+                num_workers: int | None = None) -> ImageCache:
+    """The `ImageCache` of `dataset` at `resolution` with `channels` (1 or 3): opened if built, else built first.
+
+    A map-style `Dataset` is keyed by its fingerprint (so a changed dataset gets a new cache) and decoded by
+    `num_workers` processes (default: the cores this process may use). A streaming `IterableDataset` has no
+    fingerprint: `source` names it (e.g. "user/data:train"); under a launcher (`RANK`, `WORLD_SIZE`) every rank
+    decodes its share (`datasets.distributed.split_dataset_by_node`) and one of them joins the shares, so all ranks
+    must call this together and see the same cache folder (one machine, or a shared filesystem).
+
+    One process builds while the others wait on a file lock, then open what it built; the cache appears under its
+    final name only once complete (`hf_d3.atomic.staged`), so a build killed halfway leaves nothing that looks
+    finished and the next call builds again.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels} is not supported; valid: 1 (grayscale) or 3 (RGB)")
+    image_column, label_column = find_columns(dataset, image_column, label_column)
+    streaming = isinstance(dataset, IterableDataset)
+    if streaming and source is None:
+        raise ValueError("a streaming dataset has no fingerprint: name it with source= (e.g. the Hub id and split)")
+    folder = cache_folder(source or dataset._fingerprint, dataset.split, resolution, channels, image_column,
+                          label_column)
+    if (folder / "meta.json").is_file():
+        return ImageCache(folder)
+    args = (folder, resolution, channels, image_column, label_column)
+    if streaming:
+        cache_builder.build_from_stream(dataset, *args)
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):  # one builder per machine (and per shared filesystem)
+            if not (folder / "meta.json").is_file():
+                cache_builder.build_from_dataset(dataset, *args, num_workers or len(os.sched_getaffinity(0)))
+    return ImageCache(folder)
 
 
-@dataclass
-class ImageTensors:
-    """Images [N, C, H, W] in [0, 1] with their global class ids and the dataset's class names."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    class_names: list[str]
-
-    def of_class(self, class_id: int) -> torch.Tensor:
-        return self.images[self.labels == class_id]
+# ------------------------------------------------------------------------------------------------------------------
+# Datasets
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -91,16 +137,31 @@ def load_image_dataset(name: str, split: str, cache_dir: str | None = None) -> D
     return dataset
 
 
-def class_names_of(data: DataConfig, train: Dataset | None = None) -> list[str]:
+def load_split(data: DataConfig, split: str) -> Dataset | ImageCache:
+    """A split as a run reads it: the map-style `Dataset` (its image cache is built on first use), or with
+    `streaming`, the `ImageCache` its stream feeds, built here by every rank together (`image_cache`)."""
+    if not data.streaming:
+        return load_image_dataset(data.dataset, split)
+    if data.dataset == FASHION_MNIST:
+        raise ValueError(f"streaming=True reads {data.dataset!r} with datasets.load_dataset, but it is read from "
+                         "local files; valid: streaming=False, or a Hub id or local folder")
+    stream = datasets.load_dataset(data.dataset, split=split, streaming=True)
+    return image_cache(stream, data.resolution, data.channels, data.image_column, data.label_column,
+                       source=f"{data.dataset}:{split}")
+
+
+def class_names_of(data: DataConfig, train: Dataset | ImageCache | None = None) -> list[str]:
     """The class names of the config's dataset: its train split's label feature (`train`, loaded if not given)."""
     if train is None and data.dataset == FASHION_MNIST:
         return list(FASHION_MNIST_CLASSES)
+    if isinstance(train, ImageCache):
+        return list(train.class_names)
     train = train if train is not None else load_image_dataset(data.dataset, data.train_split)
     return list(train.features[find_columns(train, data.image_column, data.label_column)[1]].names)
 
 
 def find_columns(
-    dataset: Dataset, image_column: str | None = None, label_column: str | None = None
+    dataset: Dataset | IterableDataset, image_column: str | None = None, label_column: str | None = None
 ) -> tuple[str, str]:
     """The image and label columns: the named ones, else the first `Image` and `ClassLabel` features."""
     features = dataset.features
@@ -123,8 +184,8 @@ def find_columns(
     return image_column, label_column
 
 
-def to_tensors(
-    dataset: Dataset,
+def load_images(
+    dataset: Dataset | ImageCache,
     resolution: int,
     channels: int,
     classes: Sequence[int] | None = None,
@@ -132,51 +193,32 @@ def to_tensors(
     label_column: str | None = None,
     max_per_class: int | None = None,
     seed: int = 0,
+    limit: int | None = None,
 ) -> ImageTensors:
-    """Decode a dataset into [0, 1] tensors at `resolution` with `channels` (1 or 3).
-
-    Only `classes` are kept (filtered before any image is decoded, so memory follows the kept classes);
-    `max_per_class` keeps a seeded random subset of each class.
-    """
-    image_column, label_column = find_columns(dataset, image_column, label_column)
-    class_names = list(dataset.features[label_column].names)
-    labels = np.asarray(dataset[label_column])
-    keep = np.arange(len(labels)) if classes is None else np.flatnonzero(np.isin(labels, list(classes)))
-    if max_per_class is not None:
-        rng = np.random.default_rng(seed)
-        keep = np.concatenate([rng.permutation(keep[labels[keep] == c])[:max_per_class]
-                               for c in np.unique(labels[keep])])
-        keep.sort()
-    mode = {1: "L", 3: "RGB"}[channels]
-    subset = dataset.select(keep).select_columns([image_column])
-    images = np.empty((len(keep), resolution, resolution, channels), dtype=np.uint8)
-    for i, image in enumerate(subset[image_column]):
-        image = image.convert(mode)
-        if image.size != (resolution, resolution):
-            image = image.resize((resolution, resolution), resample=3)  # bicubic
-        images[i] = np.asarray(image).reshape(resolution, resolution, channels)
-    return ImageTensors(
-        images=torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255),
-        labels=torch.from_numpy(labels[keep]).long(),
-        class_names=class_names,
-    )
+    """The images of a dataset at `resolution` with `channels` (1 or 3), in [0, 1], read on demand from its
+    `ImageCache` (built on first use): only `classes`, at most `max_per_class` of each (a seeded random subset), the
+    first `limit` of those. `dataset` may be the cache itself (what `load_split` gives for a stream)."""
+    if isinstance(dataset, ImageCache):
+        if (dataset.resolution, dataset.channels) != (resolution, channels):
+            raise ValueError(f"the image cache {dataset.folder} holds {dataset.resolution}x{dataset.resolution}x"
+                             f"{dataset.channels} images, not resolution={resolution}, channels={channels}; valid: "
+                             "its own resolution and channels, or the dataset instead of its cache")
+        return dataset.select(classes, max_per_class, seed, limit)
+    cache = image_cache(dataset, resolution, channels, image_column, label_column)
+    return cache.select(classes, max_per_class, seed, limit)
 
 
-def load_subtask_data(train: Dataset, data: DataConfig, class_ids: list[int], seed: int,
+def load_subtask_data(train: Dataset | ImageCache, data: DataConfig, class_ids: list[int], seed: int,
                       device: torch.device | str = "cpu") -> SubtaskData:
     """The real images of one subtask's classes only (at most `max_train_per_class` each, picked by `seed`), with
-    local labels 0..n-1."""
-    real = to_tensors(train, data.resolution, data.channels, classes=class_ids, image_column=data.image_column,
-                      label_column=data.label_column, max_per_class=data.max_train_per_class, seed=seed)
+    local labels 0..n-1; the images are read from the cache batch by batch, onto `device`."""
+    real = load_images(train, data.resolution, data.channels, classes=class_ids, image_column=data.image_column,
+                       label_column=data.label_column, max_per_class=data.max_train_per_class, seed=seed)
     local = torch.searchsorted(torch.tensor(class_ids), real.labels)
     return SubtaskData(real.images.to(device), local.to(device), class_ids)
 
 
 def load_test_split(data: DataConfig) -> ImageTensors:
     """The real test split the students are scored on (its first `max_test_examples` images, if set)."""
-    test = to_tensors(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels,
-                      image_column=data.image_column, label_column=data.label_column)
-    if data.max_test_examples:
-        test = ImageTensors(test.images[:data.max_test_examples], test.labels[:data.max_test_examples],
-                            test.class_names)
-    return test
+    return load_images(load_split(data, data.test_split), data.resolution, data.channels,
+                       image_column=data.image_column, label_column=data.label_column, limit=data.max_test_examples)

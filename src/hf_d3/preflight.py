@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 from datasets import Image
 
-from .data import FASHION_MNIST, find_columns, load_image_dataset
+from .data import FASHION_MNIST, ImageCache, find_columns, load_split
 from .distill.checkpoint import has_checkpoint
 from .factories import build_decoder, build_latent_store, build_net
 from .federated import gather_to_all, subtasks_of_rank
@@ -36,7 +36,7 @@ GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 EXPERT_KEYS = ("model_type", "num_labels", "num_channels", "image_size", "width", "depth")
 
 
-def check_run_input(config: D3Config, folder: RunFolder, train: Dataset, class_names: list[str],
+def check_run_input(config: D3Config, folder: RunFolder, train: Dataset | ImageCache, class_names: list[str],
                     plan: list[list[int]], rank: int = 0, world_size: int = 1) -> None:
     """Every check of a run's input, on every rank; the sizes must be resolved (`hf_d3.sizing.resolve_sizes`)."""
 
@@ -88,11 +88,14 @@ def _check_labels(labels: np.ndarray, class_names: list[str], split: str) -> Non
                          f"{class_names}: drop the unlabelled rows first")
 
 
-def check_dataset(data: DataConfig, train: Dataset, class_names: list[str]) -> None:
+def check_dataset(data: DataConfig, train: Dataset | ImageCache, class_names: list[str]) -> None:
     """Labels that are class ids, a training image of every class, a test split with the same classes, and (for
     `channels: 1`) grayscale images only."""
-    image_column, label_column = find_columns(train, data.image_column, data.label_column)
-    labels = np.asarray(train[label_column])
+    if isinstance(train, ImageCache):  # a stream's cache (streaming: true): its columns were found as it was built
+        labels = train.labels
+    else:
+        image_column, label_column = find_columns(train, data.image_column, data.label_column)
+        labels = np.asarray(train[label_column])
     _check_labels(labels, class_names, data.train_split)
     counts = np.bincount(labels, minlength=len(class_names))
     empty = np.flatnonzero(counts == 0)
@@ -102,19 +105,23 @@ def check_dataset(data: DataConfig, train: Dataset, class_names: list[str]) -> N
                          f"image ({listed}); valid: at least one image of every class of the ClassLabel (or a "
                          "ClassLabel without the classes that have none)")
     try:
-        test = load_image_dataset(data.dataset, data.test_split)
+        test = load_split(data, data.test_split)
     except Exception as error:
         raise ValueError(f"test_split={data.test_split!r} of dataset {data.dataset!r} cannot be loaded "
                          f"({type(error).__name__}: {error}); valid: a split of that dataset") from error
-    test_image_column, test_label_column = find_columns(test, data.image_column, data.label_column)
-    test_names = list(test.features[test_label_column].names)
+    if isinstance(test, ImageCache):
+        test_names = test.class_names
+    else:
+        test_image_column, test_label_column = find_columns(test, data.image_column, data.label_column)
+        test_names = list(test.features[test_label_column].names)
     if test_names != class_names:
         raise ValueError(f"the classes of test_split={data.test_split!r}, {test_names}, are not those of "
                          f"train_split={data.train_split!r}, {class_names}; valid: the same ClassLabel names in "
                          "the same order")
-    test_labels = np.asarray(test[test_label_column])
+    test_labels = test.labels if isinstance(test, ImageCache) else np.asarray(test[test_label_column])
     _check_labels(test_labels, class_names, data.test_split)
-    if data.channels == 1 and data.dataset != FASHION_MNIST:  # the builtin one is grayscale by construction
+    # the builtin one is grayscale by construction; a stream is read once, into its cache, already converted
+    if data.channels == 1 and data.dataset != FASHION_MNIST and not data.streaming:
         for split, dataset, column, split_labels in ((data.train_split, train, image_column, labels),
                                                      (data.test_split, test, test_image_column, test_labels)):
             _check_grayscale(dataset, column, split, split_labels, class_names)

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import D3Config, RunConfig
-from .data import class_names_of, load_image_dataset, load_test_split
+from .data import class_names_of, load_split, load_test_split
 from .distill.distiller import LossCallback
 from .distill.subtask import distill_one_subtask
 from .evaluation import accuracy, evaluate_with_config, pipeline_sampler
@@ -53,6 +53,8 @@ def make_accelerator(run: RunConfig, **kwargs: Any) -> Accelerator:
     `kwargs` go to `Accelerator`. Unless they give `kwargs_handlers`, a rank waits at most `collective_timeout_s`
     for its peers, so a dead peer cannot hang the job forever."""
     kwargs.setdefault("kwargs_handlers", [InitProcessGroupKwargs(timeout=timedelta(seconds=run.collective_timeout_s))])
+    if run.mixed_precision is not None:
+        kwargs.setdefault("mixed_precision", run.mixed_precision)
     project = ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs"))
     return Accelerator(log_with=run.trackers or None, project_config=project, **kwargs)
 
@@ -77,6 +79,14 @@ def log_losses(accelerator: Accelerator, subtask: int) -> LossCallback:
 
 
 def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -> RunResult | None:
+    """`_run_distillation` in the accelerator's autocast region: with `mixed_precision: bf16` (or Accelerate launched
+    so), experts, MMD, teacher and students run in bf16 autocast; the trajectory-matching unroll opts out."""
+    accelerator = accelerator or make_accelerator(config.run)
+    with accelerator.autocast():
+        return _run_distillation(config, accelerator)
+
+
+def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) -> RunResult | None:
     """Run the whole job. Every rank distils its own subtasks; the main process aggregates, relabels,
     evaluates and writes the run folder (`hf_d3.run_folder`). Returns the result on the main process and None
     elsewhere. A rerun with the same `output_dir` reuses every finished expert and subtask.
@@ -91,7 +101,9 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
 
     # Real data and the plan: which classes each subtask distils, their sizes, and the storage that gives.
     data = config.data
-    train = load_image_dataset(data.dataset, data.train_split)
+    train = load_split(data, data.train_split)  # with streaming: the image cache, built by all ranks together
+    if data.streaming:
+        load_split(data, data.test_split)  # here, by all ranks: the main process alone reads it at the end
     class_names = class_names_of(data, train)
     plan = plan_subtasks(list(range(len(class_names))), config.run.num_subtasks)
     config = resolve_sizes(config, len(class_names))

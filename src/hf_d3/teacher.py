@@ -14,7 +14,7 @@ from transformers import AutoModelForImageClassification
 
 from .atomic import staged
 from .config import D3Config
-from .data import to_tensors
+from .data import load_images
 from .experts import train_classifier
 from .factories import build_net
 from .models.decoder import D3Decoder
@@ -34,7 +34,7 @@ def load_teacher(config: D3Config, folder: Path, train: Dataset, device: torch.d
         logger.info("teacher: the one an earlier run trained, in %s", folder)
         return AutoModelForImageClassification.from_pretrained(folder).to(device)
     data, experts, seed = config.data, config.experts, config.run.seed
-    real = to_tensors(train, data.resolution, data.channels, image_column=data.image_column,
+    real = load_images(train, data.resolution, data.channels, image_column=data.image_column,
                       label_column=data.label_column)
     torch.manual_seed(seed)
     teacher = build_net(experts, data, len(real.class_names), device)
