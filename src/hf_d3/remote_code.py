@@ -20,8 +20,9 @@ PIPELINE_MODULE = "pipeline_d3"
 PIPELINE_CLASS = "D3Pipeline"
 # component -> (class, hf_d3 module files that define it), in an order where every name is defined before use
 COMPONENTS = {"latent_store": ("GaussianLatentStore", ["models/latent_store.py"]),
-              "decoder": ("D3Decoder", ["models/decoder.py"])}
-PIPELINE_SOURCES = ["models/latent_store.py", "models/decoder.py", "storage.py", "pipelines/pipeline_d3.py"]
+              "decoder": ("D3Decoder", ["precision.py", "models/decoder.py"])}
+PIPELINE_SOURCES = ["models/latent_store.py", "precision.py", "models/decoder.py", "storage.py",
+                    "pipelines/pipeline_d3.py"]
 
 # diffusers checks each loaded component against the pipeline's annotations, but loads the components from their own
 # files: their classes are other copies than the pipeline file's, so the copy of the pipeline annotates them by base.

@@ -22,10 +22,11 @@ def save_checkpoint(folder: Path, store: GaussianLatentStore, decoder: D3Decoder
     with staged(folder) as staging:
         store.save_pretrained(staging / "latent_store")
         decoder.save_pretrained(staging / "decoder")
-        tensors = {f"optimizer.{name}.{index}.{key}": value.detach().clone()
+        # on the host: the loop's tensors live on the accelerator's device (load_state_dict moves them back)
+        tensors = {f"optimizer.{name}.{index}.{key}": value.detach().cpu().clone()
                    for name, opt in optimizers.items() for index, state in opt.state_dict()["state"].items()
                    for key, value in state.items() if isinstance(value, torch.Tensor)}
-        tensors |= {"syn_lr": syn_lr.detach().reshape(1).clone(), "generator": generator.get_state()}
+        tensors |= {"syn_lr": syn_lr.detach().reshape(1).cpu().clone(), "generator": generator.get_state()}
         save_file(tensors, staging / "state.safetensors")
         (staging / PROGRESS_FILE).write_text(json.dumps(progress))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -11,15 +12,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..allocator import tune_malloc
 from ..atomic import kill_point
 from ..config import DistillationConfig
 from ..data import SubtaskData
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
+from ..precision import full_precision
 from ..progress import progress_bar
 from ..results import DistillStats
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from .losses import FlatModel, class_mmd_loss, trajectory_matching_loss
+from .losses import FlatModel, InnerStep, class_mmd_loss, compiled_sgd_step, trajectory_matching_loss
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +41,55 @@ def _optimizers(store: GaussianLatentStore, decoder: D3Decoder, syn_lr: torch.Te
 
 
 def take_step(loss: torch.Tensor, weight: float, optimizers: list[torch.optim.Optimizer], term: str,
-              iteration: int) -> None:
-    """One optimiser step on `weight * loss`, refused (FloatingPointError) for a non-finite loss."""
-    if not torch.isfinite(loss):  # raised before stepping: the parameters are still the last good state
-        raise FloatingPointError(f"the {term} loss became {loss.item()} at iteration {iteration}")
+              iteration: int) -> float:
+    """One optimiser step on `weight * loss`, refused (FloatingPointError) for a non-finite loss; returns the loss.
+
+    Reading the loss is this step's one host sync (the check needs its value before stepping).
+    """
+    value = loss.item()
+    if not math.isfinite(value):  # raised before stepping: the parameters are still the last good state
+        raise FloatingPointError(f"the {term} loss became {value} at iteration {iteration}")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    (weight * loss).backward()
+    # Only into what the optimisers step: the unroll's first student parameters are a leaf that needs a gradient
+    # for the inner steps, and without `inputs` the backward would also compute theirs (a Hessian-vector product).
+    # Out of any autocast region: on the CPU the backward runs in this thread, where autocast would also cast the
+    # backward's own ops (the unroll's second-order terms among them) to bf16.
+    stepped = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    with full_precision(loss.device):
+        (weight * loss).backward(inputs=stepped)
     for opt in optimizers:
         opt.step()
+    return value
+
+
+def draw_unroll(store: GaussianLatentStore, steps: int, batch: int, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The components [steps, batch] and standard normal noise [steps, batch, latent_dim] of every unrolled step,
+    drawn in the order `store.sample` draws them (so the samples are those of sampling step by step), on the
+    generator's device, then moved to the store's in one copy each."""
+    components, noise = [], []
+    for _ in range(steps):
+        components.append(torch.randperm(store.num_components, generator=generator)[:batch])
+        noise.append(torch.randn(len(components[-1]), store.mean.shape[1], generator=generator,
+                                 device=generator.device))
+    device = store.mean.device
+    return torch.stack(components).to(device), torch.stack(noise).to(device)
+
+
+def _inner_step(nets: list[FlatModel], compile_step: bool) -> InnerStep | None:
+    """The compiled inner step shared by all experts (`compile_inner_step`), or None for the eager one.
+
+    One compiled function serves every expert: `functional_call` replaces all of a network's parameters, so experts
+    of one architecture differ only in the flat vector passed in (a function per expert would recompile for each,
+    and fall back to eager past torch's recompile limit)."""
+    if not compile_step:
+        return None
+    first = nets[0].model
+    for net in nets[1:]:
+        if net.model.config.to_dict() != first.config.to_dict():
+            raise ValueError("compile_inner_step needs experts of one architecture; these differ")
+    return compiled_sgd_step(nets[0])
 
 
 def _iterations_run(history: dict[str, list[float]]) -> int:
@@ -96,11 +139,14 @@ def distill_subtask(
 
     `on_log` (a `LossCallback`) is called every `log_every` iterations and after the last one.
     """
-    syn_lr = torch.tensor(config.syn_lr_init, requires_grad=True)
+    tune_malloc()  # on a CPU, a third of the unroll's time was the kernel zero-filling fresh pages
+    device = store.mean.device  # every tensor of the loop lives here: the accelerator's device
+    syn_lr = torch.tensor(config.syn_lr_init, device=device, requires_grad=True)
     optimizers = _optimizers(store, decoder, syn_lr, config)
-    local_label = torch.arange(store.num_components) // store.config.latents_per_class
+    local_label = (torch.arange(store.num_components) // store.config.latents_per_class).to(device)
     batch = config.syn_batch_size or store.num_components
     nets = [FlatModel(model) for model, _ in trajectories]
+    inner_step = _inner_step(nets, config.compile_inner_step) if config.mtt_weight > 0 else None
     progress = {"iterations_wall_time_s": 0.0, "loss_history": {"mtt": [], "mmd": []}}
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         progress = load_checkpoint(checkpoint_dir, store, decoder, syn_lr, optimizers, generator)
@@ -125,7 +171,7 @@ def distill_subtask(
         done = _iterations_run(history)
         if on_log is not None and done > logged:
             means = {name: sum(values[logged:]) / len(values[logged:]) for name, values in history.items() if values}
-            on_log(done, {**means, "lr": syn_lr.item()})  # a CPU tensor: reading it waits for no device
+            on_log(done, {**means, "lr": syn_lr.item()})  # one host read per log, outside the unroll
         return done
 
     decoder.train()
@@ -142,25 +188,22 @@ def distill_subtask(
             if config.mtt_weight > 0:
                 net, trajectory = pick_expert()
                 start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
-                batches = []
-                for _ in range(config.syn_steps):
-                    components = torch.randperm(store.num_components, generator=generator)[:batch]
-                    latents, _ = store.sample(components, generator=generator)
-                    batches.append((decoder(latents), local_label[components]))
-                losses["mtt"] = trajectory_matching_loss(net, trajectory[start_epoch],
-                                                         trajectory[start_epoch + config.expert_epochs], batches,
-                                                         syn_lr)
-                take_step(losses["mtt"], config.mtt_weight, list(optimizers.values()), "trajectory matching",
-                          iteration)
+                components, noise = draw_unroll(store, config.syn_steps, batch, generator)
+                batches = [(decoder(store.sample(c, noise=z)[0]), local_label[c]) for c, z in zip(components, noise)]
+                loss = trajectory_matching_loss(net, trajectory[start_epoch],
+                                                trajectory[start_epoch + config.expert_epochs], batches, syn_lr,
+                                                inner_step)
+                losses["mtt"] = take_step(loss, config.mtt_weight, list(optimizers.values()), "trajectory matching",
+                                          iteration)
             if config.mmd_weight > 0:
                 net, trajectory = pick_expert()
                 flat = trajectory[int(torch.randint(len(trajectory), (1,), generator=generator))]
-                losses["mmd"] = class_mmd_loss(store, decoder, data, partial(net.features, flat),
-                                               config.mmd_samples_per_class, config.mmd_bandwidths, generator)
-                take_step(losses["mmd"], config.mmd_weight, [optimizers["latents"], optimizers["decoder"]], "MMD",
-                          iteration)
-            for name, loss in losses.items():
-                history[name].append(loss.item())
+                loss = class_mmd_loss(store, decoder, data, partial(net.features, flat), config.mmd_samples_per_class,
+                                      config.mmd_bandwidths, generator)
+                losses["mmd"] = take_step(loss, config.mmd_weight, [optimizers["latents"], optimizers["decoder"]],
+                                          "MMD", iteration)
+            for name, value in losses.items():
+                history[name].append(value)
             if (iteration + 1) % log_every == 0:
                 logged = report(logged)
             if (iteration + 1) % config.checkpoint_every == 0:

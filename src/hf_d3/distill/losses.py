@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from torch.func import functional_call
 from ..data import SubtaskData
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
+from ..precision import at_least_float32, full_precision
 
 
 def _mean_off_diagonal(kernel: torch.Tensor) -> torch.Tensor:
@@ -19,12 +21,16 @@ def _mean_off_diagonal(kernel: torch.Tensor) -> torch.Tensor:
 
 
 def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
-    """Unbiased MMD^2 between samples x [n, d] and y [m, d] with a sum of Gaussian kernels."""
-    xy = torch.cat([x, y])
-    sq_dist = torch.cdist(xy, xy).pow(2)
-    kernel = sum(torch.exp(-sq_dist / (2 * s**2)) for s in bandwidths)
-    n = len(x)
-    return _mean_off_diagonal(kernel[:n, :n]) + _mean_off_diagonal(kernel[n:, n:]) - 2 * kernel[:n, n:].mean()
+    """Unbiased MMD^2 between samples x [n, d] and y [m, d] with a sum of Gaussian kernels.
+
+    Computed in float32 even under autocast: the features may come out of a bf16 network, but squared distances
+    between close points lose all their digits in bf16 (8 bits of mantissa)."""
+    with full_precision(x.device):
+        xy = at_least_float32(torch.cat([x, y]))
+        sq_dist = torch.cdist(xy, xy).pow(2)
+        kernel = sum(torch.exp(-sq_dist / (2 * s**2)) for s in bandwidths)
+        n = len(x)
+        return _mean_off_diagonal(kernel[:n, :n]) + _mean_off_diagonal(kernel[n:, n:]) - 2 * kernel[:n, n:].mean()
 
 
 class FlatModel:
@@ -47,31 +53,66 @@ class FlatModel:
         return functional_call(self.model, self.params(flat), (images,), kwargs).hidden_states[-1]
 
 
+InnerStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sgd_step(net: FlatModel, params: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+             lr: torch.Tensor) -> torch.Tensor:
+    """One differentiable SGD step of the student: `params - lr * grad`, the gradient's graph kept (create_graph)
+    so that the step is differentiable in `params`, `images` and `lr`."""
+    loss = nn.functional.cross_entropy(net.logits(params, images), labels)
+    (grad,) = torch.autograd.grad(loss, params, create_graph=True)
+    return params - lr * grad
+
+
+def functional_sgd_step(net: FlatModel, params: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                        lr: torch.Tensor) -> torch.Tensor:
+    """`sgd_step` written with `torch.func.grad`, the form `torch.compile` can trace: AOTAutograd refuses a
+    compiled `autograd.grad(create_graph=True)` ("does not currently support double backward"), but it
+    differentiates a graph that already holds the inner gradient's ops."""
+    grad = torch.func.grad(lambda p: nn.functional.cross_entropy(net.logits(p, images), labels))(params)
+    return params - lr * grad
+
+
+def compiled_sgd_step(net: FlatModel) -> InnerStep:
+    """`functional_sgd_step` of `net` through `torch.compile` (the `compile_inner_step` setting). The first call
+    compiles (about a minute on a CPU); on the CPU box it was no faster than eager (BENCHMARKS.md, MTT)."""
+    return torch.compile(partial(functional_sgd_step, net), dynamic=False)
+
+
 def trajectory_matching_loss(
     net: FlatModel,
     start: torch.Tensor,
     target: torch.Tensor,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     syn_lr: torch.Tensor,
+    step: InnerStep | None = None,
 ) -> torch.Tensor:
     """||theta_N - theta_target||^2 / ||theta_start - theta_target||^2 after one SGD step per batch.
 
-    The inner steps keep their graph (create_graph), so the loss is differentiable in the images and
-    in `syn_lr`.
+    The inner steps keep their graph, so the loss is differentiable in the images and in `syn_lr`. `step` is one
+    inner step (`sgd_step` of `net` by default; `compiled_sgd_step` is the compiled one).
+
+    The unroll always runs in float32, even inside an autocast region (bf16 mixed precision): with it in bf16 the
+    gradients of the latents, log-variances and decoder came out 9-12 % off (cosine 0.992-0.996) and the lr's 0.1-0.4 %
+    (benchmarks/mtt_precision.py). Nothing in the unroll reads a value on the host: it only queues device work
+    (tests/test_gpu_ready.py runs it on the meta device, where any such read fails).
     """
-    params = start.clone().requires_grad_(True)
-    for images, labels in batches:
-        loss = nn.functional.cross_entropy(net.logits(params, images), labels)
-        (grad,) = torch.autograd.grad(loss, params, create_graph=True)
-        params = params - syn_lr * grad
-    return (params - target).pow(2).sum() / (start - target).pow(2).sum()
+    step = step or partial(sgd_step, net)
+    with full_precision(start.device):
+        params = start.clone().requires_grad_(True)
+        for images, labels in batches:
+            params = step(params, at_least_float32(images), labels, syn_lr)
+        return (params - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
 def real_per_class(data: SubtaskData, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of `samples_per_class` random real images (with replacement) of every class, class by class."""
+    """Indices (on the CPU) of `samples_per_class` random real images (with replacement) of every class, class by
+    class."""
+    labels = data.labels.cpu()  # one copy, not two host reads per class when the labels live on a GPU
     return torch.cat([
-        torch.nonzero(data.labels == c).flatten()[
-            torch.randint(int((data.labels == c).sum()), (samples_per_class,), generator=generator)]
+        torch.nonzero(labels == c).flatten()[
+            torch.randint(int((labels == c).sum()), (samples_per_class,), generator=generator)]
         for c in range(len(data.class_ids))
     ])
 

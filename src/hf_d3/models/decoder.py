@@ -9,6 +9,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from ..precision import at_least_float32, full_precision
+
 # Channels of the paper's three decoders at 64x64 (docs/method.md, Reference settings of the paper): the first
 # entry is the feature map the latent becomes, each next one an upsampling stage that doubles the side.
 PRESETS: dict[str, dict] = {
@@ -142,7 +144,15 @@ class D3Decoder(ModelMixin, ConfigMixin):
         return cls(resolution=resolution, out_channels=out_channels, num_subtasks=num_subtasks, **config)
 
     def forward(self, latents: torch.Tensor, subtask_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Decode `latents` [N, latent_dim] to images [N, C, H, W] in [0, 1]."""
+        """Decode `latents` [N, latent_dim] to images [N, C, H, W] in [0, 1].
+
+        Always in float32, even inside a bf16 autocast region: in bf16 the trajectory-matching gradients of the
+        latents and decoder came out 14-18 % off (BENCHMARKS.md, MTT under bf16), and the decoder is a few per cent
+        of an iteration's time."""
+        with full_precision(latents.device):
+            return self._decode(at_least_float32(latents), subtask_ids)
+
+    def _decode(self, latents: torch.Tensor, subtask_ids: torch.Tensor | None) -> torch.Tensor:
         if subtask_ids is None:
             if len(self.generators) != 1:
                 raise ValueError(f"this decoder has {len(self.generators)} generators: pass subtask_ids")

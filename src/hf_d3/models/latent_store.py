@@ -115,19 +115,24 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
         num_samples_per_component: int = 1,
         include_means: bool = False,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw `mean + exp(logvar / 2) * eps` for each component.
 
         Returns the latents and, for each, the index of its component. With `include_means`, every
-        component's mean comes first, then the samples.
+        component's mean comes first, then the samples. `noise` gives the standard normal draws `eps` (shape of
+        the samples) instead of drawing them from `generator`: a caller can draw many on the host at once and
+        move them to the device in one copy.
         """
         if components is None:
             components = self.components_of()
         index = components.repeat(num_samples_per_component)
         mean = self.mean[index]
-        # Draw on the generator's device so a CPU generator gives the same samples on any device.
-        device = generator.device if generator is not None else mean.device
-        eps = torch.randn(mean.shape, generator=generator, device=device).to(mean)
+        if noise is None:
+            # Draw on the generator's device so a CPU generator gives the same samples on any device.
+            device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=device)
+        eps = noise.to(mean)
         latents = mean + self.std(index) * eps
         if include_means:
             latents = torch.cat([self.mean[components], latents])

@@ -1,0 +1,101 @@
+"""Issue 23: a few distillation iterations of a paper-scale ImageNet config, for their speed and peak memory.
+
+    python benchmarks/gpu_smoke.py --config recipes/configs/imagenet_64_ipc1.yaml [--iterations 5]
+        [--device cuda|cpu] [--mixed_precision no|bf16] [--compile] [--classes N] [--syn_batch_size B]
+
+Subtask 0 of the config (200 or 500 classes of 64x64 RGB at the paper's sizes), its latent store, decoder and
+ConvNet-D4 expert built as a run builds them, on a generated stand-in: `--per_class` random images per class, made
+on the device (a smoke test of the loop, not of the data path or of accuracy), and one expert trajectory of
+perturbed initial weights (the loop's cost does not depend on how the expert was trained). Prints the iterations
+per second (after the first, which includes one-off set-up such as cuDNN autotuning and compilation), and the peak
+memory: `torch.cuda.max_memory_allocated` on a GPU, the peak resident set size on a CPU. `--classes` and
+`--syn_batch_size` shrink the work (a CPU check of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from hf_d3.config import parse_config
+from hf_d3.data import SubtaskData
+from hf_d3.distill import distill_subtask
+from hf_d3.experts import flat_parameters
+from hf_d3.factories import build_decoder, build_latent_store, build_net
+from hf_d3.federated import plan_subtasks
+from hf_d3.precision import full_precision
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="recipes/configs/imagenet_64_ipc1.yaml")
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--compile", action="store_true", help="compile_inner_step")
+    parser.add_argument("--per_class", type=int, default=8, help="generated real images per class (MMD)")
+    parser.add_argument("--classes", type=int, default=None, help="classes of the subtask; default the config's")
+    parser.add_argument("--syn_batch_size", type=int, default=None, help="images per unrolled step; default all")
+    parser.add_argument("--num_classes", type=int, default=1000)
+    args = parser.parse_args()
+
+    overrides = ["--iterations", str(args.iterations), "--compile_inner_step", str(args.compile),
+                 "--checkpoint_every", str(10**9)]
+    if args.syn_batch_size:
+        overrides += ["--syn_batch_size", str(args.syn_batch_size)]
+    config = parse_config(["--config", args.config, *overrides])  # as recipes/distill.py reads it
+    device = torch.device(args.device)
+    class_ids = plan_subtasks(list(range(args.num_classes)), config.run.num_subtasks)[0][:args.classes]
+    names = [str(c) for c in range(args.num_classes)]
+    torch.manual_seed(0)
+    store = build_latent_store(config.representation, class_ids, names).to(device)
+    decoder = build_decoder(config.representation, config.data).to(device)
+    expert = build_net(config.experts, config.data, len(class_ids), device)
+    start = flat_parameters(expert)
+    epochs = config.distillation.max_start_epoch + config.distillation.expert_epochs + 1
+    trajectory = torch.stack([start + 0.01 * e * torch.randn_like(start) for e in range(epochs)])
+    c, r = config.data.channels, config.data.resolution
+    data = SubtaskData(torch.rand(len(class_ids) * args.per_class, c, r, r, device=device),
+                       torch.arange(len(class_ids), device=device).repeat_interleave(args.per_class), class_ids)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    marks = [time.perf_counter()]
+
+    def mark(iteration: int, losses: dict[str, float]) -> None:  # called after each iteration (log_every=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.mixed_precision == "bf16"
+                else full_precision(device))
+    with autocast:
+        stats = distill_subtask(store, decoder, data, [(expert, trajectory)], config.distillation,
+                                torch.Generator().manual_seed(0), on_log=mark, log_every=1)
+    steady = marks[-1] - marks[1] if len(marks) > 2 else float("nan")
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result = {
+        "config": args.config, "device": str(device), "device_name": (torch.cuda.get_device_name(device)
+                                                                     if device.type == "cuda" else "cpu"),
+        "mixed_precision": args.mixed_precision, "compile_inner_step": args.compile, "classes": len(class_ids),
+        "components": store.num_components, "syn_batch_size": config.distillation.syn_batch_size or
+        store.num_components, "iterations": stats.iterations_run,
+        "first_iteration_s": round(marks[1] - marks[0], 3),
+        "iterations_per_second": round((len(marks) - 2) / steady, 4) if len(marks) > 2 else None,
+        "peak_memory_gib": round(peak / 2**30, 3),
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
+        "last_losses": {k: v[-1] for k, v in stats.loss_history.items() if v},
+    }
+    print(f"{args.config}: {result['iterations_per_second']} iterations/s after the first "
+          f"({result['first_iteration_s']} s), peak memory {result['peak_memory_gib']} GiB "
+          f"({result['peak_memory_kind']}), {result['components']} components")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
