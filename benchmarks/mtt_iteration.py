@@ -22,18 +22,25 @@ from hf_d3.distill import distill_subtask
 from hf_d3.experts import flat_parameters
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--mmd", action="store_true")
-    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    args = parser.parse_args()
+def reference_work() -> tuple[torch.nn.Module, torch.Tensor, GaussianLatentStore, D3Decoder]:
+    """The expert, a 4-epoch trajectory of it, the 20 Gaussians and the small decoder, seeded (also used by
+    mtt_precision.py)."""
     torch.manual_seed(0)
     expert = build_classifier("convnet", 3, 32, 10, width=128, depth=3)
     start = flat_parameters(expert)
     trajectory = torch.stack([start + 0.01 * e * torch.randn_like(start) for e in range(4)])
     store = GaussianLatentStore(list(range(10)), 10, latents_per_class=2, latent_dim=64)
     decoder = D3Decoder.from_preset("small", resolution=32, out_channels=3)
+    return expert, trajectory, store, decoder
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--mmd", action="store_true")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    args = parser.parse_args()
+    expert, trajectory, store, decoder = reference_work()
     real = SubtaskData(torch.rand(500, 3, 32, 32), torch.arange(10).repeat_interleave(50), list(range(10)))
     config = DistillationConfig(
         iterations=args.iterations, mtt_weight=1.0, mmd_weight=1.0 if args.mmd else 0.0, syn_steps=10,

@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 
 import torch
+from mtt_iteration import reference_work  # this folder is on sys.path when the script runs
 
-from hf_d3 import D3Decoder, GaussianLatentStore, build_classifier
 from hf_d3.distill.losses import FlatModel, sgd_step, trajectory_matching_loss
-from hf_d3.experts import flat_parameters
 
 MODES = ("decoder_bf16", "unroll_bf16", "all_bf16")
 
@@ -52,12 +51,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--draws", type=int, default=3)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    expert = build_classifier("convnet", 3, 32, 10, width=128, depth=3)
-    start = flat_parameters(expert)
-    trajectory = torch.stack([start + 0.01 * e * torch.randn_like(start) for e in range(4)])
-    store = GaussianLatentStore(list(range(10)), 10, latents_per_class=2, latent_dim=64)
-    decoder = D3Decoder.from_preset("small", resolution=32, out_channels=3)
+    expert, trajectory, store, decoder = reference_work()
     net, labels = FlatModel(expert), torch.arange(20) // 2
     generator = torch.Generator().manual_seed(0)
     rows = []
