@@ -18,12 +18,13 @@ import PIL.Image
 import pytest
 import torch
 from conftest import TINY_RUN, write_parquet_dataset
-from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, Features, Image, Value, load_dataset
 from safetensors.torch import load_file
 
 import hf_d3.cache_builder
 import hf_d3.data
-from hf_d3.data import CachedImages, SubtaskData, cache_folder, image_cache, load_images
+from hf_d3.config import DataConfig
+from hf_d3.data import CachedImages, SubtaskData, cache_folder, image_cache, load_images, load_split
 from hf_d3.distill.losses import class_mmd_loss
 from hf_d3.distill.warm_start import warm_start
 from hf_d3.experts import train_classifier
@@ -205,6 +206,21 @@ def test_streams_need_a_source_name(mixed_folder):
     with pytest.raises(ValueError, match="channels=2 is not supported; valid: 1"):
         image_cache(stream, 16, 2, source="x")
 
+
+
+def test_bad_inputs_of_the_cache_are_refused(mixed_folder):
+    dataset = load_dataset(str(mixed_folder), split="train")
+    cache = image_cache(dataset, 12, 3)
+    with pytest.raises(ValueError, match="holds 12x12x3 images, not resolution=16, channels=3"):
+        load_images(cache, 16, 3)
+    # -1 is datasets' mark of a missing label
+    unlabelled = dataset.cast_column("label", Value("int64"))
+    unlabelled = unlabelled.map(lambda row, i: {"label": -1 if i == 3 else row["label"]}, with_indices=True)
+    unlabelled = unlabelled.cast_column("label", ClassLabel(names=["a", "b", "c", "d"]))
+    with pytest.raises(ValueError, match="row 3 has label -1, which is not a class id"):
+        image_cache(unlabelled, 12, 3)
+    with pytest.raises(ValueError, match="streaming=True reads 'builtin:fashion_mnist'"):
+        load_split(DataConfig(dataset="builtin:fashion_mnist", streaming=True), "train")
 
 def test_consumers_draw_the_same_from_the_cache_as_from_a_tensor(fmnist4_tensors):
     """Experts, warm start and MMD given the cached images compute exactly what they compute given the same images
