@@ -219,6 +219,16 @@ def test_the_allocator_is_tuned_once_and_can_be_left_alone(monkeypatch):
 # torch.compile of the inner step
 
 
+def test_a_compiled_step_refuses_experts_of_two_architectures():
+    """One compiled function serves every expert only when they share an architecture; refused before compiling."""
+    store, decoder, data, trajectories = tiny()
+    wider = build_classifier("convnet", num_channels=1, image_size=16, num_labels=4, width=16, depth=2)
+    trajectories.append((wider, flat_parameters(wider).expand(4, -1).clone()))
+    with pytest.raises(ValueError, match="compile_inner_step needs experts of one architecture"):
+        distill_subtask(store, decoder, data, trajectories, config(iterations=1, compile_inner_step=True),
+                        torch.Generator().manual_seed(0))
+
+
 @pytest.mark.skipif(os.environ.get("HF_D3_COMPILE_TESTS") != "1", reason=(
     "torch.compile of the inner step takes 1-3 minutes on the 2-core CPU box, over the suite's budget: run with "
     "HF_D3_COMPILE_TESTS=1 (passed in 155 s on 2026-12-03)"))
