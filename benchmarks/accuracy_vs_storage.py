@@ -17,9 +17,11 @@ every budget and method. Per budget, in `<out>/<dataset>/ipc<B>/`:
 3. R+H / R+S: the most real images per class that fit with a class id / a soft label (at least one), R+S at the
    temperature whose student scores best on held-out training images.
 A baseline that needs more than the budget (one image per class does not fit) is marked `over_budget`. Every student
-uses the config's evaluation settings and `--seeds` seeds. Finished rows (`row_<method>.json`) are reused when their
-settings and torch's thread count match, so two processes with other `--budgets` can share a folder; every run
-merges what is there into `<out>/results.json` and draws `--figure` (default `<out>/accuracy_vs_storage.png`).
+uses the config's evaluation settings and `--seeds` seeds; where two methods at a budget are within 2 std of each
+other, both get students with the next seeds up to `--close_seeds` (a student depends on its seed alone). Finished
+rows (`row_<method>.json`) are reused when their settings and torch's thread count match, so two processes with
+other `--budgets` can share a folder; every run merges what is there into `<out>/results.json` and draws `--figure`
+(default `<out>/accuracy_vs_storage.png`).
 """
 
 import argparse
@@ -34,7 +36,7 @@ import torch
 import yaml
 from transformers import AutoModelForImageClassification
 
-import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
+from hf_d3 import D3Pipeline  # (the import also registers the classifiers with the Auto classes)
 from hf_d3.baselines import (
     choose_temperature,
     distill_prototypes,
@@ -53,7 +55,7 @@ from hf_d3.data import (
     load_subtask_data,
     load_test_split,
 )
-from hf_d3.evaluation import evaluate_with_config
+from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 from hf_d3.experts import load_trajectory
 from hf_d3.federated import plan_subtasks, subtask_seed, train_expert_trajectories
 from hf_d3.run_folder import RunFolder
@@ -112,7 +114,9 @@ def images_within(budget_values: int, n: int, per_image: int, soft: bool) -> tup
     return max(ipc, 1), ipc == 0
 
 
-def prototype_row(config, shared: Path, train, test: ImageTensors, teacher, budget_values: int, seeds: int) -> dict:
+def prototype_set(config, shared: Path, train, test: ImageTensors, teacher, budget_values: int):
+    """The prototypes' epoch sampler and their row without accuracies (deterministic at a fixed thread count, so a
+    top-up redistills the same images)."""
     n, per_image = len(test.class_names), test.images[0].numel()
     ipc, over = images_within(budget_values, n, per_image, soft=True)
     classes = list(range(n))
@@ -124,11 +128,16 @@ def prototype_row(config, shared: Path, train, test: ImageTensors, teacher, budg
     prototypes, stats = distill_prototypes(start, data, trajectories, config.distillation,
                                            torch.Generator().manual_seed(seed))
     soft = teacher_labels(teacher, prototypes, config.relabel.relabel_temperature)
-    result = evaluate_with_config(config.evaluation, config.experts, lambda _g: (prototypes, soft), test.images,
-                                  test.labels, n, seeds=seeds)
     values = prototype_storage(n, ipc, per_image, soft_labels=True)
-    return {"values": values, "ipc_equivalent": values / (n * per_image), "accuracies": result.accuracies,
-            "over_budget": over, "images_per_class": ipc, **stats}
+    row = {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
+           "images_per_class": ipc, **stats}
+    return (lambda _g: (prototypes, soft)), row
+
+
+def real_sampler(config, pool: ImageTensors, teacher, ipc: int, temperature: float | None):
+    """R+H (`temperature` None) or R+S: the same random real images every time, from the non-held-out pool."""
+    return random_real_sampler(pool.images, pool.labels, len(pool.class_names), ipc, config.run.seed,
+                               None if temperature is None else teacher, temperature or 1.0)
 
 
 def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, budget_values: int,
@@ -148,13 +157,34 @@ def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, 
             temperature, scores = choose_temperature(
                 lambda s: evaluate(s, train_tensors.images[held_out], train_tensors.labels[held_out], 1).accuracy_mean,
                 pool, ipc, teacher, TEMPERATURES, seed)
-        sampler = random_real_sampler(pool.images, pool.labels, n, ipc, seed, teacher if soft else None,
-                                      temperature or 1.0)
         values = prototype_storage(n, ipc, per_image, soft_labels=soft)
         rows[method] = {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
-                        "accuracies": evaluate(sampler, test.images, test.labels, seeds).accuracies,
+                        "accuracies": evaluate(real_sampler(config, pool, teacher, ipc, temperature), test.images,
+                                               test.labels, seeds).accuracies,
                         "images_per_class": ipc, "temperature": temperature}
     return rows
+
+
+def close_methods(rows: dict[str, dict]) -> set[str]:
+    """The methods whose mean accuracy is within 2 std (the larger of the pair's) of another method's."""
+    stats = {m: (acc.mean().item(), acc.std().item()) for m, row in rows.items()
+             if len(acc := torch.tensor(row["accuracies"])) > 1}
+    return {a for a in stats for b in stats
+            if a != b and abs(stats[a][0] - stats[b][0]) <= 2 * max(stats[a][1], stats[b][1])}
+
+
+def top_up_sampler(method: str, row: dict, config, folder: Path, shared: Path, train, test: ImageTensors, teacher,
+                   budget_values: int, train_tensors: ImageTensors):
+    """The epoch sampler that gave `row`'s accuracies, rebuilt, and the run config its students use."""
+    if method == "D3":
+        run = folder / "d3"
+        return pipeline_sampler(D3Pipeline.from_pretrained(run / "pipeline")), parse_config(
+            ["--config", str(run / "config.json")])
+    if method == "prototypes":
+        return prototype_set(config, shared, train, test, teacher, budget_values)[0], config
+    _, pool = split_held_out(len(train_tensors.labels), config.run.seed)
+    pool = ImageTensors(train_tensors.images[pool], train_tensors.labels[pool], train_tensors.class_names)
+    return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"]), config
 
 
 def is_done(folder: Path, method: str, settings: dict) -> bool:
@@ -229,6 +259,8 @@ def main():
     parser.add_argument("--budgets", type=float, nargs="+", default=[1, 2, 5, 10, 20, 50])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--close_seeds", type=int, default=5,
+                        help="seeds for every method within 2 std of another method at the same budget")
     parser.add_argument("--plot_only", action="store_true")
     parser.add_argument("--figure", type=Path, default=None, help="where to draw the PNG (default: in output_dir; "
                         "src/hf_d3/model_cards/accuracy_vs_storage.png ships it with the pipeline cards)")
@@ -249,6 +281,10 @@ def main():
     columns = {"image_column": data.image_column, "label_column": data.label_column}
     test = load_test_split(data)
     train_tensors = None
+
+    def evaluate(run_config, sampler, seeds: int, first_seed: int = 0):
+        return evaluate_with_config(run_config.evaluation, run_config.experts, sampler, test.images, test.labels,
+                                    len(test.class_names), seeds=seeds, first_seed=first_seed)
     for budget in args.budgets:
         folder = out / f"ipc{budget:g}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -259,13 +295,25 @@ def main():
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         budget_values = int(budget * len(test.class_names) * test.images[0].numel())
         if "prototypes" in args.methods and not is_done(folder, "prototypes", settings):
-            save_row(folder, "prototypes", key,
-                     prototype_row(config, out / "shared", train, test, teacher, budget_values, args.seeds))
+            sampler, row = prototype_set(config, out / "shared", train, test, teacher, budget_values)
+            row["accuracies"] = evaluate(config, sampler, args.seeds).accuracies
+            save_row(folder, "prototypes", key, row)
         if {"R+H", "R+S"} & set(args.methods) and not all(is_done(folder, m, settings) for m in ("R+H", "R+S")):
-            if train_tensors is None:
-                train_tensors = load_images(train, data.resolution, data.channels, **columns)
+            train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
             for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds).items():
                 save_row(folder, method, key, row)
+        # methods within 2 std of another get students with the next seeds, until no close pair has too few
+        rows = {m: json.loads((folder / f"row_{m}.json").read_text())["row"] for m in args.methods
+                if is_done(folder, m, settings)}
+        while todo := sorted(m for m in close_methods(rows) if len(rows[m]["accuracies"]) < args.close_seeds):
+            method, row = todo[0], rows[todo[0]]
+            if method in ("R+H", "R+S"):
+                train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
+            sampler, run_config = top_up_sampler(method, row, config, folder, out / "shared", train, test, teacher,
+                                                 budget_values, train_tensors)
+            done = len(row["accuracies"])
+            row["accuracies"] += evaluate(run_config, sampler, args.close_seeds - done, first_seed=done).accuracies
+            save_row(folder, method, key, row)
     merge_and_plot(args.output_dir, figure)
 
 

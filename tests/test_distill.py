@@ -460,6 +460,9 @@ def test_pipeline_sampler_and_evaluation(data):
     assert result.num_eval_runs == 2 and len(result.accuracies) == 2 and result.student_steps == 12
     assert all(0 <= a <= 1 for a in result.accuracies)
     assert result == evaluate_sampler(real_sampler, data.images, data.labels, 4, **kwargs)  # seeded
+    # a student depends on its seed alone: seed 1 on its own is the second student of the pair
+    later = evaluate_sampler(real_sampler, data.images, data.labels, 4, **{**kwargs, "seeds": 1}, first_seed=1)
+    assert later.accuracies == result.accuracies[1:]
     assert result.accuracy_mean > 0.4  # well above the 0.25 of chance after 12 steps on its own training data
 
     student = train_student(make_net(), real_sampler, steps=3, batch_size=32, augment=True)

@@ -100,18 +100,21 @@ def evaluate_sampler(
     lr: float = 0.01,
     augment: bool = True,
     seeds: int = 3,
+    first_seed: int = 0,
     **net_kwargs,
 ) -> EvaluationResult:
-    """Final-step test accuracy of `seeds` students trained from scratch (never the best checkpoint)."""
+    """Final-step test accuracy of `seeds` students trained from scratch (never the best checkpoint), seeded
+    `first_seed`, `first_seed + 1`, ...: each student depends on its seed alone, so more seeds can be added later
+    (`first_seed=3, seeds=2` gives the two students that `seeds=5` would add to `seeds=3`)."""
     accuracies = []
-    for seed in progress_bar(range(seeds), desc="evaluation seeds"):
+    for seed in progress_bar(range(first_seed, first_seed + seeds), desc="evaluation seeds"):
         torch.manual_seed(seed)
         student = build_classifier(architecture, test_images.shape[1], test_images.shape[-1], num_classes,
                                    **net_kwargs)
         train_student(student, sampler, steps, batch_size, lr, augment, seed)
         accuracies.append(accuracy(student, test_images, test_labels))
-        logger.info("student %d/%d (%s, %d steps): accuracy %.4f on the test split", seed + 1, seeds, architecture,
-                    steps, accuracies[-1])
+        logger.info("student %d/%d (%s, %d steps): accuracy %.4f on the test split", seed + 1, first_seed + seeds,
+                    architecture, steps, accuracies[-1])
     values = torch.tensor(accuracies)
     return EvaluationResult(accuracy_mean=values.mean().item(), accuracy_std=values.std().item() if seeds > 1 else 0.0,
                             accuracies=accuracies, num_eval_runs=seeds, student_architecture=architecture,
@@ -120,10 +123,10 @@ def evaluate_sampler(
 
 def evaluate_with_config(config: EvaluationConfig, networks: ExpertConfig, sampler: EpochSampler,
                          images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                         seeds: int | None = None) -> EvaluationResult:
+                         seeds: int | None = None, first_seed: int = 0) -> EvaluationResult:
     """`evaluate_sampler` with a run's student settings (architecture, steps, batch, lr, augmentation; the width
     and depth of its networks)."""
     return evaluate_sampler(sampler, images, labels, num_classes, config.eval_architecture, config.eval_steps,
                             config.eval_batch_size, config.eval_lr, config.eval_augment,
-                            config.eval_seeds if seeds is None else seeds,
+                            config.eval_seeds if seeds is None else seeds, first_seed,
                             **net_kwargs(config.eval_architecture, networks.net_width, networks.net_depth))
