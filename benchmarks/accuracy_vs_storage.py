@@ -19,12 +19,14 @@ every budget and method. Per budget, in `<out>/<dataset>/ipc<B>/`:
 A baseline that needs more than the budget (one image per class does not fit) is marked `over_budget`. Every student
 uses the config's evaluation settings and `--seeds` seeds; where two methods at a budget are within 2 std of each
 other, both get students with the next seeds up to `--close_seeds` (a student depends on its seed alone). Finished
-rows (`row_<method>.json`) are reused when their settings and torch's thread count match, so two processes with
+rows (`row_<method>.json`) are reused when their settings (but where to write and how to log) and torch's thread
+count match, so two processes with
 other `--budgets` can share a folder; every run merges what is there into `<out>/results.json` and draws `--figure`
 (default `<out>/accuracy_vs_storage.png`).
 """
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import shutil
@@ -46,7 +48,7 @@ from hf_d3.baselines import (
     split_held_out,
     teacher_labels,
 )
-from hf_d3.config import PAPER_SIZES, parse_config
+from hf_d3.config import PAPER_SIZES, D3Config, parse_config
 from hf_d3.data import (
     ImageTensors,
     class_names_of,
@@ -187,9 +189,26 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: Path, t
     return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"]), config
 
 
+# settings that say where and how a run reports, not what it computes
+BOOKKEEPING = {"output_dir", "log_every", "report_to", "collective_timeout_s", "checkpoint_every", "push_to_hub",
+               "hub_model_id", "hub_dataset_id", "hub_private"}
+
+
+def setting_defaults() -> dict:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for group in D3Config.groups().values() for f in dataclasses.fields(group)}
+
+
+def same_settings(saved: dict, current: dict) -> bool:
+    """Whether a saved row answers for `current`: equal but for bookkeeping, where a setting added since the row was
+    saved counts as equal at its default (a new setting's default keeps the old behaviour)."""
+    defaults = setting_defaults()
+    return all(saved.get(key, defaults.get(key)) == value for key, value in current.items() if key not in BOOKKEEPING)
+
+
 def is_done(folder: Path, method: str, settings: dict) -> bool:
     path = folder / f"row_{method}.json"
-    return path.is_file() and json.loads(path.read_text())["settings"] == settings
+    return path.is_file() and same_settings(json.loads(path.read_text())["settings"], settings)
 
 
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
