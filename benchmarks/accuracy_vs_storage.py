@@ -10,7 +10,8 @@ explicit prototypes distilled with D3's objective, and random real images with h
 config's data, networks and phase lengths are kept and its sizes dropped, so `storage_budget_ipc` chooses them.
 Per dataset, the experts and the relabelling teacher are trained once (`<out>/<dataset>/shared`) and shared by
 every budget and method. Per budget, in `<out>/<dataset>/ipc<B>/`:
-1. D3: `recipes/distill.py` with `--storage_budget_ipc B` in its own process.
+1. D3: `recipes/distill.py` with `--storage_budget_ipc B` in its own process; at budgets a config ships for
+   (10 and 50), also D3-hand: the same with that config's hand-chosen sizes (the auto-sizing's yardstick).
 2. Prototypes: the most real images per class whose pixels and soft labels fit in the budget (at least one),
    distilled from the same experts for the same iterations (`hf_d3.baselines.distill_prototypes`), relabelled
    by the same teacher at the config's temperature.
@@ -67,7 +68,10 @@ from hf_d3.teacher import load_teacher
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"fashion_mnist": ROOT / "recipes/configs/fashion_mnist.yaml",
            "cifar10": ROOT / "recipes/configs/cifar10_ipc10.yaml"}
-METHODS = ("D3", "prototypes", "R+H", "R+S")
+METHODS = ("D3", "D3-hand", "prototypes", "R+H", "R+S")
+# D3-hand: D3 with the sizes of the shipped config for that budget (its phases are the curve's, like every method's)
+HAND_SIZED = {("fashion_mnist", 10): "fashion_mnist.yaml", ("fashion_mnist", 50): "fashion_mnist_ipc50.yaml",
+              ("cifar10", 10): "cifar10_ipc10.yaml", ("cifar10", 50): "cifar10_ipc50.yaml"}
 TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 train / 1,017 test)"}
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 
@@ -94,8 +98,21 @@ def prepare_shared(config, shared: Path, train) -> None:
         load_teacher(config, RunFolder(shared).teacher, train, torch.device("cpu"))
 
 
-def d3_row(config_path: Path, args: list[str], shared: Path, folder: Path, seeds: int) -> dict:
-    run = folder / "d3"
+def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Path) -> Path | None:
+    """The curve's config with the sizes of the shipped config for this budget, written to `folder` (None if no
+    config ships for it)."""
+    shipped = HAND_SIZED.get((dataset, budget))
+    if shipped is None:
+        return None
+    sizes = yaml.safe_load((ROOT / "recipes/configs" / shipped).read_text())
+    values = {**yaml.safe_load(config_path.read_text()), "storage_budget_ipc": budget,
+              **{k: v for k, v in sizes.items() if k in PAPER_SIZES}}
+    path = folder / "hand_sized.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int) -> dict:
     if not (run / "metrics.json").is_file():
         for experts in shared.glob("subtasks/*/experts"):
             shutil.copytree(experts, run / experts.relative_to(shared), dirs_exist_ok=True)
@@ -178,8 +195,8 @@ def close_methods(rows: dict[str, dict]) -> set[str]:
 def top_up_sampler(method: str, row: dict, config, folder: Path, shared: Path, train, test: ImageTensors, teacher,
                    budget_values: int, train_tensors: ImageTensors):
     """The epoch sampler that gave `row`'s accuracies, rebuilt, and the run config its students use."""
-    if method == "D3":
-        run = folder / "d3"
+    if method in ("D3", "D3-hand"):
+        run = folder / ("d3" if method == "D3" else "d3_hand")
         return pipeline_sampler(D3Pipeline.from_pretrained(run / "pipeline")), parse_config(
             ["--config", str(run / "config.json")])
     if method == "prototypes":
@@ -308,9 +325,13 @@ def main():
         folder = out / f"ipc{budget:g}"
         folder.mkdir(parents=True, exist_ok=True)
         key = {"dataset": args.dataset, "budget": f"{budget:g}", "settings": settings}
-        if not is_done(folder, "D3", settings):
+        if "D3" in args.methods and not is_done(folder, "D3", settings):
             save_row(folder, "D3", key, d3_row(config_path, [*overrides, "--storage_budget_ipc", str(budget)],
-                                               out / "shared", folder, args.seeds))
+                                               out / "shared", folder / "d3", args.seeds))
+        hand_config = hand_sized_config(args.dataset, budget, config_path, folder)
+        if "D3-hand" in args.methods and hand_config and not is_done(folder, "D3-hand", settings):
+            save_row(folder, "D3-hand", key, d3_row(hand_config, overrides, out / "shared", folder / "d3_hand",
+                                                    args.seeds))
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         budget_values = int(budget * len(test.class_names) * test.images[0].numel())
         if "prototypes" in args.methods and not is_done(folder, "prototypes", settings):
