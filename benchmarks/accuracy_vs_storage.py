@@ -21,9 +21,8 @@ A baseline that needs more than the budget (one image per class does not fit) is
 uses the config's evaluation settings and `--seeds` seeds; where two methods at a budget are within 2 std of each
 other, both get students with the next seeds up to `--close_seeds` (a student depends on its seed alone). Finished
 rows (`row_<method>.json`) are reused when their settings (but where to write and how to log) and torch's thread
-count match, so two processes with
-other `--budgets` can share a folder; every run merges what is there into `<out>/results.json` and draws `--figure`
-(default `<out>/accuracy_vs_storage.png`).
+count match, so two processes with other `--budgets` can share a folder; every run merges what is there into
+`<out>/results.json` and draws `--figure` (default `<out>/accuracy_vs_storage.png`).
 """
 
 import argparse
