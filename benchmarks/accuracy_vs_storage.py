@@ -272,7 +272,7 @@ def plot(results: dict, path: Path) -> None:
             if points:
                 ax.errorbar([x for x, _ in points], [a.mean().item() for _, a in points],
                             yerr=[a.std().item() if len(a) > 1 else 0.0 for _, a in points],
-                            marker="o", capsize=3, label=method,
+                            marker="o", capsize=3, label=method, color=f"C{METHODS.index(method)}",
                             linestyle="none" if method == "D3-hand" else "-")  # a yardstick at two budgets
         ax.set_xscale("log")
         ticks = sorted({float(b) for b in budgets})
