@@ -97,13 +97,9 @@ def prepare_shared(config, shared: Path, train) -> None:
         load_teacher(config, RunFolder(shared).teacher, train, torch.device("cpu"))
 
 
-def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Path) -> Path | None:
-    """The curve's config with the sizes of the shipped config for this budget, written to `folder` (None if no
-    config ships for it)."""
-    shipped = HAND_SIZED.get((dataset, budget))
-    if shipped is None:
-        return None
-    sizes = yaml.safe_load((ROOT / "recipes/configs" / shipped).read_text())
+def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Path) -> Path:
+    """The curve's config with the sizes of the config shipped for this budget (`HAND_SIZED`), written to `folder`."""
+    sizes = yaml.safe_load((ROOT / "recipes/configs" / HAND_SIZED[dataset, budget]).read_text())
     values = {**yaml.safe_load(config_path.read_text()), "storage_budget_ipc": budget,
               **{k: v for k, v in sizes.items() if k in PAPER_SIZES}}
     path = folder / "hand_sized.yaml"
@@ -158,11 +154,16 @@ def real_sampler(config, pool: ImageTensors, teacher, ipc: int, temperature: flo
                                None if temperature is None else teacher, temperature or 1.0)
 
 
+def held_out_and_pool(train_tensors: ImageTensors, seed: int) -> tuple[torch.Tensor, ImageTensors]:
+    """The held-out indices that choose R+S's temperature, and the pool the real images are drawn from."""
+    held_out, pool = split_held_out(len(train_tensors.labels), seed)
+    return held_out, ImageTensors(train_tensors.images[pool], train_tensors.labels[pool], train_tensors.class_names)
+
+
 def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, budget_values: int,
               seeds: int) -> dict:
     n, per_image, seed = len(test.class_names), test.images[0].numel(), config.run.seed
-    held_out, pool = split_held_out(len(train_tensors.labels), seed)
-    pool = ImageTensors(train_tensors.images[pool], train_tensors.labels[pool], train_tensors.class_names)
+    held_out, pool = held_out_and_pool(train_tensors, seed)
 
     def evaluate(sampler, images, labels, runs):
         return evaluate_with_config(config.evaluation, config.experts, sampler, images, labels, n, seeds=runs)
@@ -200,8 +201,7 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: Path, t
             ["--config", str(run / "config.json")])
     if method == "prototypes":
         return prototype_set(config, shared, train, test, teacher, budget_values)[0], config
-    _, pool = split_held_out(len(train_tensors.labels), config.run.seed)
-    pool = ImageTensors(train_tensors.images[pool], train_tensors.labels[pool], train_tensors.class_names)
+    _, pool = held_out_and_pool(train_tensors, config.run.seed)
     return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"]), config
 
 
@@ -328,8 +328,9 @@ def main():
         if "D3" in args.methods and not is_done(folder, "D3", settings):
             save_row(folder, "D3", key, d3_row(config_path, [*overrides, "--storage_budget_ipc", str(budget)],
                                                out / "shared", folder / "d3", args.seeds))
-        hand_config = hand_sized_config(args.dataset, budget, config_path, folder)
-        if "D3-hand" in args.methods and hand_config and not is_done(folder, "D3-hand", settings):
+        if ("D3-hand" in args.methods and (args.dataset, budget) in HAND_SIZED
+                and not is_done(folder, "D3-hand", settings)):
+            hand_config = hand_sized_config(args.dataset, budget, config_path, folder)
             save_row(folder, "D3-hand", key, d3_row(hand_config, overrides, out / "shared", folder / "d3_hand",
                                                     args.seeds))
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them

@@ -207,7 +207,6 @@ def test_streams_need_a_source_name(mixed_folder):
         image_cache(stream, 16, 2, source="x")
 
 
-
 def test_bad_inputs_of_the_cache_are_refused(mixed_folder):
     dataset = load_dataset(str(mixed_folder), split="train")
     cache = image_cache(dataset, 12, 3)
@@ -221,6 +220,7 @@ def test_bad_inputs_of_the_cache_are_refused(mixed_folder):
         image_cache(unlabelled, 12, 3)
     with pytest.raises(ValueError, match="streaming=True reads 'builtin:fashion_mnist'"):
         load_split(DataConfig(dataset="builtin:fashion_mnist", streaming=True), "train")
+
 
 def test_consumers_draw_the_same_from_the_cache_as_from_a_tensor(fmnist4_tensors):
     """Experts, warm start and MMD given the cached images compute exactly what they compute given the same images
