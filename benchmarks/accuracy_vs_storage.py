@@ -46,9 +46,8 @@ from hf_d3.baselines import (
     pick_per_class,
     random_real_sampler,
     split_held_out,
-    teacher_labels,
 )
-from hf_d3.config import PAPER_SIZES, D3Config, parse_config
+from hf_d3.config import PAPER_SIZES, D3Config, EvaluationConfig, RelabelConfig, parse_config
 from hf_d3.data import (
     ImageTensors,
     class_names_of,
@@ -62,7 +61,7 @@ from hf_d3.experts import load_trajectory
 from hf_d3.federated import plan_subtasks, subtask_seed, train_expert_trajectories
 from hf_d3.run_folder import RunFolder
 from hf_d3.storage import prototype_storage
-from hf_d3.teacher import load_teacher
+from hf_d3.teacher import load_teacher, resolve_hard_label_weight, teacher_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"fashion_mnist": ROOT / "recipes/configs/fashion_mnist.yaml",
@@ -107,7 +106,17 @@ def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Pa
     return path
 
 
-def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int) -> dict:
+def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, stale: dict | None,
+           settings: dict) -> dict:
+    """D3's row from `recipes/distill.py` in `run`. A run of a row with other settings (`stale`) is withdrawn: when
+    they differ only in what acts after distillation (labels, students), its distilled subtasks stay and the rerun
+    relabels and evaluates them (a rerun reuses finished subtasks); otherwise the run starts afresh."""
+    if stale is not None:
+        distillation = lambda values: {k: v for k, v in values.items() if k not in AFTER_DISTILLATION}  # noqa: E731
+        if same_settings(distillation(stale), distillation(settings)):
+            (run / "metrics.json").unlink(missing_ok=True)
+        else:
+            shutil.rmtree(run, ignore_errors=True)
     if not (run / "metrics.json").is_file():
         for experts in shared.glob("subtasks/*/experts"):
             shutil.copytree(experts, run / experts.relative_to(shared), dirs_exist_ok=True)
@@ -141,7 +150,8 @@ def prototype_set(config, shared: Path, train, test: ImageTensors, teacher, budg
     start = data.images[pick_per_class(data.labels, n, ipc, seed)]
     prototypes, stats = distill_prototypes(start, data, trajectories, config.distillation,
                                            torch.Generator().manual_seed(seed))
-    soft = teacher_labels(teacher, prototypes, config.relabel.relabel_temperature)
+    soft = teacher_labels(teacher, prototypes, config.relabel.relabel_temperature,
+                          torch.arange(n).repeat_interleave(ipc), config.relabel.hard_label_weight)
     values = prototype_storage(n, ipc, per_image, soft_labels=True)
     row = {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
            "images_per_class": ipc, **stats}
@@ -151,7 +161,8 @@ def prototype_set(config, shared: Path, train, test: ImageTensors, teacher, budg
 def real_sampler(config, pool: ImageTensors, teacher, ipc: int, temperature: float | None):
     """R+H (`temperature` None) or R+S: the same random real images every time, from the non-held-out pool."""
     return random_real_sampler(pool.images, pool.labels, len(pool.class_names), ipc, config.run.seed,
-                               None if temperature is None else teacher, temperature or 1.0)
+                               None if temperature is None else teacher, temperature or 1.0,
+                               config.relabel.hard_label_weight)
 
 
 def held_out_and_pool(train_tensors: ImageTensors, seed: int) -> tuple[torch.Tensor, ImageTensors]:
@@ -161,7 +172,7 @@ def held_out_and_pool(train_tensors: ImageTensors, seed: int) -> tuple[torch.Ten
 
 
 def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, budget_values: int,
-              seeds: int) -> dict:
+              seeds: int, methods: list[str]) -> dict:
     n, per_image, seed = len(test.class_names), test.images[0].numel(), config.run.seed
     held_out, pool = held_out_and_pool(train_tensors, seed)
 
@@ -169,13 +180,14 @@ def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, 
         return evaluate_with_config(config.evaluation, config.experts, sampler, images, labels, n, seeds=runs)
 
     rows = {}
-    for method, soft in (("R+H", False), ("R+S", True)):
+    for method in methods:
+        soft = method == "R+S"
         ipc, over = images_within(budget_values, n, per_image, soft)
         temperature = None
         if soft:
             temperature, scores = choose_temperature(
                 lambda s: evaluate(s, train_tensors.images[held_out], train_tensors.labels[held_out], 1).accuracy_mean,
-                pool, ipc, teacher, TEMPERATURES, seed)
+                pool, ipc, teacher, TEMPERATURES, seed, hard_label_weight=config.relabel.hard_label_weight)
         values = prototype_storage(n, ipc, per_image, soft_labels=soft)
         rows[method] = {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
                         "accuracies": evaluate(real_sampler(config, pool, teacher, ipc, temperature), test.images,
@@ -205,6 +217,11 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: Path, t
     return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"]), config
 
 
+# settings that act after distillation: a D3 row differing only in these reuses its run's distilled subtasks
+AFTER_DISTILLATION = {f.name for group in (RelabelConfig, EvaluationConfig) for f in dataclasses.fields(group)} | {
+    "seeds"}
+# settings whose default changed what is computed when they were added: the value rows saved before them used
+BEFORE_IT_EXISTED = {"hard_label_weight": 0.0}
 # settings that say where and how a run reports, not what it computes
 BOOKKEEPING = {"output_dir", "log_every", "report_to", "collective_timeout_s", "checkpoint_every", "push_to_hub",
                "hub_model_id", "hub_dataset_id", "hub_private"}
@@ -217,14 +234,25 @@ def setting_defaults() -> dict:
 
 def same_settings(saved: dict, current: dict) -> bool:
     """Whether a saved row answers for `current`: equal but for bookkeeping, where a setting added since the row was
-    saved counts as equal at its default (a new setting's default keeps the old behaviour)."""
-    defaults = setting_defaults()
+    saved counts as equal at its default (a new setting's default keeps the old behaviour) or, where the default
+    does not, at the value rows were computed with before it existed (`BEFORE_IT_EXISTED`)."""
+    defaults = {**setting_defaults(), **BEFORE_IT_EXISTED}
     return all(saved.get(key, defaults.get(key)) == value for key, value in current.items() if key not in BOOKKEEPING)
 
 
-def is_done(folder: Path, method: str, settings: dict) -> bool:
+def row_settings(method: str, settings: dict) -> dict:
+    """The settings a method's row depends on: R+H's labels are class ids, whatever the teacher's labels are."""
+    return {k: v for k, v in settings.items() if method != "R+H" or k != "hard_label_weight"}
+
+
+def saved_settings(folder: Path, method: str) -> dict | None:
     path = folder / f"row_{method}.json"
-    return path.is_file() and same_settings(json.loads(path.read_text())["settings"], settings)
+    return json.loads(path.read_text())["settings"] if path.is_file() else None
+
+
+def is_done(folder: Path, method: str, settings: dict) -> bool:
+    saved = saved_settings(folder, method)
+    return saved is not None and same_settings(saved, settings)
 
 
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
@@ -308,9 +336,9 @@ def main():
 
     out = args.output_dir / args.dataset
     config_path = base_config(args.dataset, args.cifar10_path, out)
-    config = parse_config(["--config", str(config_path), *overrides, "--output_dir", str(out / "shared")])
-    settings = {**config.to_dict(), "seeds": args.seeds, "num_threads": torch.get_num_threads()}
-    data = config.data
+    base = parse_config(["--config", str(config_path), *overrides, "--output_dir", str(out / "shared")])
+    base_settings = {**base.to_dict(), "seeds": args.seeds, "num_threads": torch.get_num_threads()}
+    config, data = base, base.data
     train = load_image_dataset(data.dataset, data.train_split)
     prepare_shared(config, out / "shared", train)
     teacher = AutoModelForImageClassification.from_pretrained(RunFolder(out / "shared").teacher)
@@ -324,28 +352,34 @@ def main():
     for budget in args.budgets:
         folder = out / f"ipc{budget:g}"
         folder.mkdir(parents=True, exist_ok=True)
+        # every method's labels mix the class in at the weight D3 gets at this budget
+        config = resolve_hard_label_weight(base, budget)  # `base` sets no budget: this one decides
+        settings = {**base_settings, "hard_label_weight": config.relabel.hard_label_weight}
         key = {"dataset": args.dataset, "budget": f"{budget:g}", "settings": settings}
         if "D3" in args.methods and not is_done(folder, "D3", settings):
             save_row(folder, "D3", key, d3_row(config_path, [*overrides, "--storage_budget_ipc", str(budget)],
-                                               out / "shared", folder / "d3", args.seeds))
+                                               out / "shared", folder / "d3", args.seeds,
+                                               saved_settings(folder, "D3"), settings))
         if ("D3-hand" in args.methods and (args.dataset, budget) in HAND_SIZED
                 and not is_done(folder, "D3-hand", settings)):
             hand_config = hand_sized_config(args.dataset, budget, config_path, folder)
             save_row(folder, "D3-hand", key, d3_row(hand_config, overrides, out / "shared", folder / "d3_hand",
-                                                    args.seeds))
+                                                    args.seeds, saved_settings(folder, "D3-hand"), settings))
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         budget_values = int(budget * len(test.class_names) * test.images[0].numel())
         if "prototypes" in args.methods and not is_done(folder, "prototypes", settings):
             sampler, row = prototype_set(config, out / "shared", train, test, teacher, budget_values)
             row["accuracies"] = evaluate(config, sampler, args.seeds).accuracies
             save_row(folder, "prototypes", key, row)
-        if {"R+H", "R+S"} & set(args.methods) and not all(is_done(folder, m, settings) for m in ("R+H", "R+S")):
+        real = [m for m in ("R+H", "R+S") if m in args.methods and not is_done(folder, m, row_settings(m, settings))]
+        if real:
             train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
-            for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds).items():
-                save_row(folder, method, key, row)
+            for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds,
+                                         real).items():
+                save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
         # methods within 2 std of another get students with the next seeds, until no close pair has too few
         rows = {m: json.loads((folder / f"row_{m}.json").read_text())["row"] for m in args.methods
-                if is_done(folder, m, settings)}
+                if is_done(folder, m, row_settings(m, settings))}
         while todo := sorted(m for m in close_methods(rows) if len(rows[m]["accuracies"]) < args.close_seeds):
             method, row = todo[0], rows[todo[0]]
             if method in ("R+H", "R+S"):
@@ -354,7 +388,7 @@ def main():
                                                  budget_values, train_tensors)
             done = len(row["accuracies"])
             row["accuracies"] += evaluate(run_config, sampler, args.close_seeds - done, first_seed=done).accuracies
-            save_row(folder, method, key, row)
+            save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
     merge_and_plot(args.output_dir, figure)
 
 

@@ -1,5 +1,5 @@
 """Print the sizes a config gets and the storage they take, in a second and before any training:
-`python recipes/plan.py --config recipes/configs/fashion_mnist.yaml --storage_budget_ipc 2 --sizes auto`.
+`python recipes/plan.py --resolution 28 --channels 1 --num_classes 10 --storage_budget_ipc 2`.
 
 Takes the same config and overrides as `recipes/distill.py`; `--num_classes N` skips reading the dataset.
 """
@@ -11,6 +11,7 @@ from hf_d3.data import class_names_of
 from hf_d3.factories import planned_storage
 from hf_d3.federated import plan_subtasks
 from hf_d3.sizing import resolve_sizes
+from hf_d3.teacher import resolve_hard_label_weight
 
 
 def main():
@@ -23,6 +24,8 @@ def main():
     config = resolve_sizes(config, num_classes)
     plan = plan_subtasks(list(range(num_classes)), config.run.num_subtasks)
     storage = planned_storage(config, plan)
+    given_weight = config.relabel.hard_label_weight is not None
+    config = resolve_hard_label_weight(config, storage.ipc_equivalent)
 
     data, sizes = config.data, config.representation
     print(f"{num_classes} classes of {data.channels}x{data.resolution}x{data.resolution}, {len(plan)} subtask(s); "
@@ -34,6 +37,8 @@ def main():
     for part in ("decoder", "latent", "label"):
         values = getattr(storage, f"{part}_values")
         print(f"  {part}s: {values:,} values ({100 * values / storage.total_values:.1f} %)")
+    print(f"labels: hard_label_weight {config.relabel.hard_label_weight:.2f} "
+          f"({'as given' if given_weight else 'chosen from the storage'})")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def test_setting_of_the_wrong_type_from_python():
     ({"expert_batch_size": 0}, "expert_batch_size=0 must be >= 1"),
     ({"eval_lr": -0.01}, r"eval_lr=-0.01 is not valid; valid: > 0"),
     ({"mmd_bandwidths": [1.0, 0.0]}, r"mmd_bandwidths=\[1.0, 0.0\] is not valid; valid: entries > 0"),
-], ids=["eval_seeds", "expert_batch_size", "eval_lr", "mmd_bandwidths"])
+    ({"hard_label_weight": 1.5}, "hard_label_weight=1.5 is not valid; valid: 0 to 1"),
+], ids=["eval_seeds", "expert_batch_size", "eval_lr", "mmd_bandwidths", "hard_label_weight"])
 def test_count_or_rate_out_of_range(settings, message):
     with pytest.raises(ValueError, match=message):
         D3Config.from_dict({**TINY_RUN, **settings})

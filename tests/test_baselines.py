@@ -32,6 +32,9 @@ def test_random_real_sampler_hard_and_soft_labels():
     soft_images, soft = random_real_sampler(images, labels, 3, 4, seed=1, teacher=teacher, temperature=4)(None)
     assert torch.equal(soft_images, hard_images)
     assert torch.allclose(soft.sum(1), torch.ones(12)) and (soft < 1).all()
+    _, mixed = random_real_sampler(images, labels, 3, 4, seed=1, teacher=teacher, temperature=4,
+                                   hard_label_weight=0.5)(None)
+    assert torch.allclose(mixed, 0.5 * hard + 0.5 * soft)  # R+S's labels mix the class in as D3's do
 
 
 def test_prototype_storage_by_hand_at_a_d3_budget():

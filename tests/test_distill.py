@@ -44,7 +44,7 @@ from hf_d3.experts import flat_parameters, load_trajectory, save_trajectory, tra
 from hf_d3.federated import train_expert_trajectories
 from hf_d3.run import run_distillation
 from hf_d3.run_folder import RunFolder
-from hf_d3.teacher import relabel
+from hf_d3.teacher import hard_label_weight_for, relabel, resolve_hard_label_weight
 
 CONFIG = D3Config.from_dict(TINY_RUN)  # 16x16 grayscale, 2 latents of 8 dims per class, decoder [8, 8, 8]
 
@@ -422,6 +422,31 @@ def test_relabel_gives_the_teachers_softmax():
     assert (entropy(store.soft_labels) > entropy(sharp)).all()  # a higher temperature gives softer labels
 
 
+def test_relabel_mixes_the_class_in_at_hard_label_weight():
+    store, decoder = make_store_and_decoder()
+    torch.manual_seed(1)
+    teacher = make_net().eval()
+    relabel(store, decoder, teacher, temperature=2.0)
+    soft = store.soft_labels.clone()
+    one_hot = torch.nn.functional.one_hot(store.component_class, 4).float()
+    relabel(store, decoder, teacher, temperature=2.0, hard_label_weight=0.25)
+    assert torch.allclose(store.soft_labels, 0.25 * one_hot + 0.75 * soft, atol=1e-6)
+    relabel(store, decoder, teacher, temperature=2.0, hard_label_weight=1.0)
+    assert torch.equal(store.soft_labels, one_hot)  # the class id alone: the teacher's view drops out
+
+
+def test_the_hard_label_weight_grows_with_the_storage_and_a_given_one_wins():
+    weights = [hard_label_weight_for(b) for b in (0.5, 1, 2, 5, 10, 20, 50, 100)]
+    assert weights[:2] == [0.0, 0.0] and weights[-2:] == [1.0, 1.0]  # the teacher's alone, the class's alone
+    assert weights == sorted(weights) and 0 < weights[2] < weights[5] < 1
+    budgeted = D3Config.from_dict({**TINY_RUN, "storage_budget_ipc": 10})
+    assert resolve_hard_label_weight(budgeted, 3.0).relabel.hard_label_weight == hard_label_weight_for(10)
+    unbudgeted = D3Config.from_dict(TINY_RUN)  # no budget: the storage its sizes take decides
+    assert resolve_hard_label_weight(unbudgeted, 3.0).relabel.hard_label_weight == hard_label_weight_for(3)
+    given = D3Config.from_dict({**TINY_RUN, "hard_label_weight": 0.0, "storage_budget_ipc": 50})
+    assert resolve_hard_label_weight(given, 50).relabel.hard_label_weight == 0.0
+
+
 def test_relabel_refuses_a_teacher_of_another_label_space():
     store, decoder = make_store_and_decoder()
     before = store.soft_labels.clone()
@@ -570,8 +595,11 @@ def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_pa
     result = run_distillation(D3Config.from_dict({**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(rerun),
                                                   "teacher": str(tmp_path / "teacher")}))
     store, decoder = result.pipeline.latent_store, result.pipeline.decoder
+    weight = json.loads((rerun / "config.json").read_text())["hard_label_weight"]  # chosen from the storage
+    assert weight == hard_label_weight_for(result.metrics.planned_storage["ipc_equivalent"])
     with torch.no_grad():
-        expected = teacher(decoder.eval()(store.mean, store.component_subtask)).logits.softmax(1)
+        soft = teacher(decoder.eval()(store.mean, store.component_subtask)).logits.softmax(1)
+    expected = weight * nn.functional.one_hot(store.component_class, 4) + (1 - weight) * soft
     assert torch.allclose(store.soft_labels, expected, atol=1e-5)
 
 

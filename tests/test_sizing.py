@@ -28,6 +28,7 @@ from hf_d3.sizing import (
     upsampling_stages,
 )
 from hf_d3.storage import storage_report
+from hf_d3.teacher import hard_label_weight_for
 
 BUDGETS = (1, 2, 5, 10, 20, 50)
 CLASSES = (10, 100, 1000)
@@ -268,6 +269,7 @@ def test_the_plan_recipe_prints_the_sizes_and_the_storage():
     assert f"latents_per_class: {sizes.latents_per_class}" in run.stdout
     assert f"decoder_channels: {sizes.decoder_channels}" in run.stdout
     assert f"= {sizes.storage(10, 32, 3).ipc_equivalent:.2f} IPC-equivalent (budget 2.0)" in run.stdout
+    assert f"hard_label_weight {hard_label_weight_for(2):.2f} (chosen from the storage)" in run.stdout
 
 
 def test_a_run_given_only_a_budget(fmnist4_folder, tmp_path):
@@ -280,3 +282,7 @@ def test_a_run_given_only_a_budget(fmnist4_folder, tmp_path):
     assert {k: saved[k] for k in sizes.to_config()} == sizes.to_config() and saved["sizes"] == "explicit"
     assert result.metrics.storage["ipc_equivalent"] == pytest.approx(sizes.storage(4, 16, 1).ipc_equivalent)
     assert 0.9 * 4 <= result.metrics.storage["ipc_equivalent"] <= 4
+    # the labels too are chosen from the budget: each Gaussian's own class holds at least that weight
+    assert saved["hard_label_weight"] == hard_label_weight_for(4) > 0
+    store = result.pipeline.latent_store
+    assert (store.soft_labels.gather(1, store.component_class[:, None]) >= hard_label_weight_for(4) - 1e-6).all()

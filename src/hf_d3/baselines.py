@@ -16,6 +16,7 @@ from .distill.losses import FlatModel, mmd2_unbiased, real_per_class, trajectory
 from .evaluation import EpochSampler
 from .progress import progress_bar
 from .storage import prototype_storage
+from .teacher import teacher_labels
 
 
 def largest_ipc_within(budget_values: int, num_classes: int, values_per_image: int, soft_labels: bool) -> int:
@@ -35,12 +36,6 @@ def pick_per_class(labels: torch.Tensor, num_classes: int, images_per_class: int
     ])
 
 
-@torch.no_grad()
-def teacher_labels(teacher: nn.Module, images: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    teacher.eval()
-    return (teacher(images).logits / temperature).softmax(dim=1)
-
-
 def random_real_sampler(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -49,15 +44,17 @@ def random_real_sampler(
     seed: int = 0,
     teacher: torch.nn.Module | None = None,
     temperature: float = 1.0,
+    hard_label_weight: float = 0.0,
 ) -> EpochSampler:
     """A fixed random subset of `images_per_class` real images per class, the same every epoch, labelled
-    one-hot (R+H) or with softmax(teacher / temperature) (R+S)."""
+    one-hot (R+H) or by the teacher (R+S: `hf_d3.teacher.teacher_labels` at `temperature` and
+    `hard_label_weight`, the labels D3's Gaussians get)."""
     picked = pick_per_class(labels, num_classes, images_per_class, seed)
     subset = images[picked]
     if teacher is None:
         targets = nn.functional.one_hot(labels[picked], num_classes).float()
     else:
-        targets = teacher_labels(teacher, subset, temperature)
+        targets = teacher_labels(teacher, subset, temperature, labels[picked], hard_label_weight)
     return lambda _generator: (subset, targets)
 
 
@@ -126,11 +123,13 @@ def choose_temperature(
     temperatures: Sequence[float],
     seed: int = 0,
     known: Mapping[str, float] | None = None,
+    hard_label_weight: float = 0.0,
 ) -> tuple[float, dict[str, float]]:
     """The R+S temperature whose student scores best by `score` (a student trained on `images_per_class` pool
-    images labelled at that temperature, tested on held-out images). `known` holds scores already measured, by
-    `str(temperature)`; returns the best temperature and every score."""
+    images labelled at that temperature and `hard_label_weight`, tested on held-out images). `known` holds scores
+    already measured, by `str(temperature)`; returns the best temperature and every score."""
     known = dict(known or {})
     scores = {str(t): known[str(t)] if str(t) in known else score(random_real_sampler(
-        pool.images, pool.labels, len(pool.class_names), images_per_class, seed, teacher, t)) for t in temperatures}
+        pool.images, pool.labels, len(pool.class_names), images_per_class, seed, teacher, t, hard_label_weight))
+        for t in temperatures}
     return float(max(scores, key=scores.get)), scores

@@ -200,6 +200,14 @@ class RelabelConfig:
     teacher: str | None = field(default=None, metadata={"help": "image-classification checkpoint (path or Hub id)"})
     teacher_epochs: int = 10
     relabel_temperature: float = 1.0
+    hard_label_weight: float | None = field(default=None, metadata={
+        "help": "weight of each Gaussian's own class (one-hot) in its label, the teacher's softmax taking the rest: "
+                "0 is the paper's relabelling, 1 the class id alone; unset: chosen from the storage "
+                "(hf_d3.teacher.hard_label_weight_for)"})
+
+    def __post_init__(self):
+        if self.hard_label_weight is not None and not 0 <= self.hard_label_weight <= 1:
+            raise ValueError(f"hard_label_weight={self.hard_label_weight} is not valid; valid: 0 to 1")
 
 
 @dataclass

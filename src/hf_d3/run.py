@@ -37,7 +37,7 @@ from .preflight import check_run_input
 from .results import RunMetrics
 from .run_folder import RunFolder, publish_run
 from .sizing import resolve_sizes
-from .teacher import load_teacher, relabel
+from .teacher import load_teacher, relabel, resolve_hard_label_weight
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
     plan = plan_subtasks(list(range(len(class_names))), config.run.num_subtasks)
     config = resolve_sizes(config, len(class_names))
     storage = planned_storage(config, plan)
+    config = resolve_hard_label_weight(config, storage.ipc_equivalent)
     # Bad input stops the run here, before any training and before an earlier result is withdrawn.
     check_run_input(config, folder, train, class_names, plan, rank, world)
     if accelerator.is_main_process:
@@ -139,7 +140,7 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
 
     # Relabel with a global teacher, then train students on the distilled data and test them on real data.
     teacher = load_teacher(config, folder.teacher, train, device)
-    relabel(store, decoder, teacher, config.relabel.relabel_temperature)
+    relabel(store, decoder, teacher, config.relabel.relabel_temperature, config.relabel.hard_label_weight)
     test = load_test_split(data)
     test_images, test_labels = test.images.to(device), test.labels.to(device)
     evaluation = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test_images,
