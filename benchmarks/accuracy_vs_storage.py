@@ -17,11 +17,14 @@ every budget and method. Per budget, in `<out>/<dataset>/ipc<B>/`:
    by the same teacher at the config's temperature.
 3. R+H / R+S: the most real images per class that fit with a class id / a soft label (at least one), R+S at the
    temperature whose student scores best on held-out training images.
+Every soft label (D3's, the prototypes', R+S's) mixes the class in at the `hard_label_weight` D3 gets at that budget
+(`hf_d3.teacher.hard_label_weight_for` unless the command line sets one); R+H's are class ids.
 A baseline that needs more than the budget (one image per class does not fit) is marked `over_budget`. Every student
 uses the config's evaluation settings and `--seeds` seeds; where two methods at a budget are within 2 std of each
 other, both get students with the next seeds up to `--close_seeds` (a student depends on its seed alone). Finished
 rows (`row_<method>.json`) are reused when their settings (but where to write and how to log) and torch's thread
-count match, so two processes with other `--budgets` can share a folder; every run merges what is there into
+count match, so two processes with other `--budgets` can share a folder; a D3 row whose labels or students changed
+is remade from its run's distilled subtasks. Every run merges what is there into
 `<out>/results.json` and draws `--figure` (default `<out>/accuracy_vs_storage.png`).
 """
 
@@ -106,17 +109,24 @@ def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Pa
     return path
 
 
-def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, stale: dict | None,
+def withdraw_stale_run(run: Path, saved: dict | None, settings: dict) -> float | None:
+    """Withdraw the D3 run of a `saved` row whose settings are not `settings`. When they differ only in what acts
+    after distillation (labels, students), its distilled subtasks stay, so the rerun only relabels and evaluates
+    (a rerun reuses finished subtasks), and their distillation time is returned; otherwise the run is deleted."""
+    if saved is None or same_settings(saved["settings"], settings):
+        return None
+    distillation = lambda values: {k: v for k, v in values.items() if k not in AFTER_DISTILLATION}  # noqa: E731
+    if same_settings(distillation(saved["settings"]), distillation(settings)):
+        (run / "metrics.json").unlink(missing_ok=True)
+        return saved["row"]["distill_wall_time_s"]
+    shutil.rmtree(run, ignore_errors=True)
+    return None
+
+
+def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, saved: dict | None,
            settings: dict) -> dict:
-    """D3's row from `recipes/distill.py` in `run`. A run of a row with other settings (`stale`) is withdrawn: when
-    they differ only in what acts after distillation (labels, students), its distilled subtasks stay and the rerun
-    relabels and evaluates them (a rerun reuses finished subtasks); otherwise the run starts afresh."""
-    if stale is not None:
-        distillation = lambda values: {k: v for k, v in values.items() if k not in AFTER_DISTILLATION}  # noqa: E731
-        if same_settings(distillation(stale), distillation(settings)):
-            (run / "metrics.json").unlink(missing_ok=True)
-        else:
-            shutil.rmtree(run, ignore_errors=True)
+    """D3's row from `recipes/distill.py` in `run` (`withdraw_stale_run` first, for a `saved` row)."""
+    distill_time = withdraw_stale_run(run, saved, settings)
     if not (run / "metrics.json").is_file():
         for experts in shared.glob("subtasks/*/experts"):
             shutil.copytree(experts, run / experts.relative_to(shared), dirs_exist_ok=True)
@@ -129,7 +139,7 @@ def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: i
             "accuracies": metrics["accuracies"], "over_budget": False,
             "sizes": {k: chosen[k] for k in PAPER_SIZES},
             "iterations": [s["iterations_run"] for s in metrics["subtasks"]],
-            "distill_wall_time_s": metrics["distill_wall_time_s"]}
+            "distill_wall_time_s": distill_time or metrics["distill_wall_time_s"]}
 
 
 def images_within(budget_values: int, n: int, per_image: int, soft: bool) -> tuple[int, bool]:
@@ -245,14 +255,14 @@ def row_settings(method: str, settings: dict) -> dict:
     return {k: v for k, v in settings.items() if method != "R+H" or k != "hard_label_weight"}
 
 
-def saved_settings(folder: Path, method: str) -> dict | None:
+def saved_row(folder: Path, method: str) -> dict | None:
     path = folder / f"row_{method}.json"
-    return json.loads(path.read_text())["settings"] if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def is_done(folder: Path, method: str, settings: dict) -> bool:
-    saved = saved_settings(folder, method)
-    return saved is not None and same_settings(saved, settings)
+    saved = saved_row(folder, method)
+    return saved is not None and same_settings(saved["settings"], settings)
 
 
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
@@ -359,12 +369,12 @@ def main():
         if "D3" in args.methods and not is_done(folder, "D3", settings):
             save_row(folder, "D3", key, d3_row(config_path, [*overrides, "--storage_budget_ipc", str(budget)],
                                                out / "shared", folder / "d3", args.seeds,
-                                               saved_settings(folder, "D3"), settings))
+                                               saved_row(folder, "D3"), settings))
         if ("D3-hand" in args.methods and (args.dataset, budget) in HAND_SIZED
                 and not is_done(folder, "D3-hand", settings)):
             hand_config = hand_sized_config(args.dataset, budget, config_path, folder)
             save_row(folder, "D3-hand", key, d3_row(hand_config, overrides, out / "shared", folder / "d3_hand",
-                                                    args.seeds, saved_settings(folder, "D3-hand"), settings))
+                                                    args.seeds, saved_row(folder, "D3-hand"), settings))
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         budget_values = int(budget * len(test.class_names) * test.images[0].numel())
         if "prototypes" in args.methods and not is_done(folder, "prototypes", settings):
