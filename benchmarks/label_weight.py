@@ -34,13 +34,13 @@ def main():
     store = pipe.latent_store
     agree = (store.soft_labels.argmax(1) == store.component_class).float().mean().item()
     print(f"{args.run}: {store.num_components} Gaussians; the saved labels' largest entry is the Gaussian's class "
-          f"for {100 * agree:.1f} % of them (saved at hard_label_weight {config.relabel.hard_label_weight})")
+          f"for {100 * agree:.1f} % of them (saved at hard_label_weight {config.relabel.hard_label_weight or 0})")
     for weight in args.weights:
         relabel(store, pipe.decoder, teacher, config.relabel.relabel_temperature, weight)
         result = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test.images,
                                       test.labels, len(test.class_names), seeds=args.seeds)
         accuracies = 100 * torch.tensor(result.accuracies)
-        print(f"hard_label_weight {weight:g}: {accuracies.mean():.2f} +- {accuracies.std():.2f} % "
+        print(f"hard_label_weight {weight:g}: {accuracies.mean():.2f} +- {100 * result.accuracy_std:.2f} % "
               f"({', '.join(f'{a:.2f}' for a in accuracies.tolist())})", flush=True)
 
 
