@@ -7,9 +7,8 @@ receives only the group it needs (`config.distillation`, `config.evaluation`, ..
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -200,14 +199,8 @@ class RelabelConfig:
     teacher: str | None = field(default=None, metadata={"help": "image-classification checkpoint (path or Hub id)"})
     teacher_epochs: int = 10
     relabel_temperature: float = 1.0
-    hard_label_weight: float | None = field(default=None, metadata={
-        "help": "weight of each Gaussian's own class (one-hot) in its label, the teacher's softmax taking the rest: "
-                "0 is the paper's relabelling, 1 the class id alone; unset: chosen from the storage "
-                "(hf_d3.teacher.hard_label_weight_for)"})
-
-    def __post_init__(self):
-        if self.hard_label_weight is not None and not 0 <= self.hard_label_weight <= 1:
-            raise ValueError(f"hard_label_weight={self.hard_label_weight} is not valid; valid: 0 to 1")
+    hard_label_weight: float | None = field(default=None, metadata={"help": "weight of each Gaussian's class in its "
+        "label (0: the teacher's softmax alone, 1: the class alone); unset: hf_d3.teacher.hard_label_weight_for"})
 
 
 @dataclass
@@ -266,7 +259,7 @@ class D3Config:
 
     @classmethod
     def groups(cls) -> dict[str, type]:
-        return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(cls)}
+        return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> D3Config:
@@ -280,12 +273,12 @@ class D3Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat settings, as in a YAML file (what `config.json` of a run holds)."""
-        return {k: v for group in dataclasses.asdict(self).values() for k, v in group.items()}
+        return {k: v for group in asdict(self).values() for k, v in group.items()}
 
 
 # Every flat setting name -> the group it belongs to.
 FIELD_GROUP: dict[str, str] = {f.name: name for name, group in D3Config.groups().items()
-                               for f in dataclasses.fields(group)}
+                               for f in fields(group)}
 FIELD_TYPES: dict[str, Any] = field_types(D3Config.groups().values())
 
 
@@ -307,7 +300,7 @@ def parse_recipe_args(args: list[str] | None = None, *extra: type) -> tuple:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if known.config:
-        extra_fields = {f.name for cls in extra for f in dataclasses.fields(cls)}
+        extra_fields = {f.name for cls in extra for f in fields(cls)}
         parser.set_defaults(**load_yaml(known.config, extra_fields))
     *parsed, _ = parser.parse_args_into_dataclasses(args, look_for_args_file=False)
     config = D3Config(**dict(zip(groups, parsed[: len(groups)], strict=True)))

@@ -19,6 +19,8 @@ AT_LEAST: dict[str, float] = {
 # Rates that must be above zero, and lists whose every entry must be.
 ABOVE_ZERO = ("expert_lr", "eval_lr", "init_lr", "syn_lr_init", "relabel_temperature", "storage_budget_ipc",
               "mmd_bandwidths", "decoder_channels")
+# Weights that must lie in [0, 1].
+UNIT_INTERVAL = ("hard_label_weight",)
 HUB_IDS = ("hub_model_id", "hub_dataset_id")
 # What HfArgumentParser reads as a bool from text (`string_to_bool`).
 _BOOL_TEXT = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
@@ -74,6 +76,9 @@ def check_ranges(values: Mapping[str, Any]) -> None:
         value = values.get(name)
         if value is not None and min(value if isinstance(value, list) else [value], default=1) <= 0:
             raise ValueError(f"{name}={value!r} is not valid; valid: {'entries ' * isinstance(value, list)}> 0")
+    for name in UNIT_INTERVAL:
+        if values.get(name) is not None and not 0 <= values[name] <= 1:
+            raise ValueError(f"{name}={values[name]!r} is not valid; valid: 0 to 1")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     for name in HUB_IDS:
