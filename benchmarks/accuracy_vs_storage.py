@@ -388,7 +388,7 @@ def main():
                                          real).items():
                 save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
         # methods within 2 std of another get students with the next seeds, until no close pair has too few
-        rows = {m: json.loads((folder / f"row_{m}.json").read_text())["row"] for m in args.methods
+        rows = {m: saved_row(folder, m)["row"] for m in args.methods
                 if is_done(folder, m, row_settings(m, settings))}
         while todo := sorted(m for m in close_methods(rows) if len(rows[m]["accuracies"]) < args.close_seeds):
             method, row = todo[0], rows[todo[0]]

@@ -44,7 +44,7 @@ from hf_d3.experts import flat_parameters, load_trajectory, save_trajectory, tra
 from hf_d3.federated import train_expert_trajectories
 from hf_d3.run import run_distillation
 from hf_d3.run_folder import RunFolder
-from hf_d3.teacher import hard_label_weight_for, relabel, resolve_hard_label_weight
+from hf_d3.teacher import hard_label_weight_for, relabel, resolve_hard_label_weight, teacher_labels
 
 CONFIG = D3Config.from_dict(TINY_RUN)  # 16x16 grayscale, 2 latents of 8 dims per class, decoder [8, 8, 8]
 
@@ -433,6 +433,8 @@ def test_relabel_mixes_the_class_in_at_hard_label_weight():
     assert torch.allclose(store.soft_labels, 0.25 * one_hot + 0.75 * soft, atol=1e-6)
     relabel(store, decoder, teacher, temperature=2.0, hard_label_weight=1.0)
     assert torch.equal(store.soft_labels, one_hot)  # the class id alone: the teacher's view drops out
+    with pytest.raises(ValueError, match="hard_label_weight=0.5 needs the images' classes"):
+        teacher_labels(teacher, decoder(store.mean), hard_label_weight=0.5)
 
 
 def test_the_hard_label_weight_grows_with_the_storage_and_a_given_one_wins():
