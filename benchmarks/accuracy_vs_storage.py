@@ -17,8 +17,9 @@ every budget and method. Per budget, in `<out>/<dataset>/ipc<B>/`:
    by the same teacher at the config's temperature.
 3. R+H / R+S: the most real images per class that fit with a class id / a soft label (at least one), R+S at the
    temperature whose student scores best on held-out training images.
-Every soft label (D3's, the prototypes', R+S's) mixes the class in at the `hard_label_weight` D3 gets at that budget
-(`hf_d3.teacher.hard_label_weight_for` unless the command line sets one); R+H's are class ids.
+D3's soft labels mix the class in at the `hard_label_weight` of its budget (`hf_d3.teacher.hard_label_weight_for`
+unless the command line sets one). The prototypes and R+S choose on the held-out images between that mix and the
+teacher's labels alone (weight 0), R+S jointly with its temperature; R+H's are class ids.
 A baseline that needs more than the budget (one image per class does not fit) is marked `over_budget`. Every student
 uses the config's evaluation settings and `--seeds` seeds; where two methods at a budget are within 2 std of each
 other, both get students with the next seeds up to `--close_seeds` (a student depends on its seed alone). Finished
@@ -147,9 +148,9 @@ def images_within(budget_values: int, n: int, per_image: int, soft: bool) -> tup
     return max(ipc, 1), ipc == 0
 
 
-def prototype_set(config, shared: Path, train, test: ImageTensors, teacher, budget_values: int):
-    """The prototypes' epoch sampler and their row without accuracies (deterministic at a fixed thread count, so a
-    top-up redistills the same images)."""
+def prototype_set(config, shared: Path, train, test: ImageTensors, budget_values: int) -> tuple[torch.Tensor, dict]:
+    """The prototypes (class by class) and their row without labels or accuracies (deterministic at a fixed thread
+    count, so a top-up redistills the same images)."""
     n, per_image = len(test.class_names), test.images[0].numel()
     ipc, over = images_within(budget_values, n, per_image, soft=True)
     classes = list(range(n))
@@ -160,19 +161,29 @@ def prototype_set(config, shared: Path, train, test: ImageTensors, teacher, budg
     start = data.images[pick_per_class(data.labels, n, ipc, seed)]
     prototypes, stats = distill_prototypes(start, data, trajectories, config.distillation,
                                            torch.Generator().manual_seed(seed))
-    soft = teacher_labels(teacher, prototypes, config.relabel.relabel_temperature,
-                          torch.arange(n).repeat_interleave(ipc), config.relabel.hard_label_weight)
     values = prototype_storage(n, ipc, per_image, soft_labels=True)
-    row = {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
-           "images_per_class": ipc, **stats}
-    return (lambda _g: (prototypes, soft)), row
+    return prototypes, {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
+                        "images_per_class": ipc, **stats}
 
 
-def real_sampler(config, pool: ImageTensors, teacher, ipc: int, temperature: float | None):
+def prototype_sampler(config, prototypes: torch.Tensor, teacher, num_classes: int, hard_label_weight: float):
+    """The prototypes with the teacher's labels at the config's temperature and `hard_label_weight`."""
+    classes = torch.arange(num_classes).repeat_interleave(len(prototypes) // num_classes)
+    soft = teacher_labels(teacher, prototypes, config.relabel.relabel_temperature, classes, hard_label_weight)
+    return lambda _g: (prototypes, soft)
+
+
+def baseline_label_weights(hard_label_weight: float) -> list[float]:
+    """The hard-label weights a baseline's soft labels choose from on held-out images: pure teacher labels, or the
+    mix D3 gets at the budget (the mix helps D3's decoded samples but can hurt real images: BENCHMARKS.md)."""
+    return sorted({0.0, hard_label_weight})
+
+
+def real_sampler(config, pool: ImageTensors, teacher, ipc: int, temperature: float | None,
+                 hard_label_weight: float = 0.0):
     """R+H (`temperature` None) or R+S: the same random real images every time, from the non-held-out pool."""
     return random_real_sampler(pool.images, pool.labels, len(pool.class_names), ipc, config.run.seed,
-                               None if temperature is None else teacher, temperature or 1.0,
-                               config.relabel.hard_label_weight)
+                               None if temperature is None else teacher, temperature or 1.0, hard_label_weight)
 
 
 def held_out_and_pool(train_tensors: ImageTensors, seed: int) -> tuple[torch.Tensor, ImageTensors]:
@@ -181,29 +192,55 @@ def held_out_and_pool(train_tensors: ImageTensors, seed: int) -> tuple[torch.Ten
     return held_out, ImageTensors(train_tensors.images[pool], train_tensors.labels[pool], train_tensors.class_names)
 
 
+def held_out_scorer(config, train_tensors: ImageTensors, num_classes: int):
+    """A sampler's score: the accuracy on the held-out training images of one student trained on it."""
+    held_out, _ = held_out_and_pool(train_tensors, config.run.seed)
+    images, labels = train_tensors.images[held_out], train_tensors.labels[held_out]
+    return lambda sampler: evaluate_with_config(config.evaluation, config.experts, sampler, images, labels,
+                                                num_classes, seeds=1).accuracy_mean
+
+
 def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, budget_values: int,
               seeds: int, methods: list[str]) -> dict:
     n, per_image, seed = len(test.class_names), test.images[0].numel(), config.run.seed
-    held_out, pool = held_out_and_pool(train_tensors, seed)
-
-    def evaluate(sampler, images, labels, runs):
-        return evaluate_with_config(config.evaluation, config.experts, sampler, images, labels, n, seeds=runs)
-
+    _, pool = held_out_and_pool(train_tensors, seed)
+    score = held_out_scorer(config, train_tensors, n)
     rows = {}
     for method in methods:
         soft = method == "R+S"
         ipc, over = images_within(budget_values, n, per_image, soft)
-        temperature = None
-        if soft:
-            temperature, scores = choose_temperature(
-                lambda s: evaluate(s, train_tensors.images[held_out], train_tensors.labels[held_out], 1).accuracy_mean,
-                pool, ipc, teacher, TEMPERATURES, seed, hard_label_weight=config.relabel.hard_label_weight)
+        temperature, weight, held_out = None, None, None
+        if soft:  # the temperature and hard-label weight whose student scores best on held-out images
+            held_out = {str(w): choose_temperature(score, pool, ipc, teacher, TEMPERATURES, seed,
+                                                     hard_label_weight=w)[1]
+                        for w in baseline_label_weights(config.relabel.hard_label_weight)}
+            best = max(((w, t) for w, scores in held_out.items() for t in scores), key=lambda k: held_out[k[0]][k[1]])
+            weight, temperature = float(best[0]), float(best[1])
         values = prototype_storage(n, ipc, per_image, soft_labels=soft)
+        sampler = real_sampler(config, pool, teacher, ipc, temperature, weight or 0.0)
         rows[method] = {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
-                        "accuracies": evaluate(real_sampler(config, pool, teacher, ipc, temperature), test.images,
-                                               test.labels, seeds).accuracies,
-                        "images_per_class": ipc, "temperature": temperature}
+                        "accuracies": evaluate_with_config(config.evaluation, config.experts, sampler, test.images,
+                                                           test.labels, n, seeds=seeds).accuracies,
+                        "images_per_class": ipc, "temperature": temperature, "hard_label_weight": weight,
+                        "held_out_accuracy": held_out}
     return rows
+
+
+def prototype_row(config, shared: Path, train, train_tensors: ImageTensors, test: ImageTensors, teacher,
+                  budget_values: int, seeds: int) -> dict:
+    """The prototypes' row, labelled at the hard-label weight whose student scores best on held-out images (the
+    prototypes are distilled from all training images, held-out ones included: the choice is between labels of
+    the same images)."""
+    n = len(test.class_names)
+    prototypes, row = prototype_set(config, shared, train, test, budget_values)
+    score = held_out_scorer(config, train_tensors, n)
+    held_out = {str(w): score(prototype_sampler(config, prototypes, teacher, n, w))
+                for w in baseline_label_weights(config.relabel.hard_label_weight)}
+    weight = float(max(held_out, key=held_out.get))
+    sampler = prototype_sampler(config, prototypes, teacher, n, weight)
+    accuracies = evaluate_with_config(config.evaluation, config.experts, sampler, test.images, test.labels, n,
+                                      seeds=seeds).accuracies
+    return {**row, "accuracies": accuracies, "hard_label_weight": weight, "held_out_accuracy": held_out}
 
 
 def close_methods(rows: dict[str, dict]) -> set[str]:
@@ -222,9 +259,11 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: Path, t
         return pipeline_sampler(D3Pipeline.from_pretrained(run / "pipeline")), parse_config(
             ["--config", str(run / "config.json")])
     if method == "prototypes":
-        return prototype_set(config, shared, train, test, teacher, budget_values)[0], config
+        prototypes, _ = prototype_set(config, shared, train, test, budget_values)
+        return prototype_sampler(config, prototypes, teacher, len(test.class_names), row["hard_label_weight"]), config
     _, pool = held_out_and_pool(train_tensors, config.run.seed)
-    return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"]), config
+    return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"],
+                        row["hard_label_weight"] or 0.0), config
 
 
 # settings that act after distillation: a D3 row differing only in these reuses its run's distilled subtasks
@@ -251,8 +290,13 @@ def same_settings(saved: dict, current: dict) -> bool:
 
 
 def row_settings(method: str, settings: dict) -> dict:
-    """The settings a method's row depends on: R+H's labels are class ids, whatever the teacher's labels are."""
-    return {k: v for k, v in settings.items() if method != "R+H" or k != "hard_label_weight"}
+    """The settings a method's row depends on: R+H's labels are class ids, whatever the teacher's labels are; R+S
+    and the prototypes choose their labels' hard-label weight on held-out images."""
+    if method == "R+H":
+        return {k: v for k, v in settings.items() if k != "hard_label_weight"}
+    if method in ("R+S", "prototypes"):
+        return {**settings, "baseline_label_weights": baseline_label_weights(settings["hard_label_weight"])}
+    return settings
 
 
 def saved_row(folder: Path, method: str) -> dict | None:
@@ -377,13 +421,14 @@ def main():
                                                     args.seeds, saved_row(folder, "D3-hand"), settings))
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         budget_values = int(budget * len(test.class_names) * test.images[0].numel())
-        if "prototypes" in args.methods and not is_done(folder, "prototypes", settings):
-            sampler, row = prototype_set(config, out / "shared", train, test, teacher, budget_values)
-            row["accuracies"] = evaluate(config, sampler, args.seeds).accuracies
-            save_row(folder, "prototypes", key, row)
-        real = [m for m in ("R+H", "R+S") if m in args.methods and not is_done(folder, m, row_settings(m, settings))]
-        if real:
+        baselines = [m for m in ("prototypes", "R+H", "R+S")
+                     if m in args.methods and not is_done(folder, m, row_settings(m, settings))]
+        if baselines:
             train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
+        if "prototypes" in baselines:
+            row = prototype_row(config, out / "shared", train, train_tensors, test, teacher, budget_values, args.seeds)
+            save_row(folder, "prototypes", {**key, "settings": row_settings("prototypes", settings)}, row)
+        if real := [m for m in baselines if m != "prototypes"]:
             for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds,
                                          real).items():
                 save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)

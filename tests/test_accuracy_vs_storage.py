@@ -5,6 +5,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
+from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_d3.config import D3Config
 
@@ -34,8 +36,31 @@ def test_a_row_saved_before_a_setting_existed_counts_at_the_value_it_was_compute
 
 def test_real_images_with_class_ids_ignore_the_label_weight(bench, settings):
     r_h = bench.row_settings("R+H", settings)
-    assert "hard_label_weight" not in r_h and bench.row_settings("R+S", settings) == settings
+    assert "hard_label_weight" not in r_h and bench.row_settings("D3", settings) == settings
     assert bench.same_settings(bench.row_settings("R+H", {**settings, "hard_label_weight": 0.0}), r_h)
+
+
+def test_soft_label_baselines_choose_between_teacher_labels_and_d3s_mix(bench, settings):
+    assert bench.baseline_label_weights(0.4) == [0.0, 0.4] and bench.baseline_label_weights(0.0) == [0.0]
+    for method in ("R+S", "prototypes"):
+        chosen = bench.row_settings(method, settings)
+        assert chosen["baseline_label_weights"] == [0.0, 1.0]
+        assert not bench.same_settings(settings, chosen)  # a row saved before the choice was made is redone
+
+
+def test_prototypes_are_labelled_by_the_teacher_with_the_class_mixed_in(bench):
+    class Teacher(torch.nn.Module):  # a fixed linear teacher: its softmax is known in closed form
+        def forward(self, pixel_values):
+            return ImageClassifierOutput(logits=torch.stack([pixel_values.flatten(1).sum(1),
+                                                             torch.zeros(len(pixel_values))], 1))
+
+    prototypes = torch.rand(4, 1, 2, 2)
+    sampler = bench.prototype_sampler(D3Config(), prototypes, Teacher(), 2, 0.25)
+    images, labels = sampler(None)
+    classes = torch.tensor([0, 0, 1, 1])
+    teacher = torch.softmax(torch.stack([prototypes.flatten(1).sum(1), torch.zeros(4)], 1), 1)
+    expected = 0.25 * torch.nn.functional.one_hot(classes, 2) + 0.75 * teacher
+    assert images is prototypes and torch.allclose(labels, expected)
 
 
 def saved_run(folder: Path, settings: dict) -> tuple[Path, dict]:
