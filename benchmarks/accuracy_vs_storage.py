@@ -194,7 +194,7 @@ def held_out_and_pool(train_tensors: ImageTensors, seed: int) -> tuple[torch.Ten
 
 def held_out_scorer(config, train_tensors: ImageTensors, num_classes: int):
     """A sampler's score: the accuracy on the held-out training images of one student trained on it."""
-    held_out, _ = held_out_and_pool(train_tensors, config.run.seed)
+    held_out, _ = split_held_out(len(train_tensors.labels), config.run.seed)  # indices only: no copy of the pool
     images, labels = train_tensors.images[held_out], train_tensors.labels[held_out]
     return lambda sampler: evaluate_with_config(config.evaluation, config.experts, sampler, images, labels,
                                                 num_classes, seeds=1).accuracy_mean
