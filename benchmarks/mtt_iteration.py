@@ -5,8 +5,9 @@
 CIFAR-10 shape (32x32 RGB, 10 classes), 20 latents (2 per class), 10 unrolled steps over all 20 decoded
 images, ConvNet-D3 width 128, one thread. The reference implementation needs 7.3 s per iteration on this
 work, measured at one thread on a machine like this one; the target is half of that. `--mmd` adds the MMD
-step (20 samples per class); `--json` adds CPU seconds per iteration, each iteration's wall time and the first
-iteration's trajectory-matching loss (equal, to float tolerance, across versions of the code: the same work).
+step (20 samples per class); `--no_onednn` turns oneDNN's convolutions off; `--json` adds CPU seconds per
+iteration, each iteration's wall time and the first iteration's trajectory-matching loss (equal, to float
+tolerance, across versions of the code: the same work).
 """
 
 import argparse
@@ -39,7 +40,10 @@ def main():
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--mmd", action="store_true")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    parser.add_argument("--no_onednn", action="store_true",
+                        help="torch's own convolutions instead of oneDNN's (torch.backends.mkldnn off)")
     args = parser.parse_args()
+    torch.backends.mkldnn.enabled = not args.no_onednn
     expert, trajectory, store, decoder = reference_work()
     real = SubtaskData(torch.rand(500, 3, 32, 32), torch.arange(10).repeat_interleave(50), list(range(10)))
     config = DistillationConfig(
