@@ -5,12 +5,13 @@
 CIFAR-10 shape (32x32 RGB, 10 classes), 20 latents (2 per class), 10 unrolled steps over all 20 decoded
 images, ConvNet-D3 width 128, one thread. The reference implementation needs 7.3 s per iteration on this
 work, measured at one thread on a machine like this one; the target is half of that. `--mmd` adds the MMD
-step (20 samples per class); `--no_onednn` turns oneDNN's convolutions off; `--json` adds CPU seconds per
-iteration, each iteration's wall time and the first iteration's trajectory-matching loss (equal, to float
-tolerance, across versions of the code: the same work).
+step (20 samples per class); `--no_onednn` turns oneDNN's convolutions off; `--profile` prints where the time
+goes; `--json` adds CPU seconds per iteration, each iteration's wall time and the first iteration's
+trajectory-matching loss (equal, to float tolerance, across versions of the code: the same work).
 """
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -42,6 +43,8 @@ def main():
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     parser.add_argument("--no_onednn", action="store_true",
                         help="torch's own convolutions instead of oneDNN's (torch.backends.mkldnn off)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's operators by self CPU time over all iterations")
     args = parser.parse_args()
     torch.backends.mkldnn.enabled = not args.no_onednn
     expert, trajectory, store, decoder = reference_work()
@@ -58,8 +61,9 @@ def main():
         first_losses.setdefault("mtt", losses.get("mtt"))
 
     first_losses: dict[str, float] = {}
-    distill_subtask(store, decoder, real, [(expert, trajectory)], config, torch.Generator().manual_seed(0),
-                    on_log=mark, log_every=1)
+    with torch.profiler.profile() if args.profile else contextlib.nullcontext() as profiler:
+        distill_subtask(store, decoder, real, [(expert, trajectory)], config, torch.Generator().manual_seed(0),
+                        on_log=mark, log_every=1)
     seconds = (marks[-1][0] - marks[0][0]) / args.iterations
     cpu = (marks[-1][1] - marks[0][1]) / args.iterations
     # CPU time is what a busy neighbour core changes least (it still slows memory); each iteration's wall time shows
@@ -67,6 +71,8 @@ def main():
     walls = [round(b[0] - a[0], 3) for a, b in zip(marks, marks[1:])]
     print(f"threads {torch.get_num_threads()}, terms {'MTT+MMD' if args.mmd else 'MTT'}: "
           f"{seconds:.2f} s per iteration ({args.iterations} iterations; reference 7.3 s for MTT)")
+    if args.profile:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     if args.json:
         print(json.dumps({"seconds_per_iteration": round(seconds, 3), "cpu_seconds_per_iteration": round(cpu, 3),
                           "iteration_wall_s": walls, "first_mtt_loss": first_losses.get("mtt")}))
