@@ -209,12 +209,13 @@ def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, 
     for method in methods:
         soft = method == "R+S"
         ipc, over = images_within(budget_values, n, per_image, soft)
-        temperature, weight, held_out = None, None, None
+        temperature, weight, held_out_scores = None, None, None
         if soft:  # the temperature and hard-label weight whose student scores best on held-out images
-            held_out = {str(w): choose_temperature(score, pool, ipc, teacher, TEMPERATURES, seed,
-                                                     hard_label_weight=w)[1]
-                        for w in baseline_label_weights(config.relabel.hard_label_weight)}
-            best = max(((w, t) for w, scores in held_out.items() for t in scores), key=lambda k: held_out[k[0]][k[1]])
+            held_out_scores = {str(w): choose_temperature(score, pool, ipc, teacher, TEMPERATURES, seed,
+                                                            hard_label_weight=w)[1]
+                               for w in baseline_label_weights(config.relabel.hard_label_weight)}
+            best = max(((w, t) for w, scores in held_out_scores.items() for t in scores),
+                       key=lambda k: held_out_scores[k[0]][k[1]])
             weight, temperature = float(best[0]), float(best[1])
         values = prototype_storage(n, ipc, per_image, soft_labels=soft)
         sampler = real_sampler(config, pool, teacher, ipc, temperature, weight or 0.0)
@@ -222,7 +223,7 @@ def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, 
                         "accuracies": evaluate_with_config(config.evaluation, config.experts, sampler, test.images,
                                                            test.labels, n, seeds=seeds).accuracies,
                         "images_per_class": ipc, "temperature": temperature, "hard_label_weight": weight,
-                        "held_out_accuracy": held_out}
+                        "held_out_accuracy": held_out_scores}
     return rows
 
 
@@ -234,13 +235,13 @@ def prototype_row(config, shared: Path, train, train_tensors: ImageTensors, test
     n = len(test.class_names)
     prototypes, row = prototype_set(config, shared, train, test, budget_values)
     score = held_out_scorer(config, train_tensors, n)
-    held_out = {str(w): score(prototype_sampler(config, prototypes, teacher, n, w))
-                for w in baseline_label_weights(config.relabel.hard_label_weight)}
-    weight = float(max(held_out, key=held_out.get))
+    held_out_scores = {str(w): score(prototype_sampler(config, prototypes, teacher, n, w))
+                       for w in baseline_label_weights(config.relabel.hard_label_weight)}
+    weight = float(max(held_out_scores, key=held_out_scores.get))
     sampler = prototype_sampler(config, prototypes, teacher, n, weight)
     accuracies = evaluate_with_config(config.evaluation, config.experts, sampler, test.images, test.labels, n,
                                       seeds=seeds).accuracies
-    return {**row, "accuracies": accuracies, "hard_label_weight": weight, "held_out_accuracy": held_out}
+    return {**row, "accuracies": accuracies, "hard_label_weight": weight, "held_out_accuracy": held_out_scores}
 
 
 def close_methods(rows: dict[str, dict]) -> set[str]:
