@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_smoke.py --config recipes/configs/imagenet_64_ipc1.yaml [--iterations 5]
         [--device cuda|cpu] [--mixed_precision no|bf16] [--compile] [--classes N] [--syn_batch_size B]
+        [--cudnn_benchmark] [--sync_debug] [--json_out FILE]
 
 Subtask 0 of the config (200 or 500 classes of 64x64 RGB at the paper's sizes), its latent store, decoder and
 ConvNet-D4 expert built as a run builds them, on a generated stand-in: `--per_class` random images per class, made
@@ -9,15 +10,20 @@ on the device (a smoke test of the loop, not of the data path or of accuracy), a
 perturbed initial weights (the loop's cost does not depend on how the expert was trained). Prints the iterations
 per second (after the first, which includes one-off set-up such as cuDNN autotuning and compilation), and the peak
 memory: `torch.cuda.max_memory_allocated` on a GPU, the peak resident set size on a CPU. `--classes` and
-`--syn_batch_size` shrink the work (a CPU check of the script).
+`--syn_batch_size` shrink the work (a CPU check of the script). `--sync_debug` (GPU only) counts the host syncs
+by source line with `torch.cuda.set_sync_debug_mode("warn")`: the unrolled inner loop should have none; the
+per-iteration loss reads and the MMD's label copy are expected. `--json_out` appends the result as one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import time
+import warnings
+from collections import Counter
 
 import torch
 
@@ -28,6 +34,11 @@ from hf_d3.experts import flat_parameters
 from hf_d3.factories import build_decoder, build_latent_store, build_net
 from hf_d3.federated import plan_subtasks
 from hf_d3.precision import full_precision
+
+
+def _short(filename: str) -> str:
+    """A source file's path from its package root (hf_d3/..., torch/...), as a sync report names it."""
+    return filename.rsplit("site-packages/", 1)[-1].rsplit("/src/", 1)[-1]
 
 
 def main() -> None:
@@ -41,6 +52,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=None, help="classes of the subtask; default the config's")
     parser.add_argument("--syn_batch_size", type=int, default=None, help="images per unrolled step; default all")
     parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--sync_debug", action="store_true", help="count host syncs by source line (GPU only)")
+    parser.add_argument("--json_out", default=None, help="append the result to this file as one JSON line")
     args = parser.parse_args()
 
     overrides = ["--iterations", str(args.iterations), "--compile_inner_step", str(args.compile),
@@ -49,6 +63,7 @@ def main() -> None:
         overrides += ["--syn_batch_size", str(args.syn_batch_size)]
     config = parse_config(["--config", args.config, *overrides])  # as recipes/distill.py reads it
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     class_ids = plan_subtasks(list(range(args.num_classes)), config.run.num_subtasks)[0][:args.classes]
     names = [str(c) for c in range(args.num_classes)]
     torch.manual_seed(0)
@@ -73,16 +88,24 @@ def main() -> None:
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.mixed_precision == "bf16"
                 else full_precision(device))
-    with autocast:
+    recorder = warnings.catch_warnings(record=True) if args.sync_debug else contextlib.nullcontext([])
+    with autocast, recorder as caught:
+        if args.sync_debug:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         stats = distill_subtask(store, decoder, data, [(expert, trajectory)], config.distillation,
                                 torch.Generator().manual_seed(0), on_log=mark, log_every=1)
+    if args.sync_debug:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = Counter(f"{_short(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     steady = marks[-1] - marks[1] if len(marks) > 2 else float("nan")
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {
         "config": args.config, "device": str(device), "device_name": (torch.cuda.get_device_name(device)
                                                                      if device.type == "cuda" else "cpu"),
-        "mixed_precision": args.mixed_precision, "compile_inner_step": args.compile, "classes": len(class_ids),
+        "mixed_precision": args.mixed_precision, "compile_inner_step": args.compile,
+        "cudnn_benchmark": args.cudnn_benchmark, "classes": len(class_ids),
         "components": store.num_components, "syn_batch_size": config.distillation.syn_batch_size or
         store.num_components, "iterations": stats.iterations_run,
         "first_iteration_s": round(marks[1] - marks[0], 3),
@@ -90,11 +113,17 @@ def main() -> None:
         "peak_memory_gib": round(peak / 2**30, 3),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
         "last_losses": {k: v[-1] for k, v in stats.loss_history.items() if v},
+        "torch": torch.__version__,
     }
+    if args.sync_debug:
+        result["host_syncs_by_line"] = dict(syncs.most_common())
     print(f"{args.config}: {result['iterations_per_second']} iterations/s after the first "
           f"({result['first_iteration_s']} s), peak memory {result['peak_memory_gib']} GiB "
           f"({result['peak_memory_kind']}), {result['components']} components")
     print(json.dumps(result))
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -72,13 +72,14 @@ def train_student(
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[steps // 2], gamma=0.1)
     c, r = student.config.num_channels, student.config.image_size
+    device = next(student.parameters()).device
     augmentation = dsa_augmentation(r, c) if augment else nn.Identity()
     student.train()
     batches = iter(())
     for _ in progress_bar(range(steps), desc="student", leave=False):
         batch = next(batches, None)
-        if batch is None:  # a new epoch: fresh samples from the distilled set
-            images, targets = sampler(generator)
+        if batch is None:  # a new epoch: fresh samples from the distilled set, on the student's device
+            images, targets = (t.to(device) for t in sampler(generator))
             batches = iter(epoch_batches(len(images), batch_size, generator))
             batch = next(batches)
         loss = soft_cross_entropy(student(augmentation(images[batch])).logits, targets[batch])
@@ -105,12 +106,13 @@ def evaluate_sampler(
 ) -> EvaluationResult:
     """Final-step test accuracy of `seeds` students trained from scratch (never the best checkpoint), seeded
     `first_seed`, `first_seed + 1`, ...: each student depends on its seed alone, so more seeds can be added later
-    (`first_seed=3, seeds=2` gives the two students that `seeds=5` would add to `seeds=3`)."""
+    (`first_seed=3, seeds=2` gives the two students that `seeds=5` would add to `seeds=3`). The students train on
+    the device of `test_images`."""
     accuracies = []
     for seed in progress_bar(range(first_seed, first_seed + seeds), desc="evaluation seeds"):
         torch.manual_seed(seed)
         student = build_classifier(architecture, test_images.shape[1], test_images.shape[-1], num_classes,
-                                   **net_kwargs)
+                                   **net_kwargs).to(test_images.device)
         train_student(student, sampler, steps, batch_size, lr, augment, seed)
         accuracies.append(accuracy(student, test_images, test_labels))
         logger.info("student %d/%d (%s, %d steps): accuracy %.4f on the test split", seed + 1, first_seed + seeds,

@@ -179,7 +179,7 @@ class D3Pipeline(DiffusionPipeline):
             num_samples_per_component: fresh samples drawn from each component.
             include_means: also return every component's mean image (first).
             generator: a `torch.Generator` for reproducible samples.
-            output_type: "pil", "np" (NHWC in [0, 1]) or "pt" (NCHW in [0, 1]).
+            output_type: "pil", "np" (NHWC in [0, 1]) or "pt" (NCHW in [0, 1], on the pipeline's device).
             return_dict: return a `D3PipelineOutput` rather than a tuple.
         """
         if output_type not in ("pil", "np", "pt"):
@@ -193,9 +193,9 @@ class D3Pipeline(DiffusionPipeline):
         images = self.decode(latents, index)
         labels, soft_labels = store.component_class[index], store.soft_labels[index]
 
-        images = images.cpu().float()
-        if output_type != "pt":
-            images = images.permute(0, 2, 3, 1).numpy()
+        images = images.float()
+        if output_type != "pt":  # "pt" stays on the pipeline's device, with the labels
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
         if not return_dict:
