@@ -6,16 +6,20 @@ CIFAR-10 shape (32x32 RGB, 10 classes), 20 latents (2 per class), 10 unrolled st
 images, ConvNet-D3 width 128, one thread. The reference implementation needs 7.3 s per iteration on this
 work, measured at one thread on a machine like this one; the target is half of that. `--mmd` adds the MMD
 step (20 samples per class); `--no_onednn` turns oneDNN's convolutions off; `--profile` prints where the time
-goes; `--json` adds CPU seconds per iteration, each iteration's wall time and the first iteration's
-trajectory-matching loss (equal, to float tolerance, across versions of the code: the same work).
+goes; `--flops` counts one iteration's floating-point operations and times the expert's middle convolution
+alone, which bounds how fast the convolutions could go on this machine; `--json` adds CPU seconds per iteration,
+each iteration's wall time and the first iteration's trajectory-matching loss (equal, to float tolerance, across
+versions of the code: the same work).
 """
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from hf_d3 import D3Decoder, GaussianLatentStore, build_classifier
 from hf_d3.config import DistillationConfig
@@ -36,6 +40,27 @@ def reference_work() -> tuple[torch.nn.Module, torch.Tensor, GaussianLatentStore
     return expert, trajectory, store, decoder
 
 
+def count_flops(real: SubtaskData, config: DistillationConfig) -> dict[str, float]:
+    """GFLOP of one distillation iteration of the reference work, by operator (torch.utils.flop_counter)."""
+    expert, trajectory, store, decoder = reference_work()
+    with FlopCounterMode(display=False) as counter:
+        distill_subtask(store, decoder, real, [(expert, trajectory)], dataclasses.replace(config, iterations=1),
+                        torch.Generator().manual_seed(0))
+    return {str(op): flops / 1e9 for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
+def convolution_rate(repeats: int = 20) -> float:
+    """GFLOP/s of the expert's 128-to-128 3x3 convolution on 20 images at 16x16, forward, best of `repeats`: about
+    the best rate any of the iteration's convolutions reaches here."""
+    images, weight = torch.randn(20, 128, 16, 16), torch.randn(128, 128, 3, 3)
+    times = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        torch.nn.functional.conv2d(images, weight, padding=1)
+        times.append(time.perf_counter() - start)
+    return 2 * 20 * 16 * 16 * 128 * 128 * 9 / min(times[3:]) / 1e9
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=5)
@@ -45,6 +70,8 @@ def main():
                         help="torch's own convolutions instead of oneDNN's (torch.backends.mkldnn off)")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's operators by self CPU time over all iterations")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count one iteration's GFLOP and time one convolution alone (the floor they set)")
     args = parser.parse_args()
     torch.backends.mkldnn.enabled = not args.no_onednn
     expert, trajectory, store, decoder = reference_work()
@@ -73,9 +100,18 @@ def main():
           f"{seconds:.2f} s per iteration ({args.iterations} iterations; reference 7.3 s for MTT)")
     if args.profile:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    figures = {"seconds_per_iteration": round(seconds, 3), "cpu_seconds_per_iteration": round(cpu, 3),
+               "iteration_wall_s": walls, "first_mtt_loss": first_losses.get("mtt")}
+    if args.flops:
+        gflop, rate = count_flops(real, config), convolution_rate()
+        convolutions = sum(v for op, v in gflop.items() if "convolution" in op)
+        print(f"{sum(gflop.values()):.1f} GFLOP per iteration ({convolutions:.1f} in convolutions): "
+              f"{sum(gflop.values()) / seconds:.1f} GFLOP/s; one convolution alone runs at {rate:.1f} GFLOP/s, so the "
+              f"convolutions need at least {convolutions / rate:.2f} s per iteration here")
+        figures |= {"gflop_per_iteration": {op: round(v, 3) for op, v in gflop.items()},
+                    "convolution_alone_gflop_per_s": round(rate, 1)}
     if args.json:
-        print(json.dumps({"seconds_per_iteration": round(seconds, 3), "cpu_seconds_per_iteration": round(cpu, 3),
-                          "iteration_wall_s": walls, "first_mtt_loss": first_losses.get("mtt")}))
+        print(json.dumps(figures))
 
 
 if __name__ == "__main__":
