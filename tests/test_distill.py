@@ -31,6 +31,7 @@ from hf_d3.distill import (
     trajectory_matching_loss,
     warm_start,
 )
+from hf_d3.distill.losses import real_per_class
 from hf_d3.distill.subtask import distill_one_subtask
 from hf_d3.evaluation import (
     accuracy,
@@ -108,6 +109,16 @@ def test_mmd_of_samples_of_one_distribution_is_zero_in_expectation():
     values = torch.stack([mmd2_unbiased(torch.randn(4, 2, generator=gen), torch.randn(4, 2, generator=gen),
                                         bandwidths) for _ in range(2000)])
     assert abs(values.mean().item()) < 3 * values.std().item() / math.sqrt(len(values))
+
+
+def test_real_images_for_the_mmd_are_drawn_from_each_class_in_turn():
+    labels = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0])  # shuffled, classes of unequal size
+    data = SubtaskData(torch.arange(8.0)[:, None], labels, [10, 11, 12])
+    assert [x.tolist() for x in data.indices_by_class] == [[1, 3, 7], [2, 6], [0, 4, 5]]
+    drawn = real_per_class(data, 5, torch.Generator().manual_seed(0))
+    assert labels[drawn].tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert len(set(drawn.tolist())) > 3  # random picks, not one image per class
+    assert torch.equal(drawn, real_per_class(data, 5, torch.Generator().manual_seed(0)))
 
 
 def test_mmd_step_reaches_every_component_when_there_are_more_than_samples(data, trajectory):

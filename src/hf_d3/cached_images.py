@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,15 @@ class SubtaskData:
     images: ImageSource
     labels: torch.Tensor
     class_ids: list[int]
+
+    @cached_property
+    def indices_by_class(self) -> list[torch.Tensor]:
+        """The indices (on the CPU, ascending) of each local class's images. Found once: the MMD term draws from
+        them every iteration, and one pass over the labels per class took 0.76 s at a subtask of 500 ImageNet classes.
+        """
+        labels = self.labels.cpu()
+        order = torch.argsort(labels, stable=True)
+        return list(order.split(torch.bincount(labels, minlength=len(self.class_ids)).tolist()))
 
 
 @dataclass

@@ -109,12 +109,8 @@ def trajectory_matching_loss(
 def real_per_class(data: SubtaskData, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:
     """Indices (on the CPU) of `samples_per_class` random real images (with replacement) of every class, class by
     class."""
-    labels = data.labels.cpu()  # one copy, not two host reads per class when the labels live on a GPU
-    return torch.cat([
-        torch.nonzero(labels == c).flatten()[
-            torch.randint(int((labels == c).sum()), (samples_per_class,), generator=generator)]
-        for c in range(len(data.class_ids))
-    ])
+    return torch.cat([indices[torch.randint(len(indices), (samples_per_class,), generator=generator)]
+                      for indices in data.indices_by_class])
 
 
 def class_mmd_loss(

@@ -31,8 +31,8 @@ def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData
     """
     m, r = store.config.latents_per_class, images_per_component
     # pick the images by index first, then read only those (the cache holds the rest)
-    per_class = [torch.nonzero(data.labels == local).flatten().cpu() for local in range(len(data.class_ids))]
-    targets = data.images[torch.cat([x[torch.randperm(len(x), generator=generator)[:m * r]] for x in per_class])]
+    targets = data.images[torch.cat([x[torch.randperm(len(x), generator=generator)[:m * r]]
+                                     for x in data.indices_by_class])]
     if len(targets) != store.num_components * r:
         raise ValueError(f"init=real needs {m * r} real images per class; some class of {data.class_ids} has fewer "
                          f"({m} latents x {r} images per component)")
