@@ -5,14 +5,18 @@
 `real_per_class` runs on the host every iteration, before the MMD's device work is queued, so on a GPU its time
 adds to each iteration's. Times it (first call, which finds each class's indices once, then the median of later
 calls) against the former way, one pass over all labels per class, and checks that both draw the same images.
+Then times the conversion of the drawn images (uint8 64x64 RGB) to float32 on the host, which a GPU run made before
+the cache moved them to the device while still uint8 (and copied four times the bytes).
 """
 
 import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 
+from hf_d3.cached_images import to_float
 from hf_d3.data import SubtaskData
 from hf_d3.distill.losses import real_per_class
 
@@ -48,6 +52,15 @@ def main():
     print(f"{args.classes} classes x {args.per_class} images, {args.samples} drawn per class: real_per_class "
           f"{new[0]:.4f} s the first time, then {statistics.median(new[1:]):.4f} s; one pass per class "
           f"{statistics.median(old):.4f} s; same images drawn: {torch.equal(new_first, old_first)}")
+    drawn = np.random.default_rng(0).integers(0, 256, (len(new_first), 64, 64, 3), dtype=np.uint8)
+    convert = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        to_float(drawn)
+        convert.append(time.perf_counter() - start)
+    print(f"converting those {len(drawn)} images to float32 on the host: {statistics.median(convert):.3f} s "
+          f"(median of {args.repeats}); {drawn.nbytes / 2**20:.0f} MiB as uint8, {4 * drawn.nbytes / 2**20:.0f} MiB "
+          "as float32")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,9 @@ def test_cache_by_class_and_its_files(mixed_folder):
     assert np.array_equal(stored[[5, 1]], cache.read(np.array([5, 1])))
     with pytest.raises(IndexError, match="row 36 is outside the image cache"):
         cache.read(np.array([36]))
+    # a batch comes back on the images' device (the meta device stands in for a GPU)
+    on_device = CachedImages(cache, np.arange(36)).to("meta")[torch.tensor([5, 1])]
+    assert on_device.device.type == "meta" and on_device.dtype == torch.float32 and on_device.shape == (2, 3, 12, 12)
 
 
 def test_parallel_build_equals_serial_and_is_reused(mixed_folder, monkeypatch, tmp_path):

@@ -27,9 +27,12 @@ def decode_image(image, resolution: int, channels: int) -> np.ndarray:
     return np.asarray(image).reshape(resolution, resolution, channels)
 
 
-def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> float32 [N, C, H, W] in [0, 1] (the one conversion every reader uses)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+def to_float(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float32 [N, C, H, W] in [0, 1] on `device` (the one conversion every reader uses).
+
+    Moved while still uint8 and converted there: a quarter of the bytes to copy, and no conversion on the host
+    (0.14 s for the 6,000 real images an ipc2 MMD step reads: benchmarks/mmd_draw.py)."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
 
 
 class ImageCache:
@@ -98,9 +101,9 @@ class ImageCache:
         out[order] = buffer
         return out
 
-    def batch(self, rows: np.ndarray) -> torch.Tensor:
-        """The images of `rows` as float32 [len(rows), C, H, W] in [0, 1]."""
-        return to_float(self.read(rows))
+    def batch(self, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The images of `rows` as float32 [len(rows), C, H, W] in [0, 1] on `device`."""
+        return to_float(self.read(rows), device)
 
     def select(self, classes: Sequence[int] | None = None, max_per_class: int | None = None, seed: int = 0,
                limit: int | None = None) -> ImageTensors:
@@ -158,7 +161,7 @@ class CachedImages:
             index = np.flatnonzero(index)
         elif not isinstance(index, slice):
             index = np.asarray(index, dtype=np.int64)
-        return self.cache.batch(self.rows[index]).to(self.device)
+        return self.cache.batch(self.rows[index], self.device)
 
     def __repr__(self) -> str:
         return f"CachedImages({len(self)} images of {self.cache.folder}, device={self.device})"
