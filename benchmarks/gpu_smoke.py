@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_smoke.py --config recipes/configs/imagenet_64_ipc1.yaml [--iterations 5]
         [--device cuda|cpu] [--mixed_precision no|bf16] [--compile] [--classes N] [--syn_batch_size B]
-        [--cudnn_benchmark] [--sync_debug] [--json_out FILE]
+        [--cudnn_benchmark] [--sync_debug] [--profile FILE] [--json_out FILE]
 
 Subtask 0 of the config (200 or 500 classes of 64x64 RGB at the paper's sizes), its latent store, decoder and
 ConvNet-D4 expert built as a run builds them, on a generated stand-in: `--per_class` random images per class, made
@@ -13,6 +13,9 @@ memory: `torch.cuda.max_memory_allocated` on a GPU, the peak resident set size o
 `--syn_batch_size` shrink the work (a CPU check of the script). `--sync_debug` (GPU only) counts the host syncs
 by source line with `torch.cuda.set_sync_debug_mode("warn")`: the unrolled inner loop should have none; the
 per-iteration loss reads and the MMD's label copy are expected. `--json_out` appends the result as one JSON line.
+The result also gives the trajectory-matching unroll's floating-point operations per iteration (counted on the meta
+device, so without computing them) and the rate they imply; `--profile FILE` writes torch.profiler's operator table
+(CPU and CUDA time) of the iterations after the first to FILE.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import warnings
 from collections import Counter
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from hf_d3.config import parse_config
 from hf_d3.data import SubtaskData
-from hf_d3.distill import distill_subtask
+from hf_d3.distill import FlatModel, distill_subtask, trajectory_matching_loss
 from hf_d3.experts import flat_parameters
 from hf_d3.factories import build_decoder, build_latent_store, build_net
 from hf_d3.federated import plan_subtasks
@@ -39,6 +43,21 @@ from hf_d3.precision import full_precision
 def _short(filename: str) -> str:
     """A source file's path from its package root (hf_d3/..., torch/...), as a sync report names it."""
     return filename.rsplit("site-packages/", 1)[-1].rsplit("/src/", 1)[-1]
+
+
+def unroll_tflop(config, num_classes: int, batch: int) -> float:
+    """TFLOP of one trajectory-matching loss and its backward into the images and lr at this config's sizes, counted
+    on the meta device (shapes only: nothing is computed). The decoder and the MMD term are not counted."""
+    net = FlatModel(build_net(config.experts, config.data, num_classes, "meta"))
+    start = flat_parameters(net.model)
+    c, r = config.data.channels, config.data.resolution
+    images = torch.zeros(config.distillation.syn_steps, batch, c, r, r, device="meta", requires_grad=True)
+    labels = torch.zeros(batch, dtype=torch.long, device="meta")
+    lr = torch.zeros((), device="meta", requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        loss = trajectory_matching_loss(net, start, start, [(x, labels) for x in images], lr)
+        loss.backward(inputs=[images, lr])
+    return counter.get_total_flops() / 1e12
 
 
 def main() -> None:
@@ -55,6 +74,7 @@ def main() -> None:
     parser.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--sync_debug", action="store_true", help="count host syncs by source line (GPU only)")
     parser.add_argument("--json_out", default=None, help="append the result to this file as one JSON line")
+    parser.add_argument("--profile", default=None, help="write torch.profiler's operator table to this file")
     args = parser.parse_args()
 
     overrides = ["--iterations", str(args.iterations), "--compile_inner_step", str(args.compile),
@@ -81,10 +101,16 @@ def main() -> None:
 
     marks = [time.perf_counter()]
 
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    profiler = torch.profiler.profile(activities=activities) if args.profile else None
+
     def mark(iteration: int, losses: dict[str, float]) -> None:  # called after each iteration (log_every=1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         marks.append(time.perf_counter())
+        if profiler is not None and iteration == 1:  # the first iteration's one-off set-up stays out
+            profiler.start()
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.mixed_precision == "bf16"
                 else full_precision(device))
@@ -97,6 +123,11 @@ def main() -> None:
                                 torch.Generator().manual_seed(0), on_log=mark, log_every=1)
     if args.sync_debug:
         torch.cuda.set_sync_debug_mode("default")
+    if profiler is not None:
+        profiler.stop()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        with open(args.profile, "w") as f:
+            f.write(profiler.key_averages().table(sort_by=sort, row_limit=40))
     syncs = Counter(f"{_short(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     steady = marks[-1] - marks[1] if len(marks) > 2 else float("nan")
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
@@ -114,7 +145,11 @@ def main() -> None:
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
         "last_losses": {k: v[-1] for k, v in stats.loss_history.items() if v},
         "torch": torch.__version__,
+        "unroll_tflop_per_iteration": round(unroll_tflop(config, len(class_ids), config.distillation.syn_batch_size
+                                                         or store.num_components), 3),
     }
+    if result["iterations_per_second"]:
+        result["unroll_tflop_per_s"] = round(result["unroll_tflop_per_iteration"] * result["iterations_per_second"], 2)
     if args.sync_debug:
         result["host_syncs_by_line"] = dict(syncs.most_common())
     print(f"{args.config}: {result['iterations_per_second']} iterations/s after the first "
