@@ -3,8 +3,12 @@ a mix), with the run's own student settings: what the label rule of `hf_d3.teach
 measured with.
 
     python benchmarks/label_weight.py --run outputs/curve2/fashion_mnist/ipc50/d3 --weights 0 0.5 1 [--seeds 3]
+        [--held_out]
 
-The run's teacher is the one its config names (`teacher`). Prints one line per weight and writes nothing.
+The run's teacher is the one its config names (`teacher`). The students are scored on the test split, or with
+`--held_out` on the held-out tenth of the training split that the curve's baselines choose their labels on
+(`hf_d3.baselines.split_held_out` with the run's seed), so that a rule can be checked without the test split.
+Prints one line per weight and writes nothing.
 """
 
 import argparse
@@ -15,10 +19,20 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Pipeline
+from hf_d3.baselines import split_held_out
 from hf_d3.config import D3Config
-from hf_d3.data import load_test_split
+from hf_d3.data import ImageTensors, load_images, load_split, load_test_split
 from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 from hf_d3.teacher import relabel
+
+
+def held_out_images(config: D3Config) -> ImageTensors:
+    """The held-out tenth of the training split (the baselines' choice set), read like the test split."""
+    data = config.data
+    train = load_images(load_split(data, data.train_split), data.resolution, data.channels,
+                        image_column=data.image_column, label_column=data.label_column)
+    held_out, _ = split_held_out(len(train.labels), config.run.seed)
+    return ImageTensors(train.images[held_out], train.labels[held_out], train.class_names)
 
 
 def main():
@@ -26,15 +40,17 @@ def main():
     parser.add_argument("--run", type=Path, required=True, help="a finished run folder (config.json, pipeline/)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--held_out", action="store_true", help="score on held-out training images, not the test split")
     args = parser.parse_args()
     config = D3Config.from_dict(json.loads((args.run / "config.json").read_text()))
     pipe = D3Pipeline.from_pretrained(args.run / "pipeline")
     teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher)
-    test = load_test_split(config.data)
+    test = held_out_images(config) if args.held_out else load_test_split(config.data)
     store = pipe.latent_store
     agree = (store.soft_labels.argmax(1) == store.component_class).float().mean().item()
     print(f"{args.run}: {store.num_components} Gaussians; the saved labels' largest entry is the Gaussian's class "
-          f"for {100 * agree:.1f} % of them (saved at hard_label_weight {config.relabel.hard_label_weight or 0})")
+          f"for {100 * agree:.1f} % of them (saved at hard_label_weight {config.relabel.hard_label_weight or 0}); "
+          f"scored on {len(test.labels)} {'held-out training' if args.held_out else 'test'} images")
     for weight in args.weights:
         relabel(store, pipe.decoder, teacher, config.relabel.relabel_temperature, weight)
         result = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test.images,
