@@ -6,11 +6,14 @@
 
 Settings are `D3Config`'s, parsed as `recipes/distill.py` parses them (YAML + command line); a run folder's
 `config.json` is the default config, so the student is the one its `metrics.json` reports unless told otherwise.
+The students train on Accelerate's device (a GPU when there is one; `ACCELERATE_USE_CPU=true` keeps them on the CPU).
 """
 
 import json
 import sys
 from pathlib import Path
+
+from accelerate import PartialState
 
 from hf_d3 import D3Pipeline
 from hf_d3.config import parse_config
@@ -26,7 +29,8 @@ def main():
     if is_run and "--config" not in args:
         args = ["--config", str(source / "config.json"), *args]
     config = parse_config(args)
-    pipe = D3Pipeline.from_pretrained(source / "pipeline" if is_run else sys.argv[1])
+    device = PartialState().device
+    pipe = D3Pipeline.from_pretrained(source / "pipeline" if is_run else sys.argv[1]).to(device)
     decoder = pipe.decoder.config
     if (config.data.resolution, config.data.channels) != (decoder.resolution, decoder.out_channels):
         sys.exit(f"the config reads the test split at resolution={config.data.resolution}, channels="
@@ -34,8 +38,8 @@ def main():
                  f"{decoder.resolution} images: pass --resolution {decoder.resolution} --channels "
                  f"{decoder.out_channels}, or the run's config")
     test = load_test_split(config.data)
-    result = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test.images, test.labels,
-                                  pipe.latent_store.config.num_classes)
+    result = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test.images.to(device),
+                                  test.labels.to(device), pipe.latent_store.config.num_classes)
     print(json.dumps(result.to_dict(), indent=2))
 
 
