@@ -132,21 +132,20 @@ def main() -> None:
     steady = marks[-1] - marks[1] if len(marks) > 2 else float("nan")
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    batch = config.distillation.syn_batch_size or store.num_components  # images per unrolled step
     result = {
         "config": args.config, "device": str(device), "device_name": (torch.cuda.get_device_name(device)
                                                                      if device.type == "cuda" else "cpu"),
         "mixed_precision": args.mixed_precision, "compile_inner_step": args.compile,
         "cudnn_benchmark": args.cudnn_benchmark, "classes": len(class_ids),
-        "components": store.num_components, "syn_batch_size": config.distillation.syn_batch_size or
-        store.num_components, "iterations": stats.iterations_run,
+        "components": store.num_components, "syn_batch_size": batch, "iterations": stats.iterations_run,
         "first_iteration_s": round(marks[1] - marks[0], 3),
         "iterations_per_second": round((len(marks) - 2) / steady, 4) if len(marks) > 2 else None,
         "peak_memory_gib": round(peak / 2**30, 3),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
         "last_losses": {k: v[-1] for k, v in stats.loss_history.items() if v},
         "torch": torch.__version__,
-        "unroll_tflop_per_iteration": round(unroll_tflop(config, len(class_ids), config.distillation.syn_batch_size
-                                                         or store.num_components), 3),
+        "unroll_tflop_per_iteration": round(unroll_tflop(config, len(class_ids), batch), 3),
     }
     if result["iterations_per_second"]:
         result["unroll_tflop_per_s"] = round(result["unroll_tflop_per_iteration"] * result["iterations_per_second"], 2)

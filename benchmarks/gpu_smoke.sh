@@ -20,6 +20,7 @@ export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296} MALLOC_TOP_P
 CONFIGS=(recipes/configs/imagenet_64_ipc1.yaml recipes/configs/imagenet_64_ipc2.yaml
          recipes/configs/imagenet_64_ipc10.yaml)
 
+failed=0  # the exit status: 1 if any run failed for good (a run that succeeded at 100 images does not count)
 run() {  # one gpu_smoke.py run; a failure (out of memory, timeout: 124) is reported and returned
     timeout "${RUN_TIMEOUT:-600}" "$PYTHON" benchmarks/gpu_smoke.py --json_out "$OUT_DIR/results.jsonl" "$@"
     local rc=$?
@@ -30,19 +31,26 @@ run() {  # one gpu_smoke.py run; a failure (out of memory, timeout: 124) is repo
 if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no GPU: a CPU check at a reduced size (the figures are not the GPU's)"
     for config in "${CONFIGS[@]}"; do
-        run --config "$config" --device cpu --iterations 2 --classes 20 --syn_batch_size 20 --per_class 4 "$@"
+        run --config "$config" --device cpu --iterations 2 --classes 20 --syn_batch_size 20 --per_class 4 "$@" ||
+            failed=1
     done
-    exit 0
+    exit $failed
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for precision in no bf16; do
     for config in "${CONFIGS[@]}"; do
         run --config "$config" --mixed_precision "$precision" --iterations 10 --syn_batch_size 200 "$@"
         rc=$?
-        if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
-            run --config "$config" --mixed_precision "$precision" --iterations 10 --syn_batch_size 100 "$@"
+        if [ $rc -eq 124 ]; then
+            failed=1
+        elif [ $rc -ne 0 ]; then
+            run --config "$config" --mixed_precision "$precision" --iterations 10 --syn_batch_size 100 "$@" ||
+                failed=1
         fi
     done
-    [ "$precision" = no ] && run --config "${CONFIGS[0]}" --sync_debug --iterations 3 "$@"
+    if [ "$precision" = no ]; then
+        run --config "${CONFIGS[0]}" --sync_debug --iterations 3 "$@" || failed=1
+    fi
 done
-run --config "${CONFIGS[0]}" --compile --iterations 10 "$@"
+run --config "${CONFIGS[0]}" --compile --iterations 10 "$@" || failed=1
+exit $failed
