@@ -9,13 +9,19 @@ the student lr (10 unrolled steps, no decoder) with the expert's layers swapped 
 - `pool`: 2x2 average pooling as a reshape and a mean instead of `avg_pool2d`;
 - `channels_last`: the images in channels-last memory format (oneDNN's native layout) from the first layer on;
 - `conv`: a hand-written double backward of the convolution, whose weight term uses oneDNN's weight-gradient
-  kernel rather than PyTorch's convolution of batch-transposed tensors.
+  kernel rather than PyTorch's convolution of batch-transposed tensors;
+- `compiled_autograd`: `conv`'s layers, and the outer backward through the unroll compiled by inductor (torch's
+  compiled autograd, so that the instance norm's, pooling's and ReLU's double-backward elementwise work is fused).
+  PyTorch's own convolution double backward fails under compiled autograd from the second unrolled step on
+  (torch 2.13: "add(): argument 'other' must be Tensor, not NoneType"), hence `conv`'s. The warm-up run compiles:
+  about 15 minutes here.
 
 Prints the loss and gradient norms (the variants compute the same function: they must agree to float tolerance)
 and the best and median seconds of `--repeats` runs after one warm-up, variants interleaved with `base` runs.
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -98,8 +104,18 @@ class HandWrittenDoubleBackwardConv(nn.Module):
 
 
 SWAPS = {"norm": (nn.GroupNorm, WrittenOutInstanceNorm), "pool": (nn.AvgPool2d, lambda _: ReshapeMeanPool()),
-         "conv": (nn.Conv2d, HandWrittenDoubleBackwardConv)}
-VARIANTS = ["norm", "pool", "channels_last", "conv"]
+         "conv": (nn.Conv2d, HandWrittenDoubleBackwardConv),
+         "compiled_autograd": (nn.Conv2d, HandWrittenDoubleBackwardConv)}
+QUICK_VARIANTS = ["norm", "pool", "channels_last", "conv"]
+VARIANTS = [*QUICK_VARIANTS, "compiled_autograd"]
+
+
+def outer_backward(variant: str) -> contextlib.AbstractContextManager:
+    if variant != "compiled_autograd":
+        return contextlib.nullcontext()
+    from torch._dynamo import compiled_autograd  # private: torch has no public switch for one backward call
+
+    return compiled_autograd._enable(torch.compile(backend="inductor", dynamic=False))
 
 
 def time_variant(variant: str, repeats: int) -> tuple[float, float, float, float, float]:
@@ -120,7 +136,8 @@ def time_variant(variant: str, repeats: int) -> tuple[float, float, float, float
         images.grad = lr.grad = None
         start = time.perf_counter()
         loss = trajectory_matching_loss(net, trajectory[0], trajectory[2], list(zip(images, [labels] * 10)), lr)
-        loss.backward(inputs=[images, lr])
+        with outer_backward(variant):
+            loss.backward(inputs=[images, lr])
         seconds.append(time.perf_counter() - start)
     seconds = sorted(seconds[1:])
     return loss.item(), images.grad.norm().item(), lr.grad.item(), seconds[0], seconds[len(seconds) // 2]
@@ -128,7 +145,8 @@ def time_variant(variant: str, repeats: int) -> tuple[float, float, float, float
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="*", default=VARIANTS, help=f"any of {VARIANTS} (default: all)")
+    parser.add_argument("variants", nargs="*", default=QUICK_VARIANTS,
+                        help=f"any of {VARIANTS} (default: all but compiled_autograd, which compiles for minutes)")
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     if unknown := set(args.variants) - set(VARIANTS):

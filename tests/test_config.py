@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from hf_d3.config import D3Config, load_yaml, parse_config
-from hf_d3.factories import planned_storage
+from hf_d3.factories import build_decoder, planned_storage
 from hf_d3.federated import plan_subtasks
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "configs"
@@ -100,10 +100,21 @@ def test_unknown_command_line_argument_is_refused():
     ({"mtt_weight": 0.0, "mmd_weight": 0.0}, "not both 0"),
     ({"mmd_weight": -1.0}, "need >= 0"),
     ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
+    ({"seed": -1}, "seed=-1"),
+    ({"decoder_preset": "huge"}, "decoder_preset='huge' is unknown; valid: \\['large', 'medium', 'small'\\]"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         D3Config.from_dict(kwargs)
+
+
+@pytest.mark.parametrize("preset, latent_dim", [("small", 64), ("medium", 2048), ("large", 4096)])
+def test_a_decoder_preset_brings_its_latent_size(preset, latent_dim):
+    config = D3Config.from_dict({"decoder_preset": preset, "resolution": 64, "channels": 3})
+    assert config.representation.latent_dim == latent_dim
+    assert build_decoder(config.representation, config.data).config.latent_dim == latent_dim
+    given = D3Config.from_dict({"decoder_preset": "medium", "latent_dim": 512, "resolution": 64, "channels": 3})
+    assert build_decoder(given.representation, given.data).config.latent_dim == 512
 
 
 def test_short_trajectories_are_fine_without_trajectory_matching():

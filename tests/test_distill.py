@@ -621,29 +621,46 @@ def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_pa
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _distill_subtask_1(dataset: Path, folder: Path, **overrides) -> dict:
+    """Subtask 1 of TINY_RUN (warm-started) distilled into `folder`, its experts trained first if missing."""
+    train = load_image_dataset(str(dataset), "train")
+    config = D3Config.from_dict({**TINY_RUN, "dataset": str(dataset), "output_dir": str(folder), "init": "real",
+                                 **overrides})
+    train_expert_trajectories(config, RunFolder(folder), [[0, 1], [2, 3]], train, torch.device("cpu"))
+    store, decoder, stats = distill_one_subtask(config, RunFolder(folder), 1, [2, 3], train,
+                                                train.features["label"].names, torch.device("cpu"))
+    return {"latent_store": store, "decoder": decoder, "stats": stats}
+
+
+def _assert_same_subtask(got: dict, expected: dict) -> None:
+    assert got["stats"].iterations_run == expected["stats"].iterations_run
+    assert torch.equal(got["latent_store"].mean, expected["latent_store"].mean)
+    for name, value in expected["decoder"].state_dict().items():
+        assert torch.equal(got["decoder"].state_dict()[name], value), name
+
+
+def test_a_finished_subtask_is_continued_when_the_config_asks_for_more(fmnist4_folder, tmp_path):
+    fresh = _distill_subtask_1(fmnist4_folder, tmp_path / "fresh")
+    first = _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=1)
+    assert first["stats"].iterations_run == 1 and RunFolder(tmp_path / "more").is_done(1)
+    done = tmp_path / "more" / "subtasks" / "subtask_1" / "done.json"
+    again = done.stat().st_mtime_ns
+    _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=1)
+    assert done.stat().st_mtime_ns == again  # as much as asked: reused
+    _assert_same_subtask(_distill_subtask_1(fmnist4_folder, tmp_path / "more"), fresh)
+
+
 def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path):
-    train = load_image_dataset(str(fmnist4_folder), "train")
-    names = train.features["label"].names
-
-    def distill_into(folder: Path, **overrides):
-        config = D3Config.from_dict({**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(folder),
-                                     "init": "real", **overrides})
-        train_expert_trajectories(config, RunFolder(folder), [[0, 1], [2, 3]], train, torch.device("cpu"))
-        store, decoder, stats = distill_one_subtask(config, RunFolder(folder), 1, [2, 3], train, names,
-                                                    torch.device("cpu"))
-        return {"latent_store": store, "decoder": decoder, "stats": stats}
-
-    fresh = distill_into(tmp_path / "fresh")
-    distill_into(tmp_path / "resumed", iterations=0)  # its checkpoint holds the state after the warm start
+    fresh = _distill_subtask_1(fmnist4_folder, tmp_path / "fresh")
+    # its checkpoint holds the state after the warm start
+    _distill_subtask_1(fmnist4_folder, tmp_path / "resumed", iterations=0)
     subtask = tmp_path / "resumed" / "subtasks" / "subtask_1"
     for name in ("done.json", "latent_store", "decoder"):  # as if the job died after its warm start
         shutil.rmtree(subtask / name, ignore_errors=True)
         (subtask / name).unlink(missing_ok=True)
     warm_started = (subtask / "warm_start.json").stat().st_mtime_ns
-    resumed = distill_into(tmp_path / "resumed")
+    resumed = _distill_subtask_1(fmnist4_folder, tmp_path / "resumed")
     assert (subtask / "warm_start.json").stat().st_mtime_ns == warm_started  # not warm-started again
     assert resumed["stats"].warm_start_mse == fresh["stats"].warm_start_mse is not None
     assert resumed["stats"].iterations_run == TINY_RUN["iterations"]
-    assert torch.equal(resumed["latent_store"].mean, fresh["latent_store"].mean)
-    for name, value in fresh["decoder"].state_dict().items():
-        assert torch.equal(resumed["decoder"].state_dict()[name], value), name
+    _assert_same_subtask(resumed, fresh)

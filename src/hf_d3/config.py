@@ -16,7 +16,7 @@ import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
-from .models.decoder import UPSAMPLE_MODES
+from .models.decoder import PRESETS, UPSAMPLE_MODES
 from .validation import check_ranges, check_types, field_types
 
 ARCHITECTURES = ("convnet", "resnet18_ap")
@@ -142,6 +142,10 @@ class RepresentationConfig:
         if self.sizes == "auto" and self.storage_budget_ipc is None:
             raise ValueError("sizes=auto chooses the sizes from the budget: give storage_budget_ipc too")
         if self.sizes == "explicit":
+            if self.decoder_preset is not None and self.latent_dim is None:  # the preset's, not PAPER_SIZES'
+                if self.decoder_preset not in PRESETS:
+                    raise ValueError(f"decoder_preset={self.decoder_preset!r} is unknown; valid: {sorted(PRESETS)}")
+                self.latent_dim = PRESETS[self.decoder_preset]["latent_dim"]
             for name, default in PAPER_SIZES.items():
                 if getattr(self, name) is None:
                     setattr(self, name, default)

@@ -189,7 +189,7 @@ def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[li
 
     # No shared filesystem: only the distilling rank can see what is finished.
     on_my_disk = [(k, i) for k in subtasks_of_rank(num_subtasks, rank, world_size) for i in range(num_experts)
-                  if folder.is_done(k) or folder.expert(k, i).is_file()]
+                  if folder.is_finished(k, config.distillation) or folder.expert(k, i).is_file()]
     finished = {tuple(job) for jobs in gather_to_all(on_my_disk) for job in jobs}
     todo = [(k, i) for i in range(num_experts) for k in range(num_subtasks) if (k, i) not in finished]
     mine = [(k, i) for k, i in todo if expert_rank(k, i, num_subtasks, world_size) == rank]

@@ -244,7 +244,7 @@ def check_earlier_work(config: D3Config, folder: RunFolder, plan: list[list[int]
                     raise ValueError(f"the {what} in {where} is of another run: {name} {'; '.join(differ)}; "
                                      f"valid: rerun with that run's settings, or delete {where} to distil subtask "
                                      f"{k} afresh")
-        if saved and saved[0][0] == "finished subtask":
+        if folder.is_finished(k, config.distillation):
             continue  # its experts are not used again
         expected = None
         for i in range(config.experts.num_experts):

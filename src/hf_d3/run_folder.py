@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from .atomic import staged, write_json
 from .cards import sample_grid
-from .config import D3Config
+from .config import D3Config, DistillationConfig
+from .distill.checkpoint import PROGRESS_FILE, has_checkpoint
 from .hub import push_dataset_to_hub
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
@@ -51,6 +52,16 @@ class RunFolder:
 
     def is_done(self, k: int) -> bool:
         return (self.subtask(k) / "done.json").is_file()
+
+    def is_finished(self, k: int, distillation: DistillationConfig) -> bool:
+        """Whether subtask `k` is done as far as `distillation` asks: finished, and its last checkpoint ran the
+        iterations (or the time) asked for. A config that asks for more continues it from that checkpoint."""
+        if not self.is_done(k) or not has_checkpoint(self.checkpoint(k)):
+            return self.is_done(k)
+        progress = json.loads((self.checkpoint(k) / PROGRESS_FILE).read_text())
+        out_of_time = (distillation.max_distill_time_s is not None
+                       and progress["iterations_wall_time_s"] >= distillation.max_distill_time_s)
+        return progress["iterations_run"] >= distillation.iterations or out_of_time
 
     def save_subtask(self, k: int, store: GaussianLatentStore, decoder: D3Decoder, stats: SubtaskStats) -> None:
         with staged(self.subtask(k) / "latent_store") as staging:

@@ -14,7 +14,7 @@ AT_LEAST: dict[str, float] = {
     "trajectory_epochs": 1, "expert_batch_size": 1, "latent_dim": 1, "logvar_dim": 1, "init_images_per_component": 1,
     "syn_steps": 1, "expert_epochs": 1, "syn_batch_size": 1, "mmd_samples_per_class": 1, "checkpoint_every": 1,
     "eval_steps": 1, "eval_batch_size": 1, "eval_seeds": 1, "iterations": 0, "init_steps": 0, "teacher_epochs": 0,
-    "max_distill_time_s": 0, "lr_latents": 0, "lr_decoder": 0, "lr_lr": 0,
+    "max_distill_time_s": 0, "lr_latents": 0, "lr_decoder": 0, "lr_lr": 0, "seed": 0,
 }
 # Rates that must be above zero, and lists whose every entry must be.
 ABOVE_ZERO = ("expert_lr", "eval_lr", "init_lr", "syn_lr_init", "relabel_temperature", "storage_budget_ipc",

@@ -37,11 +37,12 @@ def peak_memory_bytes() -> int:
 def distill_one_subtask(config: D3Config, folder: RunFolder, subtask: int, class_ids: list[int], train: Dataset,
                         class_names: list[str], device: torch.device, on_log: LossCallback | None = None
                         ) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
-    """Distil one subtask from its experts in `folder`; a finished subtask is reused, and an interrupted one
+    """Distil one subtask from its experts in `folder`; a finished subtask is reused (or continued, when the config
+    asks for more iterations or time than it ran: `RunFolder.is_finished`), and an interrupted one
     resumes from its checkpoint (after the warm start, or at the last `checkpoint_every`). Returns its latent
     store, decoder and `SubtaskStats`. `on_log` receives the losses every `log_every` iterations
     (`distill_subtask`)."""
-    if folder.is_done(subtask):
+    if folder.is_finished(subtask, config.distillation):
         logger.info("subtask %d: finished by an earlier run, reused", subtask)
         return folder.load_subtask(subtask)
     seed = subtask_seed(config.run.seed, subtask)
