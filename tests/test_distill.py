@@ -43,6 +43,7 @@ from hf_d3.evaluation import (
 )
 from hf_d3.experts import flat_parameters, load_trajectory, save_trajectory, train_classifier
 from hf_d3.federated import train_expert_trajectories
+from hf_d3.preflight import check_earlier_work
 from hf_d3.run import run_distillation
 from hf_d3.run_folder import RunFolder
 from hf_d3.teacher import hard_label_weight_for, relabel, resolve_hard_label_weight, teacher_labels
@@ -576,6 +577,18 @@ def test_end_to_end_run(runs, fmnist4_folder):
     a = pipe(include_means=True, generator=torch.Generator().manual_seed(0), output_type="pt")
     b = result.pipeline(include_means=True, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert torch.equal(a.images, b.images) and torch.equal(a.soft_labels, b.soft_labels)
+
+
+def test_a_saved_teacher_is_reused_only_under_its_settings(runs, fmnist4_folder):
+    output_dir = runs[0]
+    settings = {"dataset": str(fmnist4_folder), "output_dir": str(output_dir), **TINY_RUN}
+    folder, config = RunFolder(output_dir), D3Config.from_dict(settings)
+    check_earlier_work(config, folder, [], [], [])  # the run's own settings: reused
+    epochs = config.relabel.teacher_epochs
+    more = D3Config.from_dict({**settings, "teacher_epochs": epochs + 1})
+    with pytest.raises(ValueError, match=f"the teacher in .* is of another run: teacher_epochs={epochs} there, "
+                                         f"{epochs + 1} here"):
+        check_earlier_work(more, folder, [], [], [])
 
 
 def test_the_evaluate_recipe_trains_the_runs_own_student(runs):

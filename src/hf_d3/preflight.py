@@ -23,6 +23,7 @@ from .data import FASHION_MNIST, ImageCache, find_columns, load_split
 from .distill.checkpoint import has_checkpoint
 from .factories import build_decoder, build_latent_store, build_net
 from .federated import gather_to_all, subtasks_of_rank
+from .teacher import TEACHER_SETTINGS_KEY, teacher_settings
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -227,7 +228,15 @@ def _differences(saved: Mapping[str, Any], built: Mapping[str, Any]) -> list[str
 def check_earlier_work(config: D3Config, folder: RunFolder, plan: list[list[int]], class_names: list[str],
                        subtasks: list[int]) -> None:
     """What an earlier run left for `subtasks` (this rank's) is reused only if this config would have made it:
-    finished subtasks and checkpoints of the same sizes, readable expert trajectories of the same networks."""
+    finished subtasks and checkpoints of the same sizes, readable expert trajectories of the same networks, a
+    trained teacher of the same settings."""
+    saved_teacher = folder.teacher / "config.json"
+    if not config.relabel.teacher and saved_teacher.is_file():
+        # a teacher saved before its settings were recorded has none to compare
+        saved = json.loads(saved_teacher.read_text()).get(TEACHER_SETTINGS_KEY, teacher_settings(config))
+        if differ := _differences(saved, teacher_settings(config)):
+            raise ValueError(f"the teacher in {folder.teacher} is of another run: {'; '.join(differ)}; valid: rerun "
+                             f"with that run's settings, or delete {folder.teacher} to train the teacher again")
     for k in subtasks:
         saved = [("finished subtask", folder.subtask(k))] if folder.is_done(k) else []
         if not saved and has_checkpoint(folder.checkpoint(k)):

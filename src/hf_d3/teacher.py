@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -24,14 +25,28 @@ from .models.latent_store import GaussianLatentStore
 
 logger = logging.getLogger(__name__)
 
+# The key of a trained teacher's config.json that holds `teacher_settings`
+TEACHER_SETTINGS_KEY = "hf_d3_teacher_settings"
 # IPC-equivalents where labels stop being the teacher's alone and become the class alone (`hard_label_weight_for`)
 HARD_LABEL_SPAN = (1.0, 50.0)
 
 
+def teacher_settings(config: D3Config) -> dict[str, Any]:
+    """What the teacher `load_teacher` trains depends on; saved with it, so that a rerun reuses it only under the same
+    settings (`hf_d3.preflight.check_earlier_work`)."""
+    data, experts = config.data, config.experts
+    return {"dataset": data.dataset, "train_split": data.train_split, "resolution": data.resolution,
+            "channels": data.channels, "architecture": experts.architecture, "net_width": experts.net_width,
+            "net_depth": experts.net_depth, "teacher_epochs": config.relabel.teacher_epochs,
+            "expert_lr": experts.expert_lr, "expert_batch_size": experts.expert_batch_size,
+            "expert_augment": experts.expert_augment, "seed": config.run.seed}
+
+
 def load_teacher(config: D3Config, folder: Path, train: Dataset, device: torch.device) -> nn.Module:
-    """The relabelling teacher: the given `teacher` checkpoint; else the one an earlier run saved in `folder`;
-    else a global expert trained on all classes and all training images (`max_train_per_class` bounds only the
-    experts and MMD) with momentum 0.9 for `teacher_epochs`, saved in `folder`."""
+    """The relabelling teacher: the given `teacher` checkpoint; else the one an earlier run saved in `folder` (of
+    the same `teacher_settings`: checked before the run starts); else a global expert trained on all classes and
+    all training images (`max_train_per_class` bounds only the experts and MMD) with momentum 0.9 for
+    `teacher_epochs`, saved in `folder`."""
     if config.relabel.teacher:
         logger.info("teacher: %s", config.relabel.teacher)
         return AutoModelForImageClassification.from_pretrained(config.relabel.teacher).to(device)
@@ -49,6 +64,7 @@ def load_teacher(config: D3Config, folder: Path, train: Dataset, device: torch.d
                      experts.expert_augment, desc="global teacher", momentum=0.9)
     logger.info("teacher: trained %d epochs on all %d training images in %.1f s", config.relabel.teacher_epochs,
                 len(real.images), time.perf_counter() - start)
+    setattr(teacher.config, TEACHER_SETTINGS_KEY, teacher_settings(config))
     with staged(folder) as staging:  # its config.json marks it saved: it appears with the weights
         teacher.save_pretrained(staging)
     return teacher
