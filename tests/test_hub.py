@@ -23,9 +23,10 @@ from datasets import ClassLabel, load_dataset
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
-from hf_d3.cards import CURVE_FILENAME, extract_train_snippet
+from hf_d3.cards import CURVE_FILENAME, extract_train_snippet, render_pipeline_card
 from hf_d3.hub import HubPublishError, push_dataset_to_hub, push_pipeline_to_hub
 from hf_d3.results import CARD_METRICS
+from hf_d3.run_folder import budget_config_name
 
 # huggingface_hub's plain-LFS upload (the path taken with HF_HUB_DISABLE_XET=1) passes `data=<file>` to httpx2.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -137,6 +138,22 @@ def test_pipeline_card(local_hub, published):
     assert "must-not-leak" not in text and "hub_token" not in text  # secret-looking settings are dropped
     assert local_hub.token not in text
     assert set(CARD_METRICS) == set(METRICS)  # every key the card reads is documented
+
+
+def test_the_pipeline_card_lists_single_figures_only():
+    metrics = {**METRICS, "teacher_accuracy": 0.71, "subtasks": [{"loss_history": {"mtt": [0.5] * 1000}}]}
+    text = render_pipeline_card(make_pipe(), "user/d3", metrics=metrics)
+    assert "- `teacher_accuracy`: 0.71" in text
+    assert "subtasks" not in text and "loss_history" not in text and "0.5, 0.5" not in text
+
+
+def test_a_published_run_names_its_dataset_config_after_the_budget():
+    pipe = make_pipe()
+    assert budget_config_name(pipe, {"storage_budget_ipc": 10}) == "ipc10"
+    assert budget_config_name(pipe, {"storage_budget_ipc": 0.41}) == "ipc0_41"  # not "ipc0"
+    storage = pipe.storage_report().ipc_equivalent
+    assert budget_config_name(pipe, {"storage_budget_ipc": None}) == budget_config_name(pipe, None) \
+        == f"ipc{round(storage, 2):g}".replace(".", "_")
 
 
 def test_pull_from_cache_offline(local_hub, published, tmp_path):
@@ -412,7 +429,8 @@ def test_publish_recipe_publishes_a_finished_run(local_hub, new_repo_id, tmp_pat
     metrics = {"accuracy_mean": 0.61, "accuracy_std": 0.02, "num_eval_runs": 3, "student_architecture": "convnet",
                "distill_wall_time_s": 12.0, "distill_peak_memory_bytes": 2**30}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    (run_dir / "config.json").write_text(json.dumps({"dataset": "builtin:fashion_mnist", "iterations": 5}))
+    settings = {"dataset": "builtin:fashion_mnist", "iterations": 5, "storage_budget_ipc": 13}
+    (run_dir / "config.json").write_text(json.dumps(settings))
     model_id, dataset_id = new_repo_id("run"), new_repo_id("run-data")
     recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "publish.py")
     command = [sys.executable, recipe, str(run_dir), "--hub_model_id", model_id, "--hub_dataset_id", dataset_id]
@@ -423,9 +441,11 @@ def test_publish_recipe_publishes_a_finished_run(local_hub, new_repo_id, tmp_pat
     pulled = D3Pipeline.from_pretrained(model_id)
     assert torch.equal(draw(pulled)[0], draw(pipe)[0])
     assert "61.00 ± 2.00%" in ModelCard.load(model_id).content
-    budget = f"ipc{round(pipe.storage_report().ipc_equivalent)}"
-    data = load_dataset(dataset_id, budget, split="train")
+    data = load_dataset(dataset_id, "ipc13", split="train")  # under the run's budget
     assert len(data) == 2 * pipe.latent_store.num_components
+    card = DatasetCard.load(dataset_id, repo_type="dataset").content
+    assert "D3 distilled dataset of **builtin:fashion_mnist**" in card
+    assert f'D3Pipeline.from_pretrained("{model_id}")' in card
 
 
 def test_publish_refuses_an_unfinished_run(tmp_path):

@@ -163,7 +163,9 @@ def render_pipeline_card(
             accuracy_text += f" ({', '.join(details)})"
     storage = pipe.storage_report()
     known = set(CARD_METRICS)
-    extra_metrics = [(k, v) for k, v in sorted(metrics.items()) if k not in known and not _SECRET_KEY.search(k)]
+    # single figures only: a run's metrics.json also holds per-subtask loss histories, one value per iteration
+    extra_metrics = [(k, v) for k, v in sorted(metrics.items())
+                     if k not in known and isinstance(v, int | float | str) and not _SECRET_KEY.search(k)]
     store_config = pipe.latent_store.config
     text = _render(
         PIPELINE_CARD_TEMPLATE,

@@ -99,7 +99,8 @@ def publish_run(
     private: bool = False,
 ) -> dict[str, CommitInfo]:
     """Publish a finished run folder (`pipeline/`, `metrics.json`, `config.json`, `samples.png`): the pipeline
-    to `hub_model_id` and, if given, its materialised dataset to `hub_dataset_id` under config `ipc<N>`."""
+    to `hub_model_id` and, if given, its materialised dataset to `hub_dataset_id` under config `ipc<N>`
+    (`budget_config_name`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise ValueError(f"{run_dir} is not a finished run: metrics.json is missing (did the run fail?)")
@@ -112,7 +113,14 @@ def publish_run(
         samples_png=samples if samples.is_file() else None,
     )}
     if hub_dataset_id:
-        budget = f"ipc{round(pipe.storage_report().ipc_equivalent)}"
-        commits["dataset"] = push_dataset_to_hub(pipe, hub_dataset_id, config_name=budget, token=token,
-                                                 private=private, pipeline_repo_id=hub_model_id)
+        commits["dataset"] = push_dataset_to_hub(
+            pipe, hub_dataset_id, config_name=budget_config_name(pipe, settings), token=token, private=private,
+            source_dataset=(settings or {}).get("dataset"), pipeline_repo_id=commits["pipeline"].repo_url.repo_id)
     return commits
+
+
+def budget_config_name(pipe: D3Pipeline, settings: dict | None) -> str:
+    """The Hub dataset config a run's set goes under: `ipc<budget>` (`storage_budget_ipc`, else the storage it
+    takes), e.g. "ipc10", "ipc0_41": rounding to a whole number would name a 0.41 IPC-equivalent set "ipc0"."""
+    budget = (settings or {}).get("storage_budget_ipc") or pipe.storage_report().ipc_equivalent
+    return f"ipc{round(budget, 2):g}".replace(".", "_")
