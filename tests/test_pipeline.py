@@ -78,6 +78,11 @@ def test_output_types(channels, mode):
 
     with pytest.raises(ValueError, match="output_type='latent' is not supported"):
         pipe(output_type="latent")
+    for count, means in ((-1, True), (0, False)):
+        with pytest.raises(ValueError, match=f"num_samples_per_component={count} with include_means={means} draws"):
+            pipe(num_samples_per_component=count, include_means=means)
+    with pytest.raises(ValueError, match="num_samples_per_component=-1 with include_means=True draws no image"):
+        pipe.to_dataset(num_samples_per_component=-1)
 
 
 def test_return_dict_false_gives_a_tuple(pipe):

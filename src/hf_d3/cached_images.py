@@ -197,6 +197,3 @@ class ImageTensors:
     images: ImageSource
     labels: torch.Tensor
     class_names: list[str]
-
-    def of_class(self, class_id: int) -> torch.Tensor:
-        return self.images[self.labels == class_id]

@@ -28,9 +28,11 @@ from .warm_start import warm_start
 logger = logging.getLogger(__name__)
 
 
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory on `device`: a GPU's since its last `reset_peak_memory_stats` (each subtask resets it), else the
+    process's resident peak so far (which the operating system cannot reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -45,6 +47,8 @@ def distill_one_subtask(config: D3Config, folder: RunFolder, subtask: int, class
     if folder.is_finished(subtask, config.distillation):
         logger.info("subtask %d: finished by an earlier run, reused", subtask)
         return folder.load_subtask(subtask)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this subtask's peak, not the experts' or an earlier subtask's
     seed = subtask_seed(config.run.seed, subtask)
     generator = torch.Generator().manual_seed(seed)
     data = load_subtask_data(train, config.data, class_ids, seed, device)
@@ -70,7 +74,7 @@ def distill_one_subtask(config: D3Config, folder: RunFolder, subtask: int, class
     stats = SubtaskStats(**dataclasses.asdict(distilled), subtask=subtask, classes=class_ids,
                          warm_start_mse=warm["warm_start_mse"], warm_start_wall_time_s=warm["warm_start_wall_time_s"],
                          distill_wall_time_s=warm["warm_start_wall_time_s"] + distilled.iterations_wall_time_s,
-                         peak_memory_bytes=peak_memory_bytes())
+                         peak_memory_bytes=peak_memory_bytes(device))
     folder.save_subtask(subtask, store, decoder, stats)
     logger.info("subtask %d finished: classes %s, %d iterations, %.1f s (warm start %.1f s)", subtask, class_ids,
                 stats.iterations_run, stats.distill_wall_time_s, stats.warm_start_wall_time_s)

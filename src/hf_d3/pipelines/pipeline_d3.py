@@ -112,11 +112,6 @@ class D3Pipeline(DiffusionPipeline):
             A dataset with columns `image` (PIL images), `label` (a `ClassLabel` named by the latent store's
             `class_names`) and `soft_label` (the component's soft label, float32): `dataset_features`.
         """
-        if num_samples_per_component < 0 or (num_samples_per_component == 0 and not include_means):
-            raise ValueError(
-                f"num_samples_per_component={num_samples_per_component} with include_means={include_means} "
-                "draws no image; use num_samples_per_component >= 1 or include_means=True"
-            )
         output = self(num_samples_per_component=num_samples_per_component, include_means=include_means,
                       generator=torch.Generator().manual_seed(seed), output_type="pil")
         return datasets.Dataset.from_dict(
@@ -184,6 +179,11 @@ class D3Pipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r} is not supported; use 'pil', 'np' or 'pt'")
+        if num_samples_per_component < 0 or (num_samples_per_component == 0 and not include_means):
+            raise ValueError(
+                f"num_samples_per_component={num_samples_per_component} with include_means={include_means} "
+                "draws no image; use num_samples_per_component >= 1 or include_means=True"
+            )
         if isinstance(class_labels, int):
             class_labels = [class_labels]
 
