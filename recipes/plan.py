@@ -13,11 +13,15 @@ from hf_d3.federated import plan_subtasks
 from hf_d3.sizing import resolve_sizes
 from hf_d3.teacher import resolve_hard_label_weight
 
+NUM_CLASSES_HELP = "the class count (default: the dataset's, read from its metadata)"
+
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, add_help=False)
-    parser.add_argument("--num_classes", type=int, default=None, help="the class count (default: the dataset's)")
+    parser = argparse.ArgumentParser(description=__doc__, add_help=False)  # the config parser's --help lists the rest
+    parser.add_argument("--num_classes", type=int, default=None, help=NUM_CLASSES_HELP)
     args, config_args = parser.parse_known_args()
+    if {"-h", "--help"} & set(config_args):
+        print(f"plan.py's own option:\n  --num_classes N  {NUM_CLASSES_HELP}\nand every option of the config:")
     config = parse_config(config_args)
     num_classes = args.num_classes or len(class_names_of(config.data))
     chosen = config.representation.chosen_by_budget
@@ -37,8 +41,9 @@ def main():
     for part in ("decoder", "latent", "label"):
         values = getattr(storage, f"{part}_values")
         print(f"  {part}s: {values:,} values ({100 * values / storage.total_values:.1f} %)")
+    chosen_from = f"the budget of {sizes.storage_budget_ipc}" if sizes.storage_budget_ipc else "the storage"
     print(f"labels: hard_label_weight {config.relabel.hard_label_weight:.2f} "
-          f"({'as given' if given_weight else 'chosen from the storage'})")
+          f"({'as given' if given_weight else 'chosen from ' + chosen_from})")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from hf_d3.config import D3Config, load_yaml, parse_config
-from hf_d3.factories import build_decoder, planned_storage
+from hf_d3.factories import build_decoder, build_net, planned_storage
 from hf_d3.federated import plan_subtasks
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "configs"
@@ -115,6 +115,14 @@ def test_a_decoder_preset_brings_its_latent_size(preset, latent_dim):
     assert build_decoder(config.representation, config.data).config.latent_dim == latent_dim
     given = D3Config.from_dict({"decoder_preset": "medium", "latent_dim": 512, "resolution": 64, "channels": 3})
     assert build_decoder(given.representation, given.data).config.latent_dim == 512
+
+
+def test_net_width_and_depth_size_the_convnet_only():
+    convnet = D3Config.from_dict({"net_width": 16, "net_depth": 2})
+    assert build_net(convnet.experts, convnet.data, 10).config.to_dict() | {"width": 16, "depth": 2} \
+        == build_net(convnet.experts, convnet.data, 10).config.to_dict()
+    resnet = D3Config.from_dict({"architecture": "resnet18_ap", "net_width": 128})
+    assert build_net(resnet.experts, resnet.data, 10).config.width == 64  # the standard ResNet-18, not 4x its size
 
 
 def test_short_trajectories_are_fine_without_trajectory_matching():

@@ -15,7 +15,8 @@ from conftest import FMNIST4_CLASSES, FMNIST4_TRAIN_PER_CLASS, HF_D3_CACHE, writ
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
 import hf_d3.data
-from hf_d3.data import FASHION_MNIST_CLASSES, find_columns, load_image_dataset, load_images
+from hf_d3.config import DataConfig
+from hf_d3.data import FASHION_MNIST_CLASSES, class_names_of, find_columns, load_image_dataset, load_images
 
 # ----------------------------------------------------------------------------------------------------------
 # An imagefolder dataset: PNGs of mixed modes and sizes, labels from the folder names
@@ -53,6 +54,12 @@ def test_imagefolder_columns_are_found(folder_dataset):
     assert len(folder_dataset) == 12
     assert find_columns(folder_dataset) == ("image", "label")
     assert folder_dataset.features["label"].names == FOLDER_CLASSES
+
+
+def test_class_names_are_read_from_the_metadata(imagefolder, fmnist4_folder):
+    assert class_names_of(DataConfig(dataset=str(imagefolder))) == FOLDER_CLASSES
+    assert class_names_of(DataConfig(dataset=str(fmnist4_folder))) == FMNIST4_CLASSES
+    assert class_names_of(DataConfig()) == list(FASHION_MNIST_CLASSES)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

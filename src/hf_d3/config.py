@@ -86,8 +86,8 @@ class ExpertConfig:
     """The networks (experts, teacher, MMD embedding) and the expert trajectories."""
 
     architecture: str = "convnet"
-    net_width: int = 128
-    net_depth: int = 3
+    net_width: int = field(default=128, metadata={"help": "ConvNet channels (ResNet-18 keeps its standard 64)"})
+    net_depth: int = field(default=3, metadata={"help": "ConvNet blocks"})
     num_experts: int = 2
     trajectory_epochs: int = 10
     expert_lr: float = 0.01

@@ -151,12 +151,16 @@ def load_split(data: DataConfig, split: str) -> Dataset | ImageCache:
 
 
 def class_names_of(data: DataConfig, train: Dataset | ImageCache | None = None) -> list[str]:
-    """The class names of the config's dataset: its train split's label feature (`train`, loaded if not given)."""
+    """The class names of the config's dataset: its train split's label feature (`train`; if not given, read from
+    the split's metadata, streamed, so nothing but the metadata is downloaded where the dataset declares it)."""
     if train is None and data.dataset == FASHION_MNIST:
         return list(FASHION_MNIST_CLASSES)
     if isinstance(train, ImageCache):
         return list(train.class_names)
-    train = train if train is not None else load_image_dataset(data.dataset, data.train_split)
+    if train is None:
+        train = datasets.load_dataset(data.dataset, split=data.train_split, streaming=True)
+        if train.features is None:  # a format whose features show only once read
+            train = load_image_dataset(data.dataset, data.train_split)
     return list(train.features[find_columns(train, data.image_column, data.label_column)[1]].names)
 
 

@@ -40,7 +40,9 @@ def build_latent_store(sizes: RepresentationConfig, class_ids: list[int], class_
 
 
 def net_kwargs(architecture: str, width: int, depth: int) -> dict:
-    return {"width": width, **({"depth": depth} if architecture == "convnet" else {})}
+    """The size arguments of `build_classifier`: `net_width` and `net_depth` size the ConvNet; ResNet-18 keeps
+    its standard width (64), which the ConvNet's 128 would quadruple."""
+    return {"width": width, "depth": depth} if architecture == "convnet" else {}
 
 
 def build_net(experts: ExpertConfig, data: DataConfig, num_labels: int, device: torch.device | str = "cpu"
