@@ -6,14 +6,15 @@
 
 Settings are `D3Config`'s, parsed as `recipes/distill.py` parses them (YAML + command line); a run folder's
 `config.json` is the default config, so the student is the one its `metrics.json` reports unless told otherwise.
-The students train on Accelerate's device (a GPU when there is one; `ACCELERATE_USE_CPU=true` keeps them on the CPU).
+The students train on Accelerate's device (a GPU when there is one; `ACCELERATE_USE_CPU=true` keeps them on the CPU)
+and in the run's precision (`mixed_precision: bf16` trains them in bf16 autocast, as the run did).
 """
 
 import json
 import sys
 from pathlib import Path
 
-from accelerate import PartialState
+from accelerate import Accelerator
 
 from hf_d3 import D3Pipeline
 from hf_d3.config import parse_config
@@ -29,7 +30,8 @@ def main():
     if is_run and "--config" not in args:
         args = ["--config", str(source / "config.json"), *args]
     config = parse_config(args)
-    device = PartialState().device
+    accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
+    device = accelerator.device
     pipe = D3Pipeline.from_pretrained(source / "pipeline" if is_run else sys.argv[1]).to(device)
     decoder = pipe.decoder.config
     if (config.data.resolution, config.data.channels) != (decoder.resolution, decoder.out_channels):
@@ -37,9 +39,13 @@ def main():
                  f"{config.data.channels}, but the pipeline makes {decoder.out_channels}x{decoder.resolution}x"
                  f"{decoder.resolution} images: pass --resolution {decoder.resolution} --channels "
                  f"{decoder.out_channels}, or the run's config")
-    test = load_test_split(config.data)
-    result = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test.images.to(device),
-                                  test.labels.to(device), pipe.latent_store.config.num_classes)
+    test, num_classes = load_test_split(config.data), pipe.latent_store.config.num_classes
+    if len(test.class_names) != num_classes:
+        sys.exit(f"the pipeline has {num_classes} classes but the test split of dataset={config.data.dataset!r} has "
+                 f"{len(test.class_names)}: pass the run's --dataset, or the run's config")
+    with accelerator.autocast():
+        result = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe),
+                                      test.images.to(device), test.labels.to(device), num_classes)
     print(json.dumps(result.to_dict(), indent=2))
 
 

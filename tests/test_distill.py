@@ -597,9 +597,12 @@ def test_the_evaluate_recipe_trains_the_runs_own_student(runs):
     output_dir = runs[0]
     recipe = Path(__file__).parents[1] / "recipes" / "evaluate.py"
 
-    def evaluate(*overrides: str) -> dict:
+    def evaluate(*overrides: str, fails: bool = False) -> dict | str:
         done = subprocess.run([sys.executable, str(recipe), str(output_dir), *overrides], capture_output=True,
                               text=True, timeout=300)
+        if fails:
+            assert done.returncode != 0
+            return done.stderr
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout)
 
@@ -609,6 +612,8 @@ def test_the_evaluate_recipe_trains_the_runs_own_student(runs):
         k: metrics[k] for k in ("accuracies", "student_architecture", "student_steps")}
     changed = evaluate("--eval_steps", "3", "--eval_seeds", "2")
     assert (changed["student_steps"], changed["num_eval_runs"]) == (3, 2)
+    error = evaluate("--dataset", "builtin:fashion_mnist", fails=True)  # 10 classes, the pipeline's 4
+    assert "the pipeline has 4 classes but the test split of dataset='builtin:fashion_mnist' has 10" in error
 
 
 def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_path):
