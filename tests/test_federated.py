@@ -21,6 +21,7 @@ from hf_d3.experts import load_trajectory
 from hf_d3.federated import (
     aggregate,
     expert_rank,
+    expert_seed,
     gather_to_all,
     plan_subtasks,
     run_and_gather,
@@ -88,6 +89,12 @@ def test_point_to_point_in_one_process_keeps_everything_local():
 def test_subtask_seeds_are_distinct_and_need_no_world_size():
     seeds = {subtask_seed(s, k) for s in range(5) for k in range(50)}
     assert len(seeds) == 250
+
+
+def test_expert_seeds_are_distinct_across_subtasks():
+    seeds = {expert_seed(s, k, i) for s in range(3) for k in range(10) for i in range(20)}
+    assert len(seeds) == 3 * 10 * 20
+    assert [expert_seed(7, 0, i) for i in range(3)] == [subtask_seed(7, 0) + i for i in range(3)]  # as before
 
 
 # ----------------------------------------------------------------------------------------------------------

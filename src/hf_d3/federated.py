@@ -64,6 +64,13 @@ def subtask_seed(seed: int, subtask: int) -> int:
     return seed * 100_003 + subtask
 
 
+def expert_seed(seed: int, subtask: int, expert: int) -> int:
+    """Expert `expert` of `subtask`'s seed: distinct for every (subtask, expert) of a run with fewer than 10,007
+    experts per subtask (`subtask_seed + expert` made expert 1 of subtask 0 a twin of expert 0 of subtask 1: the same
+    initial weights and batch order). Subtask 0's experts keep the seeds they had."""
+    return seed * 100_003 + subtask * 10_007 + expert
+
+
 # TRUSTED, RANK TO RANK ONLY: the object collectives below (all_gather_object, send/recv_object_list) pickle, and
 # this module is the one place hf_d3 uses them. They carry only what the ranks of one job send one another
 # (tracebacks, finished-work lists, configs and tensors of experts and subtasks) over the job's own process group;
@@ -205,8 +212,8 @@ def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[li
             for i in sorted(i for kk, i in mine if kk == k):
                 trained = train_expert(partial(build_net, experts, config.data, len(plan[k]), device), data.images,
                                        data.labels, experts.trajectory_epochs, experts.expert_lr,
-                                       experts.expert_batch_size, seed + i, experts.expert_augment,
-                                       desc=f"subtask {k} expert {i + 1}/{num_experts}")
+                                       experts.expert_batch_size, expert_seed(config.run.seed, k, i),
+                                       experts.expert_augment, desc=f"subtask {k} expert {i + 1}/{num_experts}")
                 if subtask_rank(k, world_size) == rank:
                     save_trajectory(folder.expert(k, i), *trained)
                 else:
