@@ -101,7 +101,7 @@ def test_unknown_command_line_argument_is_refused():
     ({"mmd_weight": -1.0}, "need >= 0"),
     ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
     ({"seed": -1}, "seed=-1"),
-    ({"decoder_preset": "huge"}, "decoder_preset='huge' is unknown; valid: \\['large', 'medium', 'small'\\]"),
+    ({"decoder_preset": "huge"}, "decoder_preset='huge' is not valid; choose one of \\[None, 'small', 'medium'"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -72,6 +72,8 @@ def _decode_rows(dataset: Dataset | None, path: Path, start: int, end: int, reso
 
 def build_from_dataset(dataset: Dataset, folder: Path, resolution: int, channels: int, image_column: str,
                         label_column: str, num_workers: int) -> None:
+    """Decode and resize every image of a map-style `dataset` into the cache `folder` (uint8, by class), in
+    `num_workers` processes."""
     labels = np.asarray(dataset[label_column], dtype=np.int64)
     n, start_time = len(labels), time.perf_counter()
     chunks = [(start, min(start + DECODE_CHUNK, n)) for start in range(0, n, DECODE_CHUNK)]

@@ -10,15 +10,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 # Bumped when the cache's files or their meaning change: an older cache is then built again, never misread.
 CACHE_FORMAT = 1
 
 
-def decode_image(image, resolution: int, channels: int) -> np.ndarray:
+def decode_image(image: PIL.Image.Image, resolution: int, channels: int) -> np.ndarray:
     """One PIL image as uint8 [resolution, resolution, channels]: PIL's conversion to L or RGB, then a bicubic resize
     if its size differs."""
     image = image.convert({1: "L", 3: "RGB"}[channels])

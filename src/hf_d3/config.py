@@ -136,6 +136,7 @@ class RepresentationConfig:
 
     def __post_init__(self):
         _check_choice(self, "sizes", (None, "auto", "explicit"))
+        _check_choice(self, "decoder_preset", (None, *PRESETS))
         if self.sizes is None:
             given = any(getattr(self, name) is not None for name in PAPER_SIZES)
             self.sizes = "auto" if self.storage_budget_ipc is not None and not given else "explicit"
@@ -143,14 +144,11 @@ class RepresentationConfig:
             raise ValueError("sizes=auto chooses the sizes from the budget: give storage_budget_ipc too")
         if self.sizes == "explicit":
             if self.decoder_preset is not None and self.latent_dim is None:  # the preset's, not PAPER_SIZES'
-                if self.decoder_preset not in PRESETS:
-                    raise ValueError(f"decoder_preset={self.decoder_preset!r} is unknown; valid: {sorted(PRESETS)}")
                 self.latent_dim = PRESETS[self.decoder_preset]["latent_dim"]
             for name, default in PAPER_SIZES.items():
                 if getattr(self, name) is None:
                     setattr(self, name, default)
-        if self.decoder_upsample is not None:
-            _check_choice(self, "decoder_upsample", UPSAMPLE_MODES)
+        _check_choice(self, "decoder_upsample", (None, *UPSAMPLE_MODES))
         if self.latents_per_class is not None and self.latents_per_class < 1:
             raise ValueError(f"latents_per_class={self.latents_per_class} must be >= 1")
 
@@ -169,8 +167,7 @@ class DistillationConfig:
     init_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the warm start (init real)"})
     init_images_per_component: int = field(default=1, metadata={"help": "real images each component fits (init real)"})
     iterations: int = 1000
-    max_distill_time_s: float | None = field(
-        default=None, metadata={"help": "stop iterating a subtask after this many seconds"})
+    max_distill_time_s: float | None = field(default=None, metadata={"help": "stop a subtask after this many seconds"})
     mtt_weight: float = 1.0
     mmd_weight: float = 1.0
     syn_steps: int = 10
@@ -184,7 +181,6 @@ class DistillationConfig:
     mmd_samples_per_class: int = 20
     mmd_bandwidths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
     checkpoint_every: int = 200
-    # -- GPU-ready loop (issue 23): compile the unroll's inner step
     compile_inner_step: bool = field(default=False, metadata={
         "help": "torch.compile the inner SGD step of trajectory matching (about a minute to compile)"})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,13 +16,16 @@ from .models.classifiers import build_classifier
 from .progress import progress_bar
 from .results import EvaluationResult
 
+if TYPE_CHECKING:
+    from .pipelines.pipeline_d3 import D3Pipeline
+
 logger = logging.getLogger(__name__)
 
 # A source of training data: given a generator, one epoch of (images in [0, 1], soft labels).
 EpochSampler = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-def pipeline_sampler(pipe) -> EpochSampler:
+def pipeline_sampler(pipe: D3Pipeline) -> EpochSampler:
     """Every epoch: the mean image of each component plus one fresh sample, with the component's soft label."""
 
     def sample(generator: torch.Generator):
@@ -32,6 +36,7 @@ def pipeline_sampler(pipe) -> EpochSampler:
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The batch mean of -sum(targets * log_softmax(logits)): cross-entropy against soft labels."""
     return -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
@@ -48,6 +53,7 @@ def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of a classifier (its `.logits`) on `images`, in eval mode and batches of `batch_size`."""
     model.eval()
     correct = sum((model(images[i:i + batch_size]).logits.argmax(1) == labels[i:i + batch_size]).sum().item()
                   for i in range(0, len(images), batch_size))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """Every parameter of `model`, detached, as one flat vector (the layout of a trajectory's epochs)."""
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
@@ -70,7 +72,7 @@ def load_trajectory(path: Path) -> tuple[nn.Module, torch.Tensor]:
 
 
 def train_expert(
-    build_model,
+    build_model: Callable[[], nn.Module],
     images: torch.Tensor,
     labels: torch.Tensor,
     epochs: int,

@@ -20,6 +20,7 @@ def _check_concrete(sizes: RepresentationConfig) -> None:
 
 
 def build_decoder(sizes: RepresentationConfig, data: DataConfig, num_subtasks: int = 1) -> D3Decoder:
+    """A fresh decoder of these sizes (a preset, or the given channels) with one generator per subtask."""
     _check_concrete(sizes)
     if sizes.decoder_preset:
         return D3Decoder.from_preset(sizes.decoder_preset, data.resolution, data.channels, num_subtasks,
@@ -34,6 +35,7 @@ def build_decoder(sizes: RepresentationConfig, data: DataConfig, num_subtasks: i
 
 def build_latent_store(sizes: RepresentationConfig, class_ids: list[int], class_names: list[str],
                        subtask_sizes: list[int] | None = None) -> GaussianLatentStore:
+    """A fresh latent store of these sizes for `class_ids` (of `class_names`' label space)."""
     _check_concrete(sizes)
     return GaussianLatentStore(class_ids, len(class_names), sizes.latents_per_class, sizes.latent_dim,
                                class_names=class_names, subtask_sizes=subtask_sizes, logvar_dim=sizes.logvar_dim)

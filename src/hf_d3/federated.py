@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,7 @@ def subtask_rank(subtask: int, world_size: int) -> int:
 
 
 def subtasks_of_rank(num_subtasks: int, rank: int, world_size: int) -> list[int]:
+    """The subtasks `rank` distils (`subtask_rank`)."""
     return [k for k in range(num_subtasks) if subtask_rank(k, world_size) == rank]
 
 
@@ -146,7 +147,7 @@ def send_point_to_point(objects: dict[Hashable, Any], routes: list[tuple[Hashabl
     return received
 
 
-def run_and_gather(work) -> list[Any]:
+def run_and_gather(work: Callable[[], Any]) -> list[Any]:
     """Run `work()` on every rank and gather the results; if any rank failed, every rank raises with
     the failing ranks' tracebacks (so the job exits non-zero everywhere and nothing is aggregated)."""
     try:

@@ -230,13 +230,6 @@ def check_earlier_work(config: D3Config, folder: RunFolder, plan: list[list[int]
     """What an earlier run left for `subtasks` (this rank's) is reused only if this config would have made it:
     finished subtasks and checkpoints of the same sizes, readable expert trajectories of the same networks, a
     trained teacher of the same settings."""
-    saved_teacher = folder.teacher / "config.json"
-    if not config.relabel.teacher and saved_teacher.is_file():
-        # a teacher saved before its settings were recorded has none to compare
-        saved = json.loads(saved_teacher.read_text()).get(TEACHER_SETTINGS_KEY, teacher_settings(config))
-        if differ := _differences(saved, teacher_settings(config)):
-            raise ValueError(f"the teacher in {folder.teacher} is of another run: {'; '.join(differ)}; valid: rerun "
-                             f"with that run's settings, or delete {folder.teacher} to train the teacher again")
     for k in subtasks:
         saved = [("finished subtask", folder.subtask(k))] if folder.is_done(k) else []
         if not saved and has_checkpoint(folder.checkpoint(k)):
@@ -260,6 +253,13 @@ def check_earlier_work(config: D3Config, folder: RunFolder, plan: list[list[int]
             if folder.expert(k, i).is_file():
                 expected = expected or build_net(config.experts, config.data, len(plan[k])).config.to_dict()
                 _check_expert(folder.expert(k, i), expected, config.experts.trajectory_epochs)
+    saved_teacher = folder.teacher / "config.json"
+    if not config.relabel.teacher and saved_teacher.is_file():
+        # a teacher saved before its settings were recorded has none to compare
+        saved = json.loads(saved_teacher.read_text()).get(TEACHER_SETTINGS_KEY, teacher_settings(config))
+        if differ := _differences(saved, teacher_settings(config)):
+            raise ValueError(f"the teacher in {folder.teacher} is of another run: {'; '.join(differ)}; valid: rerun "
+                             f"with that run's settings, or delete {folder.teacher} to train the teacher again")
 
 
 def _check_expert(path: Path, expected: dict, epochs: int) -> None:

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
+    """What `run_distillation` returns on the main process: the distilled pipeline and the run's metrics."""
+
     pipeline: D3Pipeline
     metrics: RunMetrics
 

@@ -51,6 +51,7 @@ class RunFolder:
         return self.subtask(k) / "warm_start.json"
 
     def is_done(self, k: int) -> bool:
+        """Whether subtask `k` was finished by some run (its `done.json`, written last)."""
         return (self.subtask(k) / "done.json").is_file()
 
     def is_finished(self, k: int, distillation: DistillationConfig) -> bool:
@@ -64,6 +65,7 @@ class RunFolder:
         return progress["iterations_run"] >= distillation.iterations or out_of_time
 
     def save_subtask(self, k: int, store: GaussianLatentStore, decoder: D3Decoder, stats: SubtaskStats) -> None:
+        """A finished subtask: its latent store and decoder, then `done.json` (its stats), each atomically."""
         with staged(self.subtask(k) / "latent_store") as staging:
             store.save_pretrained(staging)
         with staged(self.subtask(k) / "decoder") as staging:
@@ -71,6 +73,7 @@ class RunFolder:
         write_json(self.subtask(k) / "done.json", dataclasses.asdict(stats), indent=None)
 
     def load_subtask(self, k: int) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
+        """What `save_subtask` wrote."""
         folder = self.subtask(k)
         return (GaussianLatentStore.from_pretrained(folder / "latent_store"),
                 D3Decoder.from_pretrained(folder / "decoder"),

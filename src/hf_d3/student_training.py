@@ -63,8 +63,7 @@ class DistilledData:
     kind: str  # "pipeline" (streamed) or "dataset"
 
 
-def load_distilled(source: str, config_name: str | None = None, split: str = "train", seed: int = 0
-                   ) -> DistilledData:
+def load_distilled(source: str, config_name: str | None = None, split: str = "train", seed: int = 0) -> DistilledData:
     """A D3 pipeline (folder or Hub repo id: streamed, deterministic by `seed`) or a dataset with the D3 columns
     (a folder `datasets.load_dataset` reads, or a Hub dataset id; `config_name` and `split` choose the part)."""
     path = Path(source)
@@ -218,7 +217,7 @@ class SoftLabelTrainer(Trainer):
         self.pixel_format, self.augmentation = pixel_format, augmentation
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple:
         """The batch mean of the soft cross-entropy (no `labels` to count: `num_items_in_batch` stays unused)."""
         images = inputs["pixel_values"]
         if model.training and self.augmentation is not None:
@@ -234,7 +233,8 @@ class SoftLabelTrainer(Trainer):
                                              weight_decay=self.args.weight_decay)
         return self.optimizer
 
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+                         ) -> torch.optim.lr_scheduler.LRScheduler:  # the protocol's: lr / 10 halfway
         if self.lr_scheduler is None:
             self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 optimizer or self.optimizer, milestones=[num_training_steps // 2], gamma=0.1)

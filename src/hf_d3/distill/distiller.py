@@ -97,7 +97,8 @@ def _iterations_run(history: dict[str, list[float]]) -> int:
 
 
 @torch.no_grad()
-def refresh_batchnorm(decoder: D3Decoder, store: GaussianLatentStore, passes: int, generator: torch.Generator):
+def refresh_batchnorm(decoder: D3Decoder, store: GaussianLatentStore, passes: int, generator: torch.Generator
+                      ) -> None:
     """Recompute the decoder's running statistics as an average over batches of all components, so that
     eval-mode decoding (what the pipeline does) matches what distillation optimised."""
     norms = [m for m in decoder.modules() if isinstance(m, nn.BatchNorm2d)]

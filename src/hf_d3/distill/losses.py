@@ -43,12 +43,15 @@ class FlatModel:
         self.sizes = [p.numel() for p in model.parameters()]
 
     def params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`flat` as the network's named parameters (views, so gradients flow back to `flat`)."""
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
 
     def logits(self, flat: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The network's logits on `images` with parameters `flat`."""
         return functional_call(self.model, self.params(flat), (images,)).logits
 
     def features(self, flat: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The network's last hidden state on `images` with parameters `flat` (the MMD's embedding)."""
         kwargs = {"output_hidden_states": True}
         return functional_call(self.model, self.params(flat), (images,), kwargs).hidden_states[-1]
 

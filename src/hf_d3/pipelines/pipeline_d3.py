@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -19,6 +20,9 @@ from diffusers.utils import BaseOutput
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
 from ..storage import StorageReport, storage_report
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 # Images decoded per decoder call: a slice's activations stay in the CPU's cache, where one call on a whole
 # evaluation epoch ran over twice as slow (BENCHMARKS.md, decoding); in eval mode the images are the same either way.
@@ -87,7 +91,7 @@ class D3Pipeline(DiffusionPipeline):
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe
 
-    def push_to_hub(self, repo_id: str, **kwargs):
+    def push_to_hub(self, repo_id: str, **kwargs) -> CommitInfo:
         """Publish this pipeline with its D3 model card and a sample grid in one commit: the same as
         `hf_d3.hub.push_pipeline_to_hub(self, repo_id, **kwargs)`, whose arguments it takes (`metrics`, `settings`,
         `samples_png`, `token`, `private`, `revision`, `commit_message`, ...). Returns the `CommitInfo`."""
