@@ -32,7 +32,13 @@ def main():
     config = parse_config(args)
     accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
     device = accelerator.device
-    pipe = D3Pipeline.from_pretrained(source / "pipeline" if is_run else sys.argv[1]).to(device)
+    if (source / "config.json").is_file() and not is_run and not (source / "model_index.json").is_file():
+        sys.exit(f"{source} is a run folder without pipeline/: the run has not finished (rerun it to finish it)")
+    try:
+        pipe = D3Pipeline.from_pretrained(source / "pipeline" if is_run else sys.argv[1]).to(device)
+    except Exception as error:  # a mistyped folder is tried as a Hub repo id: say both
+        local = "a folder without one" if source.exists() else "no such local path"
+        sys.exit(f"no D3 pipeline at {sys.argv[1]!r}: {local}, and as a Hub repo id: {type(error).__name__}: {error}")
     decoder = pipe.decoder.config
     if (config.data.resolution, config.data.channels) != (decoder.resolution, decoder.out_channels):
         sys.exit(f"the config reads the test split at resolution={config.data.resolution}, channels="

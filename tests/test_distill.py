@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -564,7 +566,9 @@ def test_end_to_end_run(runs, fmnist4_folder):
     assert metrics["storage"] == metrics["planned_storage"] == result.pipeline.storage_report().to_dict()
     (subtask,) = metrics["subtasks"]
     assert subtask["classes"] == [0, 1, 2, 3] and len(subtask["loss_history"]["mtt"]) == TINY_RUN["iterations"]
-    assert json.loads((output_dir / "config.json").read_text())["iterations"] == TINY_RUN["iterations"]
+    saved = json.loads((output_dir / "config.json").read_text())
+    assert saved["iterations"] == TINY_RUN["iterations"]
+    assert saved["mixed_precision"] == "no"  # the precision it ran in, though the config left it to Accelerate
     with PIL.Image.open(output_dir / "samples.png") as grid:  # a named row of 8 images per class, drawn large
         assert grid.width >= 8 * 60 and grid.height >= 4 * 60
 
@@ -614,6 +618,17 @@ def test_the_evaluate_recipe_trains_the_runs_own_student(runs):
     assert (changed["student_steps"], changed["num_eval_runs"]) == (3, 2)
     error = evaluate("--dataset", "builtin:fashion_mnist", fails=True)  # 10 classes, the pipeline's 4
     assert "the pipeline has 4 classes but the test split of dataset='builtin:fashion_mnist' has 10" in error
+
+
+def test_the_evaluate_recipe_names_what_it_cannot_load(tmp_path):
+    recipe = Path(__file__).parents[1] / "recipes" / "evaluate.py"
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text("{}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for source, message in ((tmp_path / "unfinished", "is a run folder without pipeline/: the run has not finished"),
+                            (tmp_path / "mistyped", "no D3 pipeline at .*mistyped': no such local path, and as a Hub")):
+        done = subprocess.run([sys.executable, str(recipe), str(source)], capture_output=True, text=True, env=env)
+        assert done.returncode == 1 and re.search(message, done.stderr), done.stderr[-1000:]
 
 
 def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_path):

@@ -160,7 +160,9 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
         experts_per_rank=experts,
         subtasks=list(stats),
     )
-    folder.write_results(pipe, metrics, config)
+    # the precision the run had, however it was given (a launch flag leaves the config's unset), for evaluate.py
+    ran_with = dataclasses.replace(config.run, mixed_precision=accelerator.mixed_precision)
+    folder.write_results(pipe, metrics, dataclasses.replace(config, run=ran_with))
     logger.info("accuracy on the test split: teacher %.4f, students %.4f +- %.4f over %d; storage %.2f "
                 "IPC-equivalent; saved to %s",
                 metrics.teacher_accuracy, metrics.accuracy_mean, metrics.accuracy_std, metrics.num_eval_runs,

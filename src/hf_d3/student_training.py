@@ -208,7 +208,8 @@ def build_student(student_model: str | None, config: D3Config, distilled: Distil
 class SoftLabelTrainer(Trainer):
     """`transformers.Trainer` with D3's evaluation protocol (docs/method.md): soft cross-entropy against each image's
     soft label, DSA augmentation of the [0, 1] batch (`augmentation`) before `pixel_format`, SGD with momentum 0.9
-    and weight decay `args.weight_decay` on every parameter, and the learning rate x0.1 at half-time."""
+    and weight decay `args.weight_decay` on every parameter, the learning rate x0.1 at half-time, and no gradient
+    clipping (`max_grad_norm=0`; the Trainer's default clips at 1)."""
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the gradient accumulation steps
 
@@ -289,7 +290,7 @@ def run_student_training(config: D3Config, student: StudentTrainingConfig) -> St
     pixel_format = pixel_format_for(model, preprocessor, distilled.resolution)
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=evaluation.eval_steps, learning_rate=evaluation.eval_lr,
-        per_device_train_batch_size=evaluation.eval_batch_size, weight_decay=WEIGHT_DECAY, seed=seed,
+        per_device_train_batch_size=evaluation.eval_batch_size, weight_decay=WEIGHT_DECAY, seed=seed, max_grad_norm=0.0,
         remove_unused_columns=False, save_strategy="no", report_to=config.run.trackers or "none",
         logging_first_step=True, logging_steps=max(1, evaluation.eval_steps // 50),
         dataloader_num_workers=student.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(),
@@ -312,9 +313,8 @@ def run_student_training(config: D3Config, student: StudentTrainingConfig) -> St
         evaluation.eval_architecture, model_type=model.config.model_type,
         num_parameters=sum(p.numel() for p in model.parameters()), distilled=source, distilled_kind=distilled.kind,
         steps=trainer.state.global_step, settings={**asdict(evaluation), "seed": seed, **asdict(student)},
-        pixel_format=asdict(pixel_format),
+        pixel_format=asdict(pixel_format), train_time_s=train_time, output_dir=str(output_dir),
         loss_history=[(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
-        train_time_s=train_time, output_dir=str(output_dir),
     )
     write_json(output_dir / "metrics.json", asdict(result))  # written last: marks the student finished
     return result
