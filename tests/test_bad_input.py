@@ -334,7 +334,8 @@ def test_a_corrupt_expert_trajectory(finished_run, tiny_run, tmp_path, refused):
 @pytest.mark.parametrize("settings, message", [
     ({"trajectory_epochs": 3}, "2 epochs there, trajectory_epochs=3 here"),
     ({"net_width": 16}, "width=8 there, 16 here"),
-], ids=["trajectory_epochs", "net_width"])
+    ({"expert_lr": 0.05}, "expert_lr=0.01 there, 0.05 here"),
+], ids=["trajectory_epochs", "net_width", "expert_lr"])
 def test_an_expert_trajectory_of_another_run(finished_run, tiny_run, tmp_path, refused, settings, message):
     """It was reused silently: the run matched trajectories of other networks than its config says."""
     copy = copy_of(finished_run, tmp_path, unfinish=True)

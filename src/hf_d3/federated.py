@@ -65,6 +65,19 @@ def subtask_seed(seed: int, subtask: int) -> int:
     return seed * 100_003 + subtask
 
 
+# The key of an expert's .json (beside its trajectory) that holds `expert_settings`
+EXPERT_SETTINGS_KEY = "hf_d3_expert_settings"
+
+
+def expert_settings(config: D3Config, classes: list[int], subtask: int, expert: int) -> dict[str, Any]:
+    """What an expert's trajectory depends on beyond its network: saved with it, so that a rerun reuses it only under
+    the same settings (`hf_d3.preflight.check_earlier_work`)."""
+    data, experts = config.data, config.experts
+    return {"dataset": data.dataset, "train_split": data.train_split, "max_train_per_class": data.max_train_per_class,
+            "classes": classes, "expert_lr": experts.expert_lr, "expert_batch_size": experts.expert_batch_size,
+            "expert_augment": experts.expert_augment, "seed": expert_seed(config.run.seed, subtask, expert)}
+
+
 def expert_seed(seed: int, subtask: int, expert: int) -> int:
     """Expert `expert` of `subtask`'s seed: distinct for every (subtask, expert) of a run with fewer than 10,007
     experts per subtask (`subtask_seed + expert` made expert 1 of subtask 0 a twin of expert 0 of subtask 1: the same
@@ -211,14 +224,16 @@ def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[li
             seed = subtask_seed(config.run.seed, k)
             data = load_subtask_data(train, config.data, plan[k], seed, device)
             for i in sorted(i for kk, i in mine if kk == k):
-                trained = train_expert(partial(build_net, experts, config.data, len(plan[k]), device), data.images,
-                                       data.labels, experts.trajectory_epochs, experts.expert_lr,
-                                       experts.expert_batch_size, expert_seed(config.run.seed, k, i),
-                                       experts.expert_augment, desc=f"subtask {k} expert {i + 1}/{num_experts}")
+                model_config, trajectory = train_expert(
+                    partial(build_net, experts, config.data, len(plan[k]), device), data.images, data.labels,
+                    experts.trajectory_epochs, experts.expert_lr, experts.expert_batch_size,
+                    expert_seed(config.run.seed, k, i), experts.expert_augment,
+                    desc=f"subtask {k} expert {i + 1}/{num_experts}")
+                model_config[EXPERT_SETTINGS_KEY] = expert_settings(config, plan[k], k, i)
                 if subtask_rank(k, world_size) == rank:
-                    save_trajectory(folder.expert(k, i), *trained)
+                    save_trajectory(folder.expert(k, i), model_config, trajectory)
                 else:
-                    to_send[(k, i)] = trained
+                    to_send[(k, i)] = model_config, trajectory
             del data
         return ExpertWork(rank=rank, experts=mine, wall_time_s=time.perf_counter() - start)
 

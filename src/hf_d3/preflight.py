@@ -22,7 +22,7 @@ from datasets import Image
 from .data import FASHION_MNIST, ImageCache, find_columns, load_split
 from .distill.checkpoint import has_checkpoint
 from .factories import build_decoder, build_latent_store, build_net
-from .federated import gather_to_all, subtasks_of_rank
+from .federated import EXPERT_SETTINGS_KEY, expert_settings, gather_to_all, subtasks_of_rank
 from .teacher import TEACHER_SETTINGS_KEY, teacher_settings
 
 if TYPE_CHECKING:
@@ -252,7 +252,8 @@ def check_earlier_work(config: D3Config, folder: RunFolder, plan: list[list[int]
         for i in range(config.experts.num_experts):
             if folder.expert(k, i).is_file():
                 expected = expected or build_net(config.experts, config.data, len(plan[k])).config.to_dict()
-                _check_expert(folder.expert(k, i), expected, config.experts.trajectory_epochs)
+                _check_expert(folder.expert(k, i), expected, config.experts.trajectory_epochs,
+                              expert_settings(config, plan[k], k, i))
     saved_teacher = folder.teacher / "config.json"
     if not config.relabel.teacher and saved_teacher.is_file():
         # a teacher saved before its settings were recorded has none to compare
@@ -262,7 +263,7 @@ def check_earlier_work(config: D3Config, folder: RunFolder, plan: list[list[int]
                              f"with that run's settings, or delete {folder.teacher} to train the teacher again")
 
 
-def _check_expert(path: Path, expected: dict, epochs: int) -> None:
+def _check_expert(path: Path, expected: dict, epochs: int, settings: dict[str, Any]) -> None:
     from safetensors import safe_open
 
     remedy = f"delete {path} and {path.with_suffix('.json').name} beside it to train that expert again"
@@ -274,6 +275,7 @@ def _check_expert(path: Path, expected: dict, epochs: int) -> None:
         raise ValueError(f"the expert trajectory {path} is corrupt ({type(error).__name__}: {error}); valid: a "
                          f"complete trajectory: {remedy}") from error
     differ = _differences({k: saved.get(k) for k in EXPERT_KEYS}, {k: expected.get(k) for k in EXPERT_KEYS})
+    differ += _differences(saved.get(EXPERT_SETTINGS_KEY, settings), settings)  # none saved by older versions
     if keys != {f"epoch_{e}" for e in range(epochs + 1)}:
         differ.insert(0, f"{len(keys) - 1} epochs there, trajectory_epochs={epochs} here")
     if differ:
