@@ -35,7 +35,7 @@ from transformers import AutoModelForImageClassification
 import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
 from hf_d3.baselines import choose_temperature, largest_ipc_within, random_real_sampler, split_held_out
 from hf_d3.config import parse_config
-from hf_d3.data import ImageTensors, load_image_dataset, load_images
+from hf_d3.data import ImageTensors, load_image_dataset, load_images, load_test_split
 from hf_d3.evaluation import evaluate_with_config
 from hf_d3.storage import prototype_storage
 
@@ -46,9 +46,9 @@ ABLATIONS = {"D3, MMD only": ["--mtt_weight", "0"],
              "D3, warm start only": ["--iterations", "0"]}
 
 # The settings R+H / R+S depend on (with the D3 run's budget and the temperatures tried).
-BASELINE_SETTINGS = ("dataset", "train_split", "test_split", "image_column", "label_column", "resolution", "channels",
-                     "seed", "teacher", "eval_architecture", "eval_steps", "eval_batch_size", "eval_lr", "eval_seeds",
-                     "eval_augment", "net_width", "net_depth")
+BASELINE_SETTINGS = ("dataset", "train_split", "test_split", "max_test_examples", "image_column", "label_column",
+                     "resolution", "channels", "seed", "teacher", "eval_architecture", "eval_steps", "eval_batch_size",
+                     "eval_lr", "eval_seeds", "eval_augment", "net_width", "net_depth")
 
 
 def distill(args: list[str], output_dir: Path) -> dict:
@@ -121,7 +121,7 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
     data, seed = config.data, config.run.seed
     columns = {"image_column": data.image_column, "label_column": data.label_column}
     train = load_images(load_image_dataset(data.dataset, data.train_split), data.resolution, data.channels, **columns)
-    test = load_images(load_image_dataset(data.dataset, data.test_split), data.resolution, data.channels, **columns)
+    test = load_test_split(data)  # the D3 run's test images (its max_test_examples too)
     held_out, pool = split_held_out(len(train.labels), seed)
     pool = ImageTensors(train.images[pool], train.labels[pool], train.class_names)
     teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher or out / "d3" / "teacher")

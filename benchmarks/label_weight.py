@@ -44,7 +44,7 @@ def main():
     args = parser.parse_args()
     config = D3Config.from_dict(json.loads((args.run / "config.json").read_text()))
     pipe = D3Pipeline.from_pretrained(args.run / "pipeline")
-    teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher)
+    teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher or args.run / "teacher")
     test = held_out_images(config) if args.held_out else load_test_split(config.data)
     store = pipe.latent_store
     agree = (store.soft_labels.argmax(1) == store.component_class).float().mean().item()

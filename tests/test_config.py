@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from hf_d3.config import D3Config, load_yaml, parse_config
 from hf_d3.factories import build_decoder, build_net, planned_storage
 from hf_d3.federated import plan_subtasks
+from hf_d3.sizing import resolve_sizes
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
@@ -167,11 +169,15 @@ def test_storage_budget_the_sizes_cannot_meet():
     assert storage(1, storage_budget_ipc=18).total_values < 3570
 
 
+SHIPPED_DATASET_CLASSES = {"builtin:fashion_mnist": 10, "uoft-cs/cifar10": 10, "ILSVRC/imagenet-1k": 1000,
+                           "zh-plus/tiny-imagenet": 200}
+
+
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_fit_their_budget(path):
     config = parse_config(["--config", str(path)])
-    assert config.data.dataset and config.run.output_dir
-    if config.data.dataset == "builtin:fashion_mnist":  # 10 classes: the planned storage must fit its own budget
-        report = planned_storage(config, plan_subtasks(list(range(10)), config.run.num_subtasks))
-        budget = config.representation.storage_budget_ipc
-        assert budget is None or report.ipc_equivalent <= budget
+    assert config.run.output_dir
+    num_classes = SHIPPED_DATASET_CLASSES[config.data.dataset]
+    config = resolve_sizes(config, num_classes)
+    report = planned_storage(config, plan_subtasks(list(range(num_classes)), config.run.num_subtasks))  # raises over
+    assert 0 < report.ipc_equivalent <= (config.representation.storage_budget_ipc or math.inf)

@@ -303,7 +303,10 @@ def test_a_rerun_after_a_failure_reuses_what_finished(rerun):
 
 def test_a_second_rerun_reloads_the_same_global_teacher(rerun):
     config, _, first = rerun
+    weights = Path(config.run.output_dir) / "teacher" / "model.safetensors"
+    trained = weights.stat().st_mtime_ns
     second = run_distillation(config)
+    assert weights.stat().st_mtime_ns == trained  # loaded, not trained again
     assert torch.allclose(second.pipeline.latent_store.soft_labels, first.pipeline.latent_store.soft_labels,
                           atol=1e-6)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from accelerate.state import AcceleratorState
 from conftest import TINY_RUN
 from torch import nn
 
-from hf_d3 import D3Decoder, GaussianLatentStore, build_classifier
+from hf_d3 import D3Decoder, GaussianLatentStore, allocator, build_classifier
 from hf_d3.allocator import tune_malloc
 from hf_d3.config import D3Config, DistillationConfig, RunConfig
 from hf_d3.data import SubtaskData
@@ -208,11 +209,19 @@ def test_float32_trajectory_matching_losses_equal_a_plain_reference():
     assert len(set(expected)) == len(expected)  # the state moved: later iterations test the optimisers too
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_the_allocator_is_tuned_once_and_can_be_left_alone(monkeypatch):
+    monkeypatch.setattr(allocator, "_tuned", {})
+    monkeypatch.setenv("HF_D3_TUNE_MALLOC", "0")
+    assert tune_malloc() == {}  # opted out
+    monkeypatch.delenv("HF_D3_TUNE_MALLOC")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")  # given by the environment: left to it
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TOP_PAD_", raising=False)
     first = tune_malloc()
-    assert tune_malloc() == first  # idempotent
-    if first:  # glibc: the settings the environment does not give were applied
-        assert all(isinstance(v, bool) for v in first.values())
+    assert first == {"MALLOC_MMAP_THRESHOLD_": False, "MALLOC_TRIM_THRESHOLD_": True, "MALLOC_TOP_PAD_": True}
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert tune_malloc() == first  # once: a second call changes nothing
 
 
 # ----------------------------------------------------------------------------------------------------------
