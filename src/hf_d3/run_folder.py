@@ -57,8 +57,10 @@ class RunFolder:
     def is_finished(self, k: int, distillation: DistillationConfig) -> bool:
         """Whether subtask `k` is done as far as `distillation` asks: finished, and its last checkpoint ran the
         iterations (or the time) asked for. A config that asks for more continues it from that checkpoint."""
-        if not self.is_done(k) or not has_checkpoint(self.checkpoint(k)):
-            return self.is_done(k)
+        if not self.is_done(k):
+            return False
+        if not has_checkpoint(self.checkpoint(k)):  # no state to continue from
+            return True
         progress = json.loads((self.checkpoint(k) / PROGRESS_FILE).read_text())
         out_of_time = (distillation.max_distill_time_s is not None
                        and progress["iterations_wall_time_s"] >= distillation.max_distill_time_s)
