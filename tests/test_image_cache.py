@@ -130,6 +130,18 @@ def test_parallel_build_equals_serial_and_is_reused(mixed_folder, monkeypatch, t
     assert np.array_equal(image_cache(dataset, 10, 3).read(np.arange(36)), serial.read(np.arange(36)))
 
 
+def test_an_undecodable_image_stops_a_parallel_build_and_publishes_nothing(mixed_folder, monkeypatch, tmp_path):
+    dataset = load_dataset(str(mixed_folder), split="train").cast_column("image", Image(decode=False))
+    broken = dataset.map(lambda row, i: {"image": {"bytes": b"not an image", "path": None}} if i == 7 else row,
+                         with_indices=True).cast_column("image", Image())
+    monkeypatch.setattr(hf_d3.data, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(hf_d3.cache_builder, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(hf_d3.cache_builder, "DECODE_CHUNK", 5)
+    with pytest.raises(PIL.UnidentifiedImageError):
+        image_cache(broken, 10, 3, num_workers=2)
+    assert not list(tmp_path.rglob("meta.json"))  # no cache that looks finished (meta.json is written last)
+
+
 BUILD = textwrap.dedent("""
     import json, sys
     import numpy as np
@@ -249,6 +261,15 @@ def test_consumers_draw_the_same_from_the_cache_as_from_a_tensor(fmnist4_tensors
         results.append((torch.stack(trajectory), mse, store.mean.detach().clone(), mmd.detach()))
     (t1, m1, mu1, d1), (t2, m2, mu2, d2) = results
     assert torch.equal(t1, t2) and m1 == m2 and torch.equal(mu1, mu2) and torch.equal(d1, d2)
+
+
+def test_cached_images_index_like_a_tensor(fmnist4_tensors):
+    cached = fmnist4_tensors.images
+    everything = cached[:]
+    mask = torch.zeros(len(everything), dtype=torch.bool)
+    mask[[0, 2, 5]] = True
+    for index in (mask.tolist(), mask.numpy(), mask, [5, 0, 0], np.array([5, 0, 0]), torch.tensor([5, 0, 0])):
+        assert torch.equal(cached[index], everything[torch.as_tensor(index)]), type(index)
 
 
 RUN = textwrap.dedent("""

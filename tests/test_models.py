@@ -129,6 +129,9 @@ def test_presets_drop_stages_at_small_resolutions(resolution, stages):
     assert images.shape == (3, 1, resolution, resolution)
     with pytest.raises(ValueError, match="preset 'huge' is unknown"):
         D3Decoder.from_preset("huge", resolution=28, out_channels=1)
+    with pytest.raises(ValueError, match="at resolution 28 latent_dim must be 1024 \\* 7\\*\\*2 = 50176, not 4096"):
+        D3Decoder.from_preset("large", resolution=28, out_channels=1, latent_dim=4096)
+    assert D3Decoder.from_preset("large", resolution=28, out_channels=1).config.latent_dim == 50176
 
 
 def test_each_latent_goes_through_its_subtasks_generator():

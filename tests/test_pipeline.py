@@ -106,6 +106,15 @@ def test_class_labels_filter(pipe):
     assert some.labels.tolist() == [0, 0, 2, 2]
     with pytest.raises(ValueError, match=r"class_labels \[7\] are not in this store"):
         pipe(class_labels=[0, 7])
+    for one in (np.int64(2), torch.tensor(2)):  # one id, as NumPy and torch give it
+        assert torch.equal(draw(pipe, class_labels=one).images, only_two.images)
+
+
+def test_a_half_precision_load_is_refused(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="torch_dtype=torch.bfloat16: the decoder always runs in float32"):
+        D3Pipeline.from_pretrained(tmp_path / "pipe", torch_dtype=torch.bfloat16)
+    assert D3Pipeline.from_pretrained(tmp_path / "pipe", torch_dtype=torch.float32).decoder.dtype == torch.float32
 
 
 def test_means_come_first_and_are_the_decoded_means(pipe):

@@ -242,6 +242,10 @@ def test_explicit_sizes_win():
     config = D3Config.from_dict({**DATA, "storage_budget_ipc": 10, "sizes": "auto", "latents_per_class": 3})
     resolved = resolve_sizes(config, 10).representation
     assert resolved.latents_per_class == 3 and resolved.latent_dim == solve_sizes(10, 10, 28, 1).latent_dim
+    # ... unless it cannot work with the chosen ones
+    config = D3Config.from_dict({**DATA, "storage_budget_ipc": 10, "sizes": "auto", "latent_dim": 100})
+    with pytest.raises(ValueError, match=r"the sizes given with sizes=auto \({'latent_dim': 100}\) do not fit"):
+        resolve_sizes(config, 10)
 
 
 def test_sizes_auto_needs_a_budget():

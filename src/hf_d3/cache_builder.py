@@ -95,8 +95,12 @@ def build_from_dataset(dataset: Dataset, folder: Path, resolution: int, channels
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                      initargs=(dataset,)) as pool:
                 futures = [pool.submit(_decode_rows, None, task[0], start, end, *task[1:]) for start, end in chunks]
-                for future in as_completed(futures):
-                    bar.update(future.result())
+                try:
+                    for future in as_completed(futures):
+                        bar.update(future.result())
+                except BaseException:  # an undecodable image: say so now, not after every other chunk ran
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
         bar.close()
         _write_index(staging, labels, list(dataset.features[label_column].names),
                      {"resolution": resolution, "channels": channels, "source": dataset._fingerprint,
@@ -158,6 +162,8 @@ def build_from_stream(stream: IterableDataset, folder: Path, resolution: int, ch
                 out = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
                 for r in range(world):  # example i of the stream went to rank i % world, as its (i // world)-th
                     labels[r::world] = part_labels[r]
+                    if not len(part_labels[r]):  # a stream shorter than the ranks: nothing to map
+                        continue
                     source = np.memmap(parts / f"part-{r}" / "images.bin", dtype=np.uint8, mode="r",
                                        shape=(len(part_labels[r]), *shape))
                     for start in range(0, len(source), DECODE_CHUNK):

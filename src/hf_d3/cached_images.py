@@ -98,10 +98,13 @@ class ImageCache:
             buffer = np.empty_like(out)
             for start, end in zip(starts, ends):
                 view = memoryview(buffer[start:end]).cast("B")
-                got = os.preadv(file.fileno(), [view], self._offset + int(ordered[start]) * self._row_bytes)
-                if got != view.nbytes:
-                    raise OSError(f"{self.folder / 'images.npy'} is shorter than its header says; delete the "
-                                  "folder to rebuild the cache")
+                offset = self._offset + int(ordered[start]) * self._row_bytes
+                while view.nbytes:  # Linux reads at most 2 GiB per call
+                    got = os.preadv(file.fileno(), [view], offset)
+                    if got == 0:
+                        raise OSError(f"{self.folder / 'images.npy'} is shorter than its header says; delete the "
+                                      "folder to rebuild the cache")
+                    view, offset = view[got:], offset + got
         out[order] = buffer
         return out
 
@@ -161,10 +164,9 @@ class CachedImages:
             index = index.detach().cpu()
             index = index.nonzero().flatten() if index.dtype == torch.bool else index
             index = index.numpy()
-        elif isinstance(index, np.ndarray) and index.dtype == bool:
-            index = np.flatnonzero(index)
-        elif not isinstance(index, slice):
-            index = np.asarray(index, dtype=np.int64)
+        elif not isinstance(index, slice):  # a list or array of rows, or a boolean mask (a list of bools too)
+            index = np.asarray(index)
+            index = np.flatnonzero(index) if index.dtype == bool else index.astype(np.int64)
         return self.cache.batch(self.rows[index], self.device)
 
     def __repr__(self) -> str:

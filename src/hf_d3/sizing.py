@@ -37,6 +37,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .config import PAPER_SIZES, D3Config, RepresentationConfig
+from .factories import build_decoder
 
 # Fraction of one image's values that a Gaussian's mean holds at 10 IPC-equivalent, by image channels:
 # 4 x 7 x 7 of 28 x 28 (Fashion-MNIST) and 8 x 8 x 8 of 3 x 32 x 32 (CIFAR-10), the measured optima.
@@ -309,4 +310,9 @@ def resolve_sizes(config: D3Config, num_classes: int) -> D3Config:
                          config.run.num_subtasks).to_config()
     given = {name: value for name, value in asdict(sizes).items() if name in PAPER_SIZES and value is not None}
     chosen = RepresentationConfig(**{**asdict(sizes), **solved, **given, "sizes": "explicit"})
+    try:  # a size given beside the chosen ones may not fit them (a latent_dim the chosen decoder cannot reshape)
+        build_decoder(chosen, config.data)
+    except ValueError as error:
+        raise ValueError(f"the sizes given with sizes=auto ({given}) do not fit those the budget chose ({solved}): "
+                         f"{error}; give these sizes together, or none of them") from None
     return replace(config, representation=chosen)

@@ -138,8 +138,13 @@ class D3Decoder(ModelMixin, ConfigMixin):
         config = dict(PRESETS[name])
         stages = _upsampling_stages(resolution, len(config["channels"]) - 1)
         config["channels"] = config["channels"][: stages + 1]
-        if not config["latent_projection"]:
-            config["latent_dim"] = config["channels"][0] * (resolution // 2**stages) ** 2
+        if not config["latent_projection"]:  # the latent is reshaped to the first stage: its size is fixed
+            side = resolution // 2**stages
+            config["latent_dim"] = config["channels"][0] * side**2
+            if overrides.get("latent_dim", config["latent_dim"]) != config["latent_dim"]:
+                raise ValueError(f"decoder preset {name!r} reshapes its latents without a projection, so at resolution "
+                                 f"{resolution} latent_dim must be {config['channels'][0]} * {side}**2 = "
+                                 f"{config['latent_dim']}, not {overrides['latent_dim']}: set latent_dim to that")
         config.update(overrides)
         return cls(resolution=resolution, out_channels=out_channels, num_subtasks=num_subtasks, **config)
 

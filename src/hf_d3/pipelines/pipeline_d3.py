@@ -70,9 +70,13 @@ class D3Pipeline(DiffusionPipeline):
         """Load from a local folder or a Hub repo id (the snapshot is downloaded, then loaded as a folder).
 
         Hub keyword arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are honoured; the rest
-        (`torch_dtype`, ...) go to the components' `from_pretrained`. The components are loaded with hf_d3's own
-        classes, so a published repo, which also carries their code for users without hf_d3, runs none of it.
+        (`torch_dtype`: float32 or float64, ...) go to the components' `from_pretrained`. The components are loaded
+        with hf_d3's own classes, so a published repo, which also carries their code for users without hf_d3, runs
+        none of it.
         """
+        if kwargs.get("torch_dtype") not in (None, torch.float32, torch.float64):
+            raise ValueError(f"torch_dtype={kwargs['torch_dtype']}: the decoder always runs in float32 "
+                             "(D3Decoder.forward), so its weights must be float32 or float64; leave torch_dtype unset")
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
             path = _download_snapshot(str(pretrained_model_name_or_path), kwargs)
@@ -188,8 +192,8 @@ class D3Pipeline(DiffusionPipeline):
                 f"num_samples_per_component={num_samples_per_component} with include_means={include_means} "
                 "draws no image; use num_samples_per_component >= 1 or include_means=True"
             )
-        if isinstance(class_labels, int):
-            class_labels = [class_labels]
+        if class_labels is not None and np.ndim(class_labels) == 0:  # one id: an int, a NumPy or 0-d torch integer
+            class_labels = [int(class_labels)]
 
         store = self.latent_store
         components = store.components_of(class_labels)
