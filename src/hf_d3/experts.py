@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,7 +18,23 @@ from .augment import dsa_augmentation
 from .models.classifiers import CLASSIFIERS
 from .progress import progress_bar
 
+if TYPE_CHECKING:
+    from .config import D3Config
+
 logger = logging.getLogger(__name__)
+
+# The key of a trained network's saved config (an expert's .json, the teacher's config.json) that holds the settings
+# it was trained with, so that a rerun reuses it only under the same ones (`hf_d3.preflight.check_earlier_work`)
+TRAINING_SETTINGS_KEY = "hf_d3_training_settings"
+
+
+def training_settings(config: D3Config) -> dict[str, Any]:
+    """The settings every network `train_classifier` trains for a run depends on (data, optimiser, augmentation);
+    the expert's and the teacher's records add their own."""
+    data, experts = config.data, config.experts
+    return {"dataset": data.dataset, "train_split": data.train_split, "resolution": data.resolution,
+            "channels": data.channels, "expert_lr": experts.expert_lr, "expert_batch_size": experts.expert_batch_size,
+            "expert_augment": experts.expert_augment}
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:

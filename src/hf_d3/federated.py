@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .data import load_subtask_data
-from .experts import save_trajectory, train_expert
+from .experts import TRAINING_SETTINGS_KEY, save_trajectory, train_expert, training_settings
 from .factories import build_net
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
@@ -65,17 +65,10 @@ def subtask_seed(seed: int, subtask: int) -> int:
     return seed * 100_003 + subtask
 
 
-# The key of an expert's .json (beside its trajectory) that holds `expert_settings`
-EXPERT_SETTINGS_KEY = "hf_d3_expert_settings"
-
-
 def expert_settings(config: D3Config, classes: list[int], subtask: int, expert: int) -> dict[str, Any]:
-    """What an expert's trajectory depends on beyond its network: saved with it, so that a rerun reuses it only under
-    the same settings (`hf_d3.preflight.check_earlier_work`)."""
-    data, experts = config.data, config.experts
-    return {"dataset": data.dataset, "train_split": data.train_split, "max_train_per_class": data.max_train_per_class,
-            "classes": classes, "expert_lr": experts.expert_lr, "expert_batch_size": experts.expert_batch_size,
-            "expert_augment": experts.expert_augment, "seed": expert_seed(config.run.seed, subtask, expert)}
+    """What an expert's trajectory depends on beyond its network (saved under `TRAINING_SETTINGS_KEY`)."""
+    return {**training_settings(config), "max_train_per_class": config.data.max_train_per_class, "classes": classes,
+            "seed": expert_seed(config.run.seed, subtask, expert)}
 
 
 def expert_seed(seed: int, subtask: int, expert: int) -> int:
@@ -209,8 +202,8 @@ def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[li
     num_subtasks, num_experts, experts = len(plan), config.experts.num_experts, config.experts
 
     # No shared filesystem: only the distilling rank can see what is finished.
-    on_my_disk = [(k, i) for k in subtasks_of_rank(num_subtasks, rank, world_size) for i in range(num_experts)
-                  if folder.is_finished(k, config.distillation) or folder.expert(k, i).is_file()]
+    done = {k: folder.is_finished(k, config.distillation) for k in subtasks_of_rank(num_subtasks, rank, world_size)}
+    on_my_disk = [(k, i) for k in done for i in range(num_experts) if done[k] or folder.expert(k, i).is_file()]
     finished = {tuple(job) for jobs in gather_to_all(on_my_disk) for job in jobs}
     todo = [(k, i) for i in range(num_experts) for k in range(num_subtasks) if (k, i) not in finished]
     mine = [(k, i) for k, i in todo if expert_rank(k, i, num_subtasks, world_size) == rank]
@@ -229,7 +222,7 @@ def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[li
                     experts.trajectory_epochs, experts.expert_lr, experts.expert_batch_size,
                     expert_seed(config.run.seed, k, i), experts.expert_augment,
                     desc=f"subtask {k} expert {i + 1}/{num_experts}")
-                model_config[EXPERT_SETTINGS_KEY] = expert_settings(config, plan[k], k, i)
+                model_config[TRAINING_SETTINGS_KEY] = expert_settings(config, plan[k], k, i)
                 if subtask_rank(k, world_size) == rank:
                     save_trajectory(folder.expert(k, i), model_config, trajectory)
                 else:

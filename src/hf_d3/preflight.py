@@ -21,9 +21,10 @@ from datasets import Image
 
 from .data import FASHION_MNIST, ImageCache, find_columns, load_split
 from .distill.checkpoint import has_checkpoint
+from .experts import TRAINING_SETTINGS_KEY
 from .factories import build_decoder, build_latent_store, build_net
-from .federated import EXPERT_SETTINGS_KEY, expert_settings, gather_to_all, subtasks_of_rank
-from .teacher import TEACHER_SETTINGS_KEY, teacher_settings
+from .federated import expert_settings, gather_to_all, subtasks_of_rank
+from .teacher import teacher_settings
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -257,8 +258,8 @@ def check_earlier_work(config: D3Config, folder: RunFolder, plan: list[list[int]
     saved_teacher = folder.teacher / "config.json"
     if not config.relabel.teacher and saved_teacher.is_file():
         # a teacher saved before its settings were recorded has none to compare
-        saved = json.loads(saved_teacher.read_text()).get(TEACHER_SETTINGS_KEY, teacher_settings(config))
-        if differ := _differences(saved, teacher_settings(config)):
+        settings = teacher_settings(config)
+        if differ := _differences(json.loads(saved_teacher.read_text()).get(TRAINING_SETTINGS_KEY, settings), settings):
             raise ValueError(f"the teacher in {folder.teacher} is of another run: {'; '.join(differ)}; valid: rerun "
                              f"with that run's settings, or delete {folder.teacher} to train the teacher again")
 
@@ -275,7 +276,7 @@ def _check_expert(path: Path, expected: dict, epochs: int, settings: dict[str, A
         raise ValueError(f"the expert trajectory {path} is corrupt ({type(error).__name__}: {error}); valid: a "
                          f"complete trajectory: {remedy}") from error
     differ = _differences({k: saved.get(k) for k in EXPERT_KEYS}, {k: expected.get(k) for k in EXPERT_KEYS})
-    differ += _differences(saved.get(EXPERT_SETTINGS_KEY, settings), settings)  # none saved by older versions
+    differ += _differences(saved.get(TRAINING_SETTINGS_KEY, settings), settings)  # none saved by older versions
     if keys != {f"epoch_{e}" for e in range(epochs + 1)}:
         differ.insert(0, f"{len(keys) - 1} epochs there, trajectory_epochs={epochs} here")
     if differ:

@@ -97,6 +97,10 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
     and finished at the end; `accelerator.end_training()` is left to the caller, since it also ends the process
     group."""
     accelerator = accelerator or make_accelerator(config.run)
+    # the precision the run has, however it was given (a launch flag leaves the config's unset): saved with the
+    # results for evaluate.py, and checked here, before any work (fp16 would need a gradient scaler)
+    precision = dataclasses.replace(config.run, mixed_precision=accelerator.mixed_precision)
+    config = dataclasses.replace(config, run=precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     folder = RunFolder(config.run.output_dir)
     start = time.perf_counter()
@@ -160,9 +164,7 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
         experts_per_rank=experts,
         subtasks=list(stats),
     )
-    # the precision the run had, however it was given (a launch flag leaves the config's unset), for evaluate.py
-    ran_with = dataclasses.replace(config.run, mixed_precision=accelerator.mixed_precision)
-    folder.write_results(pipe, metrics, dataclasses.replace(config, run=ran_with))
+    folder.write_results(pipe, metrics, config)
     logger.info("accuracy on the test split: teacher %.4f, students %.4f +- %.4f over %d; storage %.2f "
                 "IPC-equivalent; saved to %s",
                 metrics.teacher_accuracy, metrics.accuracy_mean, metrics.accuracy_std, metrics.num_eval_runs,

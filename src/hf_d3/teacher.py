@@ -18,28 +18,22 @@ from transformers import AutoModelForImageClassification
 from .atomic import staged
 from .config import D3Config
 from .data import load_images
-from .experts import train_classifier
+from .experts import TRAINING_SETTINGS_KEY, train_classifier, training_settings
 from .factories import build_net
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
 
 logger = logging.getLogger(__name__)
 
-# The key of a trained teacher's config.json that holds `teacher_settings`
-TEACHER_SETTINGS_KEY = "hf_d3_teacher_settings"
 # IPC-equivalents where labels stop being the teacher's alone and become the class alone (`hard_label_weight_for`)
 HARD_LABEL_SPAN = (1.0, 50.0)
 
 
 def teacher_settings(config: D3Config) -> dict[str, Any]:
-    """What the teacher `load_teacher` trains depends on; saved with it, so that a rerun reuses it only under the same
-    settings (`hf_d3.preflight.check_earlier_work`)."""
-    data, experts = config.data, config.experts
-    return {"dataset": data.dataset, "train_split": data.train_split, "resolution": data.resolution,
-            "channels": data.channels, "architecture": experts.architecture, "net_width": experts.net_width,
-            "net_depth": experts.net_depth, "teacher_epochs": config.relabel.teacher_epochs,
-            "expert_lr": experts.expert_lr, "expert_batch_size": experts.expert_batch_size,
-            "expert_augment": experts.expert_augment, "seed": config.run.seed}
+    """What the teacher `load_teacher` trains depends on (saved under `TRAINING_SETTINGS_KEY`)."""
+    experts = config.experts
+    return {**training_settings(config), "architecture": experts.architecture, "net_width": experts.net_width,
+            "net_depth": experts.net_depth, "teacher_epochs": config.relabel.teacher_epochs, "seed": config.run.seed}
 
 
 def load_teacher(config: D3Config, folder: Path, train: Dataset, device: torch.device) -> nn.Module:
@@ -64,7 +58,7 @@ def load_teacher(config: D3Config, folder: Path, train: Dataset, device: torch.d
                      experts.expert_augment, desc="global teacher", momentum=0.9)
     logger.info("teacher: trained %d epochs on all %d training images in %.1f s", config.relabel.teacher_epochs,
                 len(real.images), time.perf_counter() - start)
-    setattr(teacher.config, TEACHER_SETTINGS_KEY, teacher_settings(config))
+    setattr(teacher.config, TRAINING_SETTINGS_KEY, teacher_settings(config))
     with staged(folder) as staging:  # its config.json marks it saved: it appears with the weights
         teacher.save_pretrained(staging)
     return teacher
