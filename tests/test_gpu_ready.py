@@ -130,6 +130,15 @@ def test_fp16_is_refused():
         RunConfig(mixed_precision="fp16")
 
 
+def test_an_fp16_launch_is_refused_before_any_work(fresh_accelerate_state, fmnist4_folder, tmp_path):
+    """As `accelerate launch --mixed_precision fp16` gives it: the config leaves the precision to the launch."""
+    config = D3Config.from_dict({"dataset": str(fmnist4_folder), "output_dir": str(tmp_path), **TINY_RUN})
+    accelerator = make_accelerator(config.run, cpu=True, mixed_precision="fp16")
+    with pytest.raises(ValueError, match="mixed_precision='fp16' is not valid"):
+        run_distillation(config, accelerator)
+    assert not list(tmp_path.iterdir())  # nothing trained or written
+
+
 def test_under_bf16_autocast_the_unroll_and_decoder_stay_float32_and_the_embedding_does_not():
     """Two iterations of both terms, plain and inside bf16 autocast, from the same state: the first trajectory
     matching loss (decoder + unroll, both opted out) is bit for bit the float32 one; the MMD loss (its embedding
