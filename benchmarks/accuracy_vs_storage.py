@@ -1,4 +1,4 @@
-"""Issue 20 benchmark: test accuracy against storage, 1 to 50 IPC-equivalent, for D3 sized by the budget alone,
+"""The curve benchmark: test accuracy against storage, 1 to 50 IPC-equivalent, for D3 sized by the budget alone,
 explicit prototypes distilled with D3's objective, and random real images with hard (R+H) or soft (R+S) labels.
 
     python benchmarks/accuracy_vs_storage.py --dataset fashion_mnist --budgets 1 2 5 10 20 50 \
@@ -8,8 +8,8 @@ explicit prototypes distilled with D3's objective, and random real images with h
 `--dataset` is `fashion_mnist` (`recipes/configs/fashion_mnist.yaml`: the offline data) or `cifar10`
 (`recipes/configs/cifar10_ipc10.yaml` on `--cifar10_path`, default ../shared/data/cifar10-subset); the shipped
 config's data, networks and phase lengths are kept and its sizes dropped, so `storage_budget_ipc` chooses them.
-Per dataset, the experts and the relabelling teacher are trained once (`<out>/<dataset>/shared`) and shared by
-every budget and method. Per budget, in `<out>/<dataset>/ipc<B>/`:
+Per dataset, the experts and the relabelling teacher are trained once, as stages (`hf_d3.stages`) in
+`<out>/<dataset>/shared`, which every D3 run uses as its `stage_dir`, so every budget and method shares them. Per budget, in `<out>/<dataset>/ipc<B>/`:
 1. D3: `recipes/distill.py` with `--storage_budget_ipc B` in its own process; at budgets a config ships for
    (10 and 50), also D3-hand: the same with that config's hand-chosen sizes (the auto-sizing's yardstick).
 2. Prototypes: the most real images per class whose pixels and soft labels fit in the budget (at least one),
@@ -25,7 +25,7 @@ uses the config's evaluation settings and `--seeds` seeds; where two methods at 
 other, both get students with the next seeds up to `--close_seeds` (a student depends on its seed alone). Finished
 rows (`row_<method>.json`) are reused when their settings (but where to write and how to log) and torch's thread
 count match, so two processes with other `--budgets` can share a folder; a D3 row whose labels or students changed
-is remade from its run's distilled subtasks. Every run merges what is there into
+reuses its distilled subtasks (their stage keys do not change). Every run merges what is there into
 `<out>/results.json` and draws `--figure` (default `<out>/accuracy_vs_storage.png`).
 """
 
@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import fcntl
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +50,7 @@ from hf_d3.baselines import (
     random_real_sampler,
     split_held_out,
 )
-from hf_d3.config import PAPER_SIZES, D3Config, EvaluationConfig, RelabelConfig, parse_config
+from hf_d3.config import PAPER_SIZES, D3Config, parse_config
 from hf_d3.data import (
     ImageTensors,
     class_names_of,
@@ -62,10 +61,11 @@ from hf_d3.data import (
 )
 from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 from hf_d3.experts import load_trajectory
-from hf_d3.federated import plan_subtasks, subtask_seed, train_expert_trajectories
-from hf_d3.run_folder import RunFolder
+from hf_d3.federated import train_expert_trajectories
+from hf_d3.run_plan import RunPlan, make_plan
+from hf_d3.stages import subtask_seed
 from hf_d3.storage import prototype_storage
-from hf_d3.teacher import load_teacher, resolve_hard_label_weight, teacher_labels
+from hf_d3.teacher import hard_label_weight_for, load_teacher, teacher_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"fashion_mnist": ROOT / "recipes/configs/fashion_mnist.yaml",
@@ -90,14 +90,16 @@ def base_config(dataset: str, cifar10_path: Path, out: Path) -> Path:
     return path
 
 
-def prepare_shared(config, shared: Path, train) -> None:
-    """Experts and teacher of the dataset, trained once (the first process to get here trains, the others wait)."""
-    shared.mkdir(parents=True, exist_ok=True)
-    with open(shared / ".lock", "w") as lock:
+def prepare_shared(config, train) -> RunPlan:
+    """Experts and teacher of the dataset, trained once as the stages of `config` (its `output_dir`), which every
+    D3 run of the curve shares as its `stage_dir` (the first process to get here trains, the others wait)."""
+    plan = make_plan(config, class_names_of(config.data), "no")
+    plan.stage_dir.mkdir(parents=True, exist_ok=True)
+    with open(plan.stage_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        plan = plan_subtasks(list(range(len(class_names_of(config.data)))), config.run.num_subtasks)
-        train_expert_trajectories(config, RunFolder(shared), plan, train, torch.device("cpu"))
-        load_teacher(config, RunFolder(shared).teacher, train, torch.device("cpu"))
+        train_expert_trajectories(config, plan, train, torch.device("cpu"))
+        load_teacher(config, plan, train, torch.device("cpu"))
+    return plan
 
 
 def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Path) -> Path:
@@ -110,37 +112,20 @@ def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Pa
     return path
 
 
-def withdraw_stale_run(run: Path, saved: dict | None, settings: dict) -> float | None:
-    """Withdraw the D3 run of a `saved` row whose settings are not `settings`. When they differ only in what acts
-    after distillation (labels, students), its distilled subtasks stay, so the rerun only relabels and evaluates
-    (a rerun reuses finished subtasks), and their distillation time is returned; otherwise the run is deleted."""
-    if saved is None or same_settings(saved["settings"], settings):
-        return None
-    distillation = lambda values: {k: v for k, v in values.items() if k not in AFTER_DISTILLATION}  # noqa: E731
-    if same_settings(distillation(saved["settings"]), distillation(settings)):
-        (run / "metrics.json").unlink(missing_ok=True)
-        return saved["row"]["distill_wall_time_s"]
-    shutil.rmtree(run, ignore_errors=True)
-    return None
-
-
-def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, saved: dict | None,
-           settings: dict) -> dict:
-    """D3's row from `recipes/distill.py` in `run` (`withdraw_stale_run` first, for a `saved` row)."""
-    distill_time = withdraw_stale_run(run, saved, settings)
-    if not (run / "metrics.json").is_file():
-        for experts in shared.glob("subtasks/*/experts"):
-            shutil.copytree(experts, run / experts.relative_to(shared), dirs_exist_ok=True)
-        command = [sys.executable, str(ROOT / "recipes/distill.py"), "--config", str(config_path), *args,
-                   "--output_dir", str(run), "--teacher", str(RunFolder(shared).teacher), "--eval_seeds", str(seeds)]
-        subprocess.run(command, check=True)
+def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int) -> dict:
+    """D3's row from `recipes/distill.py` in `run`, its stages in `shared`: the experts and teacher
+    `prepare_shared` trained, and every subtask and evaluation of earlier settings, reused where their keys match
+    (`hf_d3.stages`), so a rerun of other labels or students redistils nothing."""
+    command = [sys.executable, str(ROOT / "recipes/distill.py"), "--config", str(config_path), *args,
+               "--output_dir", str(run), "--stage_dir", str(shared), "--eval_seeds", str(seeds)]
+    subprocess.run(command, check=True)
     metrics = json.loads((run / "metrics.json").read_text())
     chosen = json.loads((run / "config.json").read_text())
     return {"values": metrics["storage"]["total_values"], "ipc_equivalent": metrics["storage"]["ipc_equivalent"],
             "accuracies": metrics["accuracies"], "over_budget": False,
             "sizes": {k: chosen[k] for k in PAPER_SIZES},
             "iterations": [s["iterations_run"] for s in metrics["subtasks"]],
-            "distill_wall_time_s": distill_time or metrics["distill_wall_time_s"]}
+            "distill_wall_time_s": sum(s["distill_wall_time_s"] for s in metrics["subtasks"])}
 
 
 def images_within(budget_values: int, n: int, per_image: int, soft: bool) -> tuple[int, bool]:
@@ -148,7 +133,8 @@ def images_within(budget_values: int, n: int, per_image: int, soft: bool) -> tup
     return max(ipc, 1), ipc == 0
 
 
-def prototype_set(config, shared: Path, train, test: ImageTensors, budget_values: int) -> tuple[torch.Tensor, dict]:
+def prototype_set(config, shared: RunPlan, train, test: ImageTensors, budget_values: int
+                  ) -> tuple[torch.Tensor, dict]:
     """The prototypes (class by class) and their row without labels or accuracies (deterministic at a fixed thread
     count, so a top-up redistills the same images)."""
     n, per_image = len(test.class_names), test.images[0].numel()
@@ -157,7 +143,7 @@ def prototype_set(config, shared: Path, train, test: ImageTensors, budget_values
     assert config.run.num_subtasks == 1, "prototypes are distilled as one subtask"
     seed = subtask_seed(config.run.seed, 0)
     data = load_subtask_data(train, config.data, classes, seed)
-    trajectories = [load_trajectory(RunFolder(shared).expert(0, i)) for i in range(config.experts.num_experts)]
+    trajectories = [load_trajectory(expert.folder(shared.stage_dir)) for expert in shared.experts[0]]
     start = data.images[pick_per_class(data.labels, n, ipc, seed)]
     prototypes, stats = distill_prototypes(start, data, trajectories, config.distillation,
                                            torch.Generator().manual_seed(seed))
@@ -227,7 +213,7 @@ def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, 
     return rows
 
 
-def prototype_row(config, shared: Path, train, train_tensors: ImageTensors, test: ImageTensors, teacher,
+def prototype_row(config, shared: RunPlan, train, train_tensors: ImageTensors, test: ImageTensors, teacher,
                   budget_values: int, seeds: int) -> dict:
     """The prototypes' row, labelled at the hard-label weight whose student scores best on held-out images (the
     prototypes are distilled from all training images, held-out ones included: the choice is between labels of
@@ -252,7 +238,7 @@ def close_methods(rows: dict[str, dict]) -> set[str]:
             if a != b and abs(stats[a][0] - stats[b][0]) <= 2 * max(stats[a][1], stats[b][1])}
 
 
-def top_up_sampler(method: str, row: dict, config, folder: Path, shared: Path, train, test: ImageTensors, teacher,
+def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan, train, test: ImageTensors, teacher,
                    budget_values: int, train_tensors: ImageTensors):
     """The epoch sampler that gave `row`'s accuracies, rebuilt, and the run config its students use."""
     if method in ("D3", "D3-hand"):
@@ -267,14 +253,11 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: Path, t
                         row["hard_label_weight"] or 0.0), config
 
 
-# settings that act after distillation: a D3 row differing only in these reuses its run's distilled subtasks
-AFTER_DISTILLATION = {f.name for group in (RelabelConfig, EvaluationConfig) for f in dataclasses.fields(group)} | {
-    "seeds"}
 # settings whose default changed what is computed when they were added: the value rows saved before them used
 BEFORE_IT_EXISTED = {"hard_label_weight": 0.0}
 # settings that say where and how a run reports, not what it computes
-BOOKKEEPING = {"output_dir", "log_every", "report_to", "collective_timeout_s", "checkpoint_every", "push_to_hub",
-               "hub_model_id", "hub_dataset_id", "hub_private"}
+BOOKKEEPING = {"output_dir", "stage_dir", "log_every", "report_to", "collective_timeout_s", "checkpoint_every",
+               "push_to_hub", "hub_model_id", "hub_dataset_id", "hub_private"}
 
 
 def setting_defaults() -> dict:
@@ -395,8 +378,8 @@ def main():
     base_settings = {**base.to_dict(), "seeds": args.seeds, "num_threads": torch.get_num_threads()}
     config, data = base, base.data
     train = load_image_dataset(data.dataset, data.train_split)
-    prepare_shared(config, out / "shared", train)
-    teacher = AutoModelForImageClassification.from_pretrained(RunFolder(out / "shared").teacher)
+    shared = prepare_shared(config, train)
+    teacher = AutoModelForImageClassification.from_pretrained(shared.teacher.folder(shared.stage_dir))
     columns = {"image_column": data.image_column, "label_column": data.label_column}
     test = load_test_split(data)
     train_tensors = None
@@ -408,18 +391,19 @@ def main():
         folder = out / f"ipc{budget:g}"
         folder.mkdir(parents=True, exist_ok=True)
         # every method's labels mix the class in at the weight D3 gets at this budget
-        config = resolve_hard_label_weight(base, budget)  # `base` sets no budget: this one decides
+        weight = base.relabel.hard_label_weight
+        weight = hard_label_weight_for(budget) if weight is None else weight  # `base` sets no budget: this one does
+        config = dataclasses.replace(base, relabel=dataclasses.replace(base.relabel, hard_label_weight=weight))
         settings = {**base_settings, "hard_label_weight": config.relabel.hard_label_weight}
         key = {"dataset": args.dataset, "budget": f"{budget:g}", "settings": settings}
         if "D3" in args.methods and not is_done(folder, "D3", settings):
             save_row(folder, "D3", key, d3_row(config_path, [*overrides, "--storage_budget_ipc", str(budget)],
-                                               out / "shared", folder / "d3", args.seeds,
-                                               saved_row(folder, "D3"), settings))
+                                               out / "shared", folder / "d3", args.seeds))
         if ("D3-hand" in args.methods and (args.dataset, budget) in HAND_SIZED
                 and not is_done(folder, "D3-hand", settings)):
             hand_config = hand_sized_config(args.dataset, budget, config_path, folder)
             save_row(folder, "D3-hand", key, d3_row(hand_config, overrides, out / "shared", folder / "d3_hand",
-                                                    args.seeds, saved_row(folder, "D3-hand"), settings))
+                                                    args.seeds))
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         budget_values = int(budget * len(test.class_names) * test.images[0].numel())
         baselines = [m for m in ("prototypes", "R+H", "R+S")
@@ -427,7 +411,7 @@ def main():
         if baselines:
             train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
         if "prototypes" in baselines:
-            row = prototype_row(config, out / "shared", train, train_tensors, test, teacher, budget_values, args.seeds)
+            row = prototype_row(config, shared, train, train_tensors, test, teacher, budget_values, args.seeds)
             save_row(folder, "prototypes", {**key, "settings": row_settings("prototypes", settings)}, row)
         if real := [m for m in baselines if m != "prototypes"]:
             for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds,
@@ -440,7 +424,7 @@ def main():
             method, row = todo[0], rows[todo[0]]
             if method in ("R+H", "R+S"):
                 train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
-            sampler, run_config = top_up_sampler(method, row, config, folder, out / "shared", train, test, teacher,
+            sampler, run_config = top_up_sampler(method, row, config, folder, shared, train, test, teacher,
                                                  budget_values, train_tensors)
             done = len(row["accuracies"])
             row["accuracies"] += evaluate(run_config, sampler, args.close_seeds - done, first_seed=done).accuracies

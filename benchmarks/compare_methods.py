@@ -24,7 +24,6 @@ import argparse
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from hf_d3.baselines import choose_temperature, largest_ipc_within, random_real_
 from hf_d3.config import parse_config
 from hf_d3.data import ImageTensors, load_image_dataset, load_images, load_test_split
 from hf_d3.evaluation import evaluate_with_config
+from hf_d3.stages import teacher_stage
 from hf_d3.storage import prototype_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,16 +51,21 @@ BASELINE_SETTINGS = ("dataset", "train_split", "test_split", "max_test_examples"
                      "eval_lr", "eval_seeds", "eval_augment", "net_width", "net_depth")
 
 
-def distill(args: list[str], output_dir: Path) -> dict:
+def distill(args: list[str], output_dir: Path, stage_dir: Path) -> dict:
+    """A D3 run of `recipes/distill.py`; the runs share `stage_dir`, so each reuses the experts, teacher and
+    subtasks of the others' settings (`hf_d3.stages`)."""
     if not (output_dir / "metrics.json").is_file():
-        command = [sys.executable, str(ROOT / "recipes" / "distill.py"), *args, "--output_dir", str(output_dir)]
+        command = [sys.executable, str(ROOT / "recipes" / "distill.py"), *args, "--output_dir", str(output_dir),
+                   "--stage_dir", str(stage_dir)]
         subprocess.run(command, check=True)
     return json.loads((output_dir / "metrics.json").read_text())
 
 
-def share_experts(source: Path, target: Path) -> None:
-    for experts in source.glob("subtasks/*/experts"):
-        shutil.copytree(experts, target / experts.relative_to(source), dirs_exist_ok=True)
+def teacher_of(config, stage_dir: Path) -> str:
+    """The runs' relabelling teacher: the config's, else the one their shared teacher stage holds."""
+    if config.relabel.teacher:
+        return config.relabel.teacher
+    return str(teacher_stage(config, "no").folder(stage_dir))
 
 
 def d3_row(metrics: dict) -> dict:
@@ -85,18 +90,16 @@ def main():
     out = args.output_dir
     rows = {}
 
-    main_run = distill(d3_args, out / "d3")
+    main_run = distill(d3_args, out / "d3", out / "stages")
     rows["D3 (MTT + MMD)"] = d3_row(main_run)
     equal_time = max(s["iterations_wall_time_s"] for s in main_run["subtasks"])
-    shared = ["--teacher", config.relabel.teacher or str(out / "d3" / "teacher")]
     runs = (ABLATIONS if args.ablations else {}) | {name: shlex.split(extra) for name, extra in
                                                    (variant.split("=", 1) for variant in args.variant)}
     for name, extra in runs.items():
         if not any(arg == "--iterations" or arg.startswith("--iterations=") for arg in extra):
             extra = [*extra, "--iterations", "1000000", "--max_distill_time_s", f"{equal_time:.1f}"]
         folder = out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        share_experts(out / "d3", folder)
-        rows[name] = d3_row(distill([*d3_args, *shared, *extra], folder))
+        rows[name] = d3_row(distill([*d3_args, *extra], folder, out / "stages"))
 
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
     if (previous and all(previous["config"].get(key) == config.to_dict()[key] for key in BASELINE_SETTINGS)
@@ -124,7 +127,7 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
     test = load_test_split(data)  # the D3 run's test images (its max_test_examples too)
     held_out, pool = split_held_out(len(train.labels), seed)
     pool = ImageTensors(train.images[pool], train.labels[pool], train.class_names)
-    teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher or out / "d3" / "teacher")
+    teacher = AutoModelForImageClassification.from_pretrained(teacher_of(config, out / "stages"))
     n, per_image = len(train.class_names), main_run["storage"]["values_per_image"]
     budget = main_run["storage"]["total_values"]
 

@@ -8,10 +8,7 @@ import argparse
 
 from hf_d3.config import PAPER_SIZES, parse_config
 from hf_d3.data import class_names_of
-from hf_d3.factories import planned_storage
-from hf_d3.federated import plan_subtasks
-from hf_d3.sizing import resolve_sizes
-from hf_d3.teacher import resolve_hard_label_weight
+from hf_d3.run_plan import make_plan
 
 NUM_CLASSES_HELP = "the class count (default: the dataset's, read from its metadata)"
 
@@ -23,27 +20,22 @@ def main():
     if {"-h", "--help"} & set(config_args):
         print(f"plan.py's own option:\n  --num_classes N  {NUM_CLASSES_HELP}\nand every option of the config:")
     config = parse_config(config_args)
-    num_classes = args.num_classes or len(class_names_of(config.data))
-    chosen = config.representation.chosen_by_budget
-    config = resolve_sizes(config, num_classes)
-    plan = plan_subtasks(list(range(num_classes)), config.run.num_subtasks)
-    storage = planned_storage(config, plan)
-    given_weight = config.relabel.hard_label_weight is not None
-    config = resolve_hard_label_weight(config, storage.ipc_equivalent)
+    class_names = [str(c) for c in range(args.num_classes)] if args.num_classes else class_names_of(config.data)
+    plan = make_plan(config, class_names, config.run.mixed_precision or "no")
 
-    data, sizes = config.data, config.representation
-    print(f"{num_classes} classes of {data.channels}x{data.resolution}x{data.resolution}, {len(plan)} subtask(s); "
-          f"sizes {'chosen from the budget' if chosen else 'as given'}:")
+    data, sizes, storage, budget = config.data, plan.sizes, plan.storage, config.representation.storage_budget_ipc
+    print(f"{len(class_names)} classes of {data.channels}x{data.resolution}x{data.resolution}, {len(plan.subtasks)} "
+          f"subtask(s); sizes {'chosen from the budget' if config.representation.chosen_by_budget else 'as given'}:")
     for name in PAPER_SIZES:
         print(f"  {name}: {getattr(sizes, name)}")
     print(f"storage: {storage.total_values:,} values ({storage.total_bytes:,} bytes) = "
-          f"{storage.ipc_equivalent:.2f} IPC-equivalent (budget {sizes.storage_budget_ipc})")
+          f"{storage.ipc_equivalent:.2f} IPC-equivalent (budget {budget})")
     for part in ("decoder", "latent", "label"):
         values = getattr(storage, f"{part}_values")
         print(f"  {part}s: {values:,} values ({100 * values / storage.total_values:.1f} %)")
-    chosen_from = f"the budget of {sizes.storage_budget_ipc}" if sizes.storage_budget_ipc else "the storage"
-    print(f"labels: hard_label_weight {config.relabel.hard_label_weight:.2f} "
-          f"({'as given' if given_weight else 'chosen from ' + chosen_from})")
+    chosen_from = f"the budget of {budget}" if budget else "the storage"
+    print(f"labels: hard_label_weight {plan.hard_label_weight:.2f} "
+          f"({'as given' if config.relabel.hard_label_weight is not None else 'chosen from ' + chosen_from})")
 
 
 if __name__ == "__main__":

@@ -193,3 +193,16 @@ def tiny_run(fmnist4_folder):
         return D3Config.from_dict({"dataset": str(fmnist4_folder), **TINY_RUN, **overrides})
 
     return make
+
+
+def stage_folders(stage_dir: Path, kind: str) -> list[Path]:
+    """The complete stage folders of `kind` ("experts", "subtasks", "teacher", "evaluations") under `stage_dir`, by
+    name (`hf_d3.stages`)."""
+    return sorted(marker.parent for marker in (Path(stage_dir) / kind).glob("*/stage.json"))
+
+
+def tiny_plan(config, class_names=tuple(FMNIST4_CLASSES)):
+    """The `RunPlan` of a tiny run of `config` on `fmnist4_folder`'s four classes (full precision)."""
+    from hf_d3.run_plan import make_plan
+
+    return make_plan(config, list(class_names), "no")

@@ -1,4 +1,5 @@
-"""The curve benchmark's bookkeeping: which saved rows answer for today's settings, and what a stale D3 run keeps.
+"""The curve benchmark's bookkeeping: which saved rows answer for today's settings (a D3 row's run reuses its stages
+by key: tests/test_distill.py).
 (The rows themselves come from library functions tested elsewhere; the whole script is run by hand: BENCHMARKS.md.)"""
 
 import importlib.util
@@ -61,27 +62,6 @@ def test_prototypes_are_labelled_by_the_teacher_with_the_class_mixed_in(bench):
     teacher = torch.softmax(torch.stack([prototypes.flatten(1).sum(1), torch.zeros(4)], 1), 1)
     expected = 0.25 * torch.nn.functional.one_hot(classes, 2) + 0.75 * teacher
     assert images is prototypes and torch.allclose(labels, expected)
-
-
-def saved_run(folder: Path, settings: dict) -> tuple[Path, dict]:
-    run = folder / "d3"
-    (run / "subtasks" / "subtask_0").mkdir(parents=True)
-    (run / "subtasks" / "subtask_0" / "done.json").write_text("{}")
-    (run / "metrics.json").write_text("{}")
-    return run, {"settings": settings, "row": {"distill_wall_time_s": 123.0}}
-
-
-def test_a_stale_d3_run_keeps_its_distillation_when_only_labels_or_students_changed(bench, settings, tmp_path):
-    run, saved = saved_run(tmp_path, settings)
-    assert bench.withdraw_stale_run(run, saved, settings) is None and (run / "metrics.json").is_file()  # up to date
-
-    relabelled = {**settings, "hard_label_weight": 0.5, "eval_steps": 10, "seeds": 5}
-    assert bench.withdraw_stale_run(run, saved, relabelled) == 123.0
-    assert not (run / "metrics.json").exists() and (run / "subtasks" / "subtask_0" / "done.json").is_file()
-
-    run, saved = saved_run(tmp_path / "other", settings)
-    assert bench.withdraw_stale_run(run, saved, {**settings, "iterations": 61}) is None
-    assert not run.exists()  # distilled with other settings: started afresh
 
 
 def test_rows_within_2_std_of_another_get_more_seeds(bench):

@@ -10,7 +10,7 @@ import yaml
 
 from hf_d3.config import D3Config, load_yaml, parse_config
 from hf_d3.factories import build_decoder, build_net, planned_storage
-from hf_d3.federated import plan_subtasks
+from hf_d3.run_plan import plan_subtasks
 from hf_d3.sizing import resolve_sizes
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "configs"

@@ -17,7 +17,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, stage_folders, tiny_plan
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForImageClassification
@@ -34,7 +34,7 @@ from hf_d3.distill import (
     warm_start,
 )
 from hf_d3.distill.losses import real_per_class
-from hf_d3.distill.subtask import distill_one_subtask
+from hf_d3.distill.subtask import distilled_subtask
 from hf_d3.evaluation import (
     accuracy,
     epoch_batches,
@@ -45,10 +45,9 @@ from hf_d3.evaluation import (
 )
 from hf_d3.experts import flat_parameters, load_trajectory, save_trajectory, train_classifier
 from hf_d3.federated import train_expert_trajectories
-from hf_d3.preflight import check_earlier_work
 from hf_d3.run import run_distillation
-from hf_d3.run_folder import RunFolder
-from hf_d3.teacher import hard_label_weight_for, relabel, resolve_hard_label_weight, teacher_labels
+from hf_d3.run_plan import make_plan
+from hf_d3.teacher import hard_label_weight_for, relabel, teacher_labels
 
 CONFIG = D3Config.from_dict(TINY_RUN)  # 16x16 grayscale, 2 latents of 8 dims per class, decoder [8, 8, 8]
 
@@ -229,13 +228,13 @@ def test_train_classifier_records_every_epoch(trajectory, data):
 
 def test_trajectory_round_trip_through_safetensors(trajectory, tmp_path):
     net, steps = trajectory
-    path = tmp_path / "experts" / "expert_0.safetensors"
-    save_trajectory(path, net.config.to_dict(), list(steps))
-    assert sorted(p.name for p in path.parent.iterdir()) == ["expert_0.json", "expert_0.safetensors"]  # no .tmp
-    with safe_open(str(path), "pt") as f:
+    folder = tmp_path / "expert"
+    save_trajectory(folder, net.config.to_dict(), list(steps))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "trajectory.safetensors"]  # no .partial
+    with safe_open(str(folder / "trajectory.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["epoch_0", "epoch_1", "epoch_2"]
         assert f.metadata() == {"num_epochs": "2"}
-    model, loaded = load_trajectory(path)
+    model, loaded = load_trajectory(folder)
     assert torch.equal(loaded, steps)
     assert type(model) is type(net)
     assert (model.config.width, model.config.depth, model.config.num_labels) == (8, 2, 4)
@@ -244,28 +243,30 @@ def test_trajectory_round_trip_through_safetensors(trajectory, tmp_path):
 
 def test_expert_training_resumes_from_what_is_on_disk(fmnist4_folder, tiny_run, tmp_path):
     train = load_image_dataset(str(fmnist4_folder), "train")
-    plan = [[0, 1], [2, 3]]
 
-    def train_experts(num_experts: int) -> list[Path]:
-        config = tiny_run(num_experts=num_experts, output_dir=str(tmp_path))
-        summary = train_expert_trajectories(config, RunFolder(tmp_path), plan, train, torch.device("cpu"))
+    def train_experts(num_experts: int, **settings) -> list[Path]:
+        config = tiny_run(num_experts=num_experts, num_subtasks=2, output_dir=str(tmp_path), **settings)
+        summary = train_expert_trajectories(config, tiny_plan(config), train, torch.device("cpu"))
         assert len(summary) == 1 and summary[0].rank == 0
-        return sorted((tmp_path / "subtasks").glob("subtask_*/experts/expert_*.safetensors")), summary[0].experts
+        return stage_folders(tmp_path, "experts"), summary[0].experts
 
     paths, trained = train_experts(2)
-    assert [p.relative_to(tmp_path / "subtasks").as_posix() for p in paths] == [
-        f"subtask_{k}/experts/expert_{i}.safetensors" for k in (0, 1) for i in (0, 1)]
+    assert [p.name.rsplit("-", 1)[0] for p in paths] == [f"subtask{k}-expert{i}" for k in (0, 1) for i in (0, 1)]
     assert trained == [(0, 0), (1, 0), (0, 1), (1, 1)]  # expert index first
-    mtimes = {p: p.stat().st_mtime_ns for p in paths}
+    mtimes = {p: (p / "trajectory.safetensors").stat().st_mtime_ns for p in paths}
     first = load_trajectory(paths[0])[1]
     model = load_trajectory(paths[2])[0]
     assert model.config.num_labels == 2  # an expert of subtask 1 knows only its 2 classes
 
     paths, trained = train_experts(3)
     assert trained == [(0, 2), (1, 2)]  # only what is missing
-    assert {p: mtimes[p] for p in mtimes} == {p: p.stat().st_mtime_ns for p in mtimes}  # not retrained
-    assert not torch.equal(load_trajectory(tmp_path / "subtasks/subtask_0/experts/expert_2.safetensors")[1], first)
+    assert mtimes == {p: (p / "trajectory.safetensors").stat().st_mtime_ns for p in mtimes}  # not retrained
+    third = next(p for p in paths if p.name.startswith("subtask0-expert2-"))
+    assert not torch.equal(load_trajectory(third)[1], first)
     assert torch.equal(load_trajectory(paths[0])[1], first)
+
+    _, trained = train_experts(2, expert_lr=0.02)  # other settings: new experts, the others kept beside them
+    assert trained == [(0, 0), (1, 0), (0, 1), (1, 1)] and len(stage_folders(tmp_path, "experts")) == 10
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -455,12 +456,12 @@ def test_the_hard_label_weight_grows_with_the_storage_and_a_given_one_wins():
     weights = [hard_label_weight_for(b) for b in (0.5, 1, 2, 5, 10, 20, 50, 100)]
     assert weights[:2] == [0.0, 0.0] and weights[-2:] == [1.0, 1.0]  # the teacher's alone, the class's alone
     assert weights == sorted(weights) and 0 < weights[2] < weights[5] < 1
-    budgeted = D3Config.from_dict({**TINY_RUN, "storage_budget_ipc": 10})
-    assert resolve_hard_label_weight(budgeted, 3.0).relabel.hard_label_weight == hard_label_weight_for(10)
-    unbudgeted = D3Config.from_dict(TINY_RUN)  # no budget: the storage its sizes take decides
-    assert resolve_hard_label_weight(unbudgeted, 3.0).relabel.hard_label_weight == hard_label_weight_for(3)
-    given = D3Config.from_dict({**TINY_RUN, "hard_label_weight": 0.0, "storage_budget_ipc": 50})
-    assert resolve_hard_label_weight(given, 50).relabel.hard_label_weight == 0.0
+    budgeted = tiny_plan(D3Config.from_dict({**TINY_RUN, "storage_budget_ipc": 10}))
+    assert budgeted.hard_label_weight == hard_label_weight_for(10)
+    unbudgeted = tiny_plan(D3Config.from_dict(TINY_RUN))  # no budget: the storage its sizes take decides
+    assert unbudgeted.hard_label_weight == hard_label_weight_for(unbudgeted.storage.ipc_equivalent)
+    given = tiny_plan(D3Config.from_dict({**TINY_RUN, "hard_label_weight": 0.0, "storage_budget_ipc": 50}))
+    assert given.hard_label_weight == 0.0
 
 
 def test_relabel_refuses_a_teacher_of_another_label_space():
@@ -535,8 +536,8 @@ def runs(fmnist4_folder, bad_teacher, tmp_path_factory):
         patch.setattr("hf_d3.preflight.check_teacher", lambda *args: None)
         run_distillation(D3Config.from_dict({**settings, "teacher": str(bad_teacher)}))
     after_failure = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*"))
-    subtask = output_dir / "subtasks" / "subtask_0"
-    mtimes = {p: p.stat().st_mtime_ns for p in (subtask / "done.json", subtask / "experts" / "expert_0.safetensors")}
+    (subtask,), (expert,) = stage_folders(output_dir, "subtasks"), stage_folders(output_dir, "experts")
+    mtimes = {p: p.stat().st_mtime_ns for p in (subtask / "stage.json", expert / "trajectory.safetensors")}
     result = run_distillation(D3Config.from_dict(settings))
     return output_dir, error.value, after_failure, mtimes, result
 
@@ -547,7 +548,8 @@ def test_a_failed_run_leaves_no_results(runs):
     for name in ("metrics.json", "samples.png", "config.json"):
         assert name not in after_failure, name
     assert not any(p == "pipeline" or p.startswith("pipeline") for p in after_failure)
-    assert "subtasks/subtask_0/done.json" in after_failure  # the finished subtask is kept for the rerun
+    (subtask,) = stage_folders(output_dir, "subtasks")
+    assert f"{subtask.relative_to(output_dir)}/stage.json" in after_failure  # the finished subtask is kept
 
 
 def test_the_rerun_reuses_the_finished_subtask(runs):
@@ -560,7 +562,8 @@ def test_end_to_end_run(runs, fmnist4_folder):
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["num_processes"] == 1 and metrics["num_eval_runs"] == 1 and metrics["student_steps"] == 4
     assert 0 <= metrics["accuracy_mean"] <= 1
-    teacher = AutoModelForImageClassification.from_pretrained(output_dir / "teacher")
+    (teacher_folder,) = stage_folders(output_dir, "teacher")
+    teacher = AutoModelForImageClassification.from_pretrained(teacher_folder)
     test, n = load_images(load_image_dataset(str(fmnist4_folder), "test"), 16, 1), TINY_RUN["max_test_examples"]
     assert metrics["teacher_accuracy"] == accuracy(teacher, test.images[:n], test.labels[:n])
     assert metrics["storage"] == metrics["planned_storage"] == result.pipeline.storage_report().to_dict()
@@ -583,16 +586,38 @@ def test_end_to_end_run(runs, fmnist4_folder):
     assert torch.equal(a.images, b.images) and torch.equal(a.soft_labels, b.soft_labels)
 
 
-def test_a_saved_teacher_is_reused_only_under_its_settings(runs, fmnist4_folder):
+def test_a_rerun_of_other_teacher_epochs_retrains_only_the_teacher(runs, fmnist4_folder, caplog, tmp_path):
+    """The experts and the subtask are reused under their keys; the teacher and the evaluation are new stages."""
+    output_dir = runs[0]  # the stages; the result goes elsewhere, so the other tests still read the first run's
+    settings = {"dataset": str(fmnist4_folder), "output_dir": str(tmp_path), "stage_dir": str(output_dir), **TINY_RUN}
+    kept = {p: p.stat().st_mtime_ns for kind in ("experts", "subtasks", "teacher", "evaluations")
+            for p in stage_folders(output_dir, kind)}
+    with caplog.at_level("INFO", logger="hf_d3"):
+        run_distillation(D3Config.from_dict({**settings, "teacher_epochs": TINY_RUN["teacher_epochs"] + 1}))
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing of the first settings was touched or withdrawn
+    new = {kind: [p for p in stage_folders(output_dir, kind) if p not in kept]
+           for kind in ("experts", "subtasks", "teacher", "evaluations")}
+    assert {kind: len(folders) for kind, folders in new.items()} == {"experts": 0, "subtasks": 0, "teacher": 1,
+                                                                       "evaluations": 1}
+    assert re.search(r"teacher: new settings, made in .*teacher/teacher-\w+ \(1 of other settings kept", caplog.text)
+    assert re.search(r"subtask 0: reused from .*subtasks/subtask0-\w+", caplog.text)
+
+
+def test_a_rerun_of_another_expert_lr_makes_new_experts_and_subtasks(runs, fmnist4_folder, caplog, tmp_path):
     output_dir = runs[0]
-    settings = {"dataset": str(fmnist4_folder), "output_dir": str(output_dir), **TINY_RUN}
-    folder, config = RunFolder(output_dir), D3Config.from_dict(settings)
-    check_earlier_work(config, folder, [], [], [])  # the run's own settings: reused
-    epochs = config.relabel.teacher_epochs
-    more = D3Config.from_dict({**settings, "teacher_epochs": epochs + 1})
-    with pytest.raises(ValueError, match=f"the teacher in .* is of another run: teacher_epochs={epochs} there, "
-                                         f"{epochs + 1} here"):
-        check_earlier_work(more, folder, [], [], [])
+    config = D3Config.from_dict({"dataset": str(fmnist4_folder), "output_dir": str(tmp_path),
+                                 "stage_dir": str(output_dir), **TINY_RUN})
+    other = replace(config, experts=replace(config.experts, expert_lr=config.experts.expert_lr * 2))
+    plan, other_plan = tiny_plan(config), tiny_plan(other)
+    assert plan.experts[0][0].key != other_plan.experts[0][0].key
+    assert plan.subtask_stages[0].key != other_plan.subtask_stages[0].key  # its experts are others
+    assert plan.teacher.key != other_plan.teacher.key  # trained with the experts' optimiser
+    with caplog.at_level("INFO", logger="hf_d3"):
+        run_distillation(other)
+    assert other_plan.experts[0][0].is_complete(output_dir) and other_plan.subtask_stages[0].is_complete(output_dir)
+    assert plan.experts[0][0].is_complete(output_dir) and plan.subtask_stages[0].is_complete(output_dir)  # kept
+    assert re.search(r"subtask 0 expert 0: new settings \(1 expert\(s\) of other settings kept", caplog.text)
+    assert re.search(r"subtask 0: new settings, made in .*subtasks/subtask0-\w+ \(1 of other", caplog.text)
 
 
 def test_the_evaluate_recipe_trains_the_runs_own_student(runs):
@@ -637,8 +662,8 @@ def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_pa
     teacher = make_net(num_labels=4).eval()
     teacher.save_pretrained(tmp_path / "teacher")
     rerun = tmp_path / "rerun"
-    shutil.copytree(output_dir / "subtasks", rerun / "subtasks")  # reuse the distilled subtask
     result = run_distillation(D3Config.from_dict({**TINY_RUN, "dataset": str(fmnist4_folder), "output_dir": str(rerun),
+                                                  "stage_dir": str(output_dir),  # the distilled subtask, reused
                                                   "teacher": str(tmp_path / "teacher")}))
     store, decoder = result.pipeline.latent_store, result.pipeline.decoder
     weight = json.loads((rerun / "config.json").read_text())["hard_label_weight"]  # chosen from the storage
@@ -658,11 +683,11 @@ def _distill_subtask_1(dataset: Path, folder: Path, **overrides) -> dict:
     """Subtask 1 of TINY_RUN (warm-started) distilled into `folder`, its experts trained first if missing."""
     train = load_image_dataset(str(dataset), "train")
     config = D3Config.from_dict({**TINY_RUN, "dataset": str(dataset), "output_dir": str(folder), "init": "real",
-                                 **overrides})
-    train_expert_trajectories(config, RunFolder(folder), [[0, 1], [2, 3]], train, torch.device("cpu"))
-    store, decoder, stats = distill_one_subtask(config, RunFolder(folder), 1, [2, 3], train,
-                                                train.features["label"].names, torch.device("cpu"))
-    return {"latent_store": store, "decoder": decoder, "stats": stats}
+                                 "num_subtasks": 2, **overrides})
+    plan = make_plan(config, train.features["label"].names, "no")
+    train_expert_trajectories(config, plan, train, torch.device("cpu"))
+    store, decoder, stats = distilled_subtask(config, plan, 1, train, torch.device("cpu"))
+    return {"latent_store": store, "decoder": decoder, "stats": stats, "folder": plan.subtask_stages[1].folder(folder)}
 
 
 def _assert_same_subtask(got: dict, expected: dict) -> None:
@@ -675,8 +700,8 @@ def _assert_same_subtask(got: dict, expected: dict) -> None:
 def test_a_finished_subtask_is_continued_when_the_config_asks_for_more(fmnist4_folder, tmp_path):
     fresh = _distill_subtask_1(fmnist4_folder, tmp_path / "fresh")
     first = _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=1)
-    assert first["stats"].iterations_run == 1 and RunFolder(tmp_path / "more").is_done(1)
-    done = tmp_path / "more" / "subtasks" / "subtask_1" / "done.json"
+    done = first["folder"] / "stage.json"
+    assert first["stats"].iterations_run == 1 and done.is_file()
     again = done.stat().st_mtime_ns
     _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=1)
     assert done.stat().st_mtime_ns == again  # as much as asked: reused
@@ -686,9 +711,8 @@ def test_a_finished_subtask_is_continued_when_the_config_asks_for_more(fmnist4_f
 def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path):
     fresh = _distill_subtask_1(fmnist4_folder, tmp_path / "fresh")
     # its checkpoint holds the state after the warm start
-    _distill_subtask_1(fmnist4_folder, tmp_path / "resumed", iterations=0)
-    subtask = tmp_path / "resumed" / "subtasks" / "subtask_1"
-    for name in ("done.json", "latent_store", "decoder"):  # as if the job died after its warm start
+    subtask = _distill_subtask_1(fmnist4_folder, tmp_path / "resumed", iterations=0)["folder"]
+    for name in ("stage.json", "latent_store", "decoder"):  # as if the job died after its warm start
         shutil.rmtree(subtask / name, ignore_errors=True)
         (subtask / name).unlink(missing_ok=True)
     warm_started = (subtask / "warm_start.json").stat().st_mtime_ns

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FMNIST4_CLASSES, TINY_RUN, write_parquet_dataset
+from conftest import FMNIST4_CLASSES, TINY_RUN, tiny_plan, write_parquet_dataset
 from hub_server import free_port
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
@@ -21,15 +21,14 @@ from hf_d3.experts import load_trajectory
 from hf_d3.federated import (
     aggregate,
     expert_rank,
-    expert_seed,
     gather_to_all,
-    plan_subtasks,
     run_and_gather,
     send_point_to_point,
-    subtask_seed,
     subtasks_of_rank,
 )
 from hf_d3.run import run_distillation
+from hf_d3.run_plan import plan_subtasks
+from hf_d3.stages import expert_seed, subtask_seed
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "distill.py"
 
@@ -184,22 +183,29 @@ def two_process_run(fmnist4_folder, tmp_path_factory):
     return Path(config["output_dir"]), run.stdout
 
 
-def test_two_processes_each_distil_their_own_subtask(two_process_run):
+def stages_of(settings: dict):
+    """The `RunPlan` of a tiny run of these flat settings: where its stages are."""
+    return tiny_plan(D3Config.from_dict(settings))
+
+
+def test_two_processes_each_distil_their_own_subtask(two_process_run, fmnist4_folder):
     output_dir, stdout = two_process_run
+    plan = stages_of({**TINY_RUN, "dataset": str(fmnist4_folder), "num_subtasks": 2})
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["num_processes"] == 2  # the real world size: two gloo ranks, not two lone processes
     assert stdout.count("test accuracy") == 1  # only the main process reports
     assert [s["subtask"] for s in metrics["subtasks"]] == [0, 1]
     assert [s["classes"] for s in metrics["subtasks"]] == [[0, 1], [2, 3]]
     for k, classes in enumerate(([0, 1], [2, 3])):
-        folder = output_dir / "subtasks" / f"subtask_{k}"
+        folder = plan.subtask_stages[k].folder(output_dir)
         assert GaussianLatentStore.from_pretrained(folder / "latent_store").config.class_ids == classes
-        expert = json.loads((folder / "experts" / "expert_0.json").read_text())
+        expert = json.loads((plan.experts[k][0].folder(output_dir) / "config.json").read_text())
         assert len(expert["id2label"]) == 2  # experts trained on the subtask's own 2 classes only
 
 
-def test_the_aggregated_pipeline_holds_every_class(two_process_run):
+def test_the_aggregated_pipeline_holds_every_class(two_process_run, fmnist4_folder):
     output_dir, _ = two_process_run
+    plan = stages_of({**TINY_RUN, "dataset": str(fmnist4_folder), "num_subtasks": 2})
     pipe = D3Pipeline.from_pretrained(output_dir / "pipeline")
     assert pipe.latent_store.config.class_ids == [0, 1, 2, 3] and pipe.latent_store.class_names == FMNIST4_CLASSES
     assert len(pipe.decoder.generators) == 2 and list(pipe.latent_store.config.subtask_sizes) == [2, 2]
@@ -210,7 +216,7 @@ def test_the_aggregated_pipeline_holds_every_class(two_process_run):
     assert torch.isfinite(soft).all() and torch.allclose(soft.sum(1), torch.ones(8), atol=1e-5)
     # each subtask's generator is the one its rank distilled
     for k in range(2):
-        own = D3Decoder.from_pretrained(output_dir / "subtasks" / f"subtask_{k}" / "decoder").generators[0]
+        own = D3Decoder.from_pretrained(plan.subtask_stages[k].folder(output_dir) / "decoder").generators[0]
         for name, value in own.state_dict().items():
             assert torch.equal(pipe.decoder.generators[k].state_dict()[name], value), (k, name)
 
@@ -259,7 +265,7 @@ def failed_two_process_run(one_short_class_folder, tmp_path_factory):
     return Path(config["output_dir"]), launch_processes(config, tmp)
 
 
-def test_a_failing_rank_fails_the_job_and_writes_nothing(failed_two_process_run):
+def test_a_failing_rank_fails_the_job_and_writes_nothing(failed_two_process_run, one_short_class_folder):
     output_dir, run = failed_two_process_run
     assert run.returncode != 0
     assert "1 rank(s) failed; nothing was aggregated" in run.stdout
@@ -268,10 +274,10 @@ def test_a_failing_rank_fails_the_job_and_writes_nothing(failed_two_process_run)
     assert "init=real needs 2 real images per class; some class of [2, 3] has fewer" in run.stdout
     for name in ("metrics.json", "pipeline", "samples.png", "config.json", "teacher"):
         assert not (output_dir / name).exists(), name
-    subtasks = output_dir / "subtasks"
-    assert (subtasks / "subtask_0" / "done.json").is_file()  # rank 0 finished its own subtask
-    assert not (subtasks / "subtask_1" / "done.json").exists()
-    assert (subtasks / "subtask_1" / "experts" / "expert_0.safetensors").is_file()  # rank 1 failed after its experts
+    plan = stages_of({**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2, "init": "real"})
+    assert plan.subtask_stages[0].is_complete(output_dir)  # rank 0 finished its own subtask
+    assert not plan.subtask_stages[1].is_complete(output_dir)
+    assert plan.experts[1][0].is_complete(output_dir)  # rank 1 failed after its experts
 
 
 @pytest.fixture(scope="module")
@@ -279,13 +285,13 @@ def rerun(failed_two_process_run, one_short_class_folder):
     """The failed run's output_dir rerun in this process with a config that works (init: random). Returns the
     run's config, the files that must have been reused with their mtimes before the rerun, and its result."""
     output_dir, _ = failed_two_process_run
-    subtasks = output_dir / "subtasks"
-    kept = [subtasks / "subtask_0" / "done.json", subtasks / "subtask_0" / "latent_store" / "config.json",
-            subtasks / "subtask_0" / "experts" / "expert_0.safetensors",
-            subtasks / "subtask_1" / "experts" / "expert_0.safetensors"]
-    mtimes = {p: p.stat().st_mtime_ns for p in kept}
     config = D3Config.from_dict({**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2,
                                  "init": "random", "output_dir": str(output_dir)})
+    plan = tiny_plan(config)
+    # subtask 0 distilled with init: real is of other settings than this rerun's: the experts are what it reuses
+    kept = [plan.experts[k][0].folder(output_dir) / name for k in (0, 1) for name in ("stage.json",
+                                                                                     "trajectory.safetensors")]
+    mtimes = {p: p.stat().st_mtime_ns for p in kept}
     return config, mtimes, run_distillation(config)
 
 
@@ -293,17 +299,18 @@ def test_a_rerun_after_a_failure_reuses_what_finished(rerun):
     config, mtimes, result = rerun
     output_dir = Path(config.run.output_dir)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # not recomputed
-    assert (output_dir / "subtasks" / "subtask_1" / "done.json").is_file()
+    plan = tiny_plan(config)
+    assert all(stage.is_complete(output_dir) for stage in plan.subtask_stages)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert [s["classes"] for s in metrics["subtasks"]] == [[0, 1], [2, 3]]
     assert D3Pipeline.from_pretrained(output_dir / "pipeline").latent_store.config.class_ids == [0, 1, 2, 3]
     assert result.pipeline.decoder.config.num_subtasks == 2
-    assert (output_dir / "teacher" / "config.json").is_file()  # the global teacher, kept for the next rerun
+    assert plan.teacher.is_complete(output_dir)  # the global teacher, kept for the next rerun
 
 
 def test_a_second_rerun_reloads_the_same_global_teacher(rerun):
     config, _, first = rerun
-    weights = Path(config.run.output_dir) / "teacher" / "model.safetensors"
+    weights = tiny_plan(config).teacher.folder(config.run.output_dir) / "model.safetensors"
     trained = weights.stat().st_mtime_ns
     second = run_distillation(config)
     assert weights.stat().st_mtime_ns == trained  # loaded, not trained again
@@ -327,11 +334,12 @@ def test_a_spare_rank_trains_experts_that_reach_the_distilling_rank(fmnist4_fold
     assert [r["experts"] for r in metrics["experts_per_rank"]] == [[[0, 0], [1, 1]], [[1, 0]], [[0, 1]]]
 
     run_distillation(tiny_run(num_subtasks=2, num_experts=2, output_dir=str(tmp_path / "one")))
+    plan = tiny_plan(tiny_run(num_subtasks=2, num_experts=2))  # the stages' keys do not depend on output_dir
     for k in range(2):
         for i in range(2):
-            name = f"subtasks/subtask_{k}/experts/expert_{i}.safetensors"
             # the trajectory rank 2 sent equals the one a single process trains (one thread: bit-identical)
-            sent, trained_here = (load_trajectory(tmp_path / run / name)[1] for run in ("three", "one"))
+            sent, trained_here = (load_trajectory(plan.experts[k][i].folder(tmp_path / run))[1]
+                                  for run in ("three", "one"))
             assert torch.equal(sent, trained_here)
     one = D3Pipeline.from_pretrained(tmp_path / "one" / "pipeline")
     three = D3Pipeline.from_pretrained(tmp_path / "three" / "pipeline")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_RUN
+from conftest import TINY_RUN, stage_folders, tiny_plan
 from hub_server import free_port
 from PIL import Image
 from safetensors.torch import load_file
@@ -26,6 +26,7 @@ from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Pipeline, atomic
 from hf_d3.config import D3Config
+from hf_d3.distill.subtask import load_subtask
 from hf_d3.experts import load_trajectory
 from hf_d3.run import run_distillation
 from hf_d3.run_folder import RunFolder
@@ -38,15 +39,15 @@ SETTINGS = {**TINY_RUN, "num_subtasks": 2, "init": "real", "iterations": 3, "che
 # was doing; the run after the last one completes. Each rerun resumes from what the killed ones left.
 KILL_CHAIN = [
     ("epoch:1", "training subtask 0's expert"),
-    ("write expert_0.safetensors:2", "writing subtask 1's expert (subtask 0's was just written)"),
+    ("write trajectory.safetensors:2", "writing subtask 1's expert (subtask 0's was just written)"),
     ("warm start step:3", "the warm start of subtask 0"),
     ("write checkpoint:1", "writing subtask 0's first checkpoint, after its warm start"),
     ("iteration:1", "between iterations 1 and 2, the last checkpoint at 0"),
     ("iteration:2", "between iterations 2 and 3, just after the checkpoint at 2"),
-    ("write done.json:1", "finishing subtask 0: its latents and decoder written, done.json not yet"),
+    ("write stage.json:1", "finishing subtask 0: its latents and decoder written, its stage.json not yet"),
     ("write decoder:2", "finishing subtask 1 (subtask 0 completed from its last checkpoint)"),
     ("epoch:1", "training the relabelling teacher"),
-    ("write teacher:1", "writing the teacher"),
+    ("write <teacher folder>:1", "writing the teacher"),
     ("write pipeline:1", "writing the pipeline, after evaluation"),
     ("write metrics.json:1", "writing metrics.json, the pipeline, samples and config already written"),
 ]
@@ -82,23 +83,23 @@ def check_finished_is_complete(root: Path, num_subtasks: int = 2) -> list[str]:
         json.loads((root / "config.json").read_text())
         Image.open(root / "samples.png").load()
         found.append("metrics")
-    if (folder.teacher / "config.json").is_file():
-        AutoModelForImageClassification.from_pretrained(folder.teacher)
+    for teacher in stage_folders(root, "teacher"):
+        AutoModelForImageClassification.from_pretrained(teacher)
         found.append("teacher")
-    for k in range(num_subtasks):
-        if folder.is_done(k):
-            folder.load_subtask(k)
-            found.append(f"subtask {k}")
-        if folder.checkpoint(k).exists():  # a checkpoint folder appears whole (progress.json is written last)
-            assert json.loads((folder.checkpoint(k) / "progress.json").read_text())["iterations_run"] >= 0
-            load_file(folder.checkpoint(k) / "state.safetensors")
-            found.append(f"checkpoint {k}")
-        if folder.warm_start(k).is_file():
-            json.loads(folder.warm_start(k).read_text())
-        for expert in sorted((folder.subtask(k) / "experts").glob("*.safetensors")):
-            _, trajectory = load_trajectory(expert)  # its .json beside it, and every epoch
-            assert len(trajectory) == TINY_RUN["trajectory_epochs"] + 1
-            found.append(f"expert {k}")
+    for subtask in stage_folders(root, "subtasks"):
+        load_subtask(subtask)
+        found.append(f"subtask {subtask.name[len('subtask')]}")
+    for checkpoint in sorted(root.glob("subtasks/*/checkpoint")):  # appears whole (progress.json is written last)
+        assert json.loads((checkpoint / "progress.json").read_text())["iterations_run"] >= 0
+        load_file(checkpoint / "state.safetensors")
+        found.append(f"checkpoint {checkpoint.parent.name[len('subtask')]}")
+    for warm_start in root.glob("subtasks/*/warm_start.json"):
+        json.loads(warm_start.read_text())
+    for expert in stage_folders(root, "experts"):
+        _, trajectory = load_trajectory(expert)  # its config.json beside it, and every epoch
+        assert len(trajectory) == TINY_RUN["trajectory_epochs"] + 1
+        found.append(f"expert {expert.name[len('subtask')]}")
+    assert len({f for f in found if f.startswith("subtask")}) <= num_subtasks
     return found
 
 
@@ -132,8 +133,10 @@ def reference(fmnist4_folder, tmp_path_factory) -> Path:
 
 def test_killed_anywhere_a_rerun_gives_the_uninterrupted_result(reference, fmnist4_folder, tmp_path):
     config = config_of(tmp_path / "out", fmnist4_folder)
+    teacher_folder = tiny_plan(D3Config.from_dict(config)).teacher.folder(tmp_path / "out").name
     seen = set()
     for kill_at, doing in KILL_CHAIN:
+        kill_at = kill_at.replace("<teacher folder>", teacher_folder)
         assert run_forked(config, kill_at) == -signal.SIGKILL, f"the run was not killed at {kill_at} ({doing})"
         found = check_finished_is_complete(tmp_path / "out")
         assert "metrics" not in found, kill_at  # a killed run never looks finished
@@ -181,11 +184,11 @@ def test_kill_points_are_inert_unless_named(monkeypatch):
 
 
 def test_a_killed_expert_write_leaves_no_finished_looking_expert(fmnist4_folder, tmp_path):
-    # killed between the expert's .json and its .safetensors: the .json alone does not mark it trained
+    # killed between the expert's config.json and its trajectory: the config alone does not mark it trained
     config = config_of(tmp_path / "out", fmnist4_folder, num_subtasks=1)
-    assert run_forked(config, "write expert_0.safetensors:1") == -signal.SIGKILL
-    experts = tmp_path / "out" / "subtasks" / "subtask_0" / "experts"
-    assert (experts / "expert_0.json").is_file() and not (experts / "expert_0.safetensors").exists()
+    assert run_forked(config, "write trajectory.safetensors:1") == -signal.SIGKILL
+    expert = tiny_plan(D3Config.from_dict(config)).experts[0][0].folder(tmp_path / "out")
+    assert (expert / "config.json").is_file() and not (expert / "trajectory.safetensors").exists()
     assert check_finished_is_complete(tmp_path / "out", num_subtasks=1) == []
 
 
@@ -259,18 +262,19 @@ def test_a_lost_peer_stops_the_survivor_in_bounded_time(lost_peer_run):
     output_dir = Path(config["output_dir"])
     for name in ("metrics.json", "pipeline", "samples.png", "config.json", "teacher"):
         assert not (output_dir / name).exists(), name  # nothing aggregated, saved or published
-    assert (output_dir / "subtasks" / "subtask_0" / "done.json").is_file()  # the survivor's own subtask is kept
-    assert not (output_dir / "subtasks" / "subtask_1" / "done.json").exists()
+    plan = tiny_plan(D3Config.from_dict(config))
+    assert plan.subtask_stages[0].is_complete(output_dir)  # the survivor's own subtask is kept
+    assert not plan.subtask_stages[1].is_complete(output_dir)
     check_finished_is_complete(output_dir)
 
 
 def test_a_rerun_after_a_lost_peer_resumes_from_the_finished_work(lost_peer_run, reference):
     config, *_ = lost_peer_run
     output_dir = Path(config["output_dir"])
-    subtasks = output_dir / "subtasks"
-    kept = [subtasks / "subtask_0" / "done.json", subtasks / "subtask_0" / "decoder" / "config.json",
-            subtasks / "subtask_0" / "experts" / "expert_0.safetensors",
-            subtasks / "subtask_1" / "experts" / "expert_0.safetensors"]
+    plan = tiny_plan(D3Config.from_dict(config))
+    subtask = plan.subtask_stages[0].folder(output_dir)
+    kept = [subtask / "stage.json", subtask / "decoder" / "config.json",
+            *(plan.experts[k][0].folder(output_dir) / "trajectory.safetensors" for k in (0, 1))]
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
     assert run_forked(config) == 0  # one process now: the subtasks are the same whatever the number of ranks
     assert {p: p.stat().st_mtime_ns for p in kept} == mtimes  # reused, not recomputed

@@ -15,10 +15,10 @@ from conftest import TINY_RUN
 
 from hf_d3.config import PAPER_SIZES, D3Config, parse_config
 from hf_d3.factories import build_decoder, planned_storage
-from hf_d3.federated import plan_subtasks
 from hf_d3.models.decoder import D3Decoder
 from hf_d3.models.latent_store import GaussianLatentStore
 from hf_d3.run import run_distillation
+from hf_d3.run_plan import plan_subtasks
 from hf_d3.sizing import (
     RepresentationSizes,
     decoder_widths,

@@ -53,6 +53,9 @@ class RunConfig:
     """Where the run lives, its seed, its federated split and how it reports progress."""
 
     output_dir: str = "outputs/run"
+    stage_dir: str | None = field(default=None, metadata={
+        "help": "where the stage results (experts, teacher, subtasks, evaluations) are kept, each in a folder keyed by "
+                "its settings, so runs may share one; default: output_dir"})
     seed: int = 0
     num_subtasks: int = field(default=1, metadata={"help": "classes are split into this many contiguous blocks"})
     collective_timeout_s: int = field(default=7200, metadata={"help": "longest wait for a peer process"})

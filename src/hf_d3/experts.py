@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,24 +17,7 @@ from .augment import dsa_augmentation
 from .models.classifiers import CLASSIFIERS
 from .progress import progress_bar
 
-if TYPE_CHECKING:
-    from .config import D3Config
-
 logger = logging.getLogger(__name__)
-
-# The key of a trained network's saved config (an expert's .json, the teacher's config.json) that holds the settings
-# it was trained with, so that a rerun reuses it only under the same ones (`hf_d3.preflight.check_earlier_work`)
-TRAINING_SETTINGS_KEY = "hf_d3_training_settings"
-
-
-def training_settings(config: D3Config) -> dict[str, Any]:
-    """The settings every network `train_classifier` trains for a run depends on (data, optimiser, augmentation);
-    the expert's and the teacher's records add their own."""
-    data, experts = config.data, config.experts
-    return {"dataset": data.dataset, "train_split": data.train_split, "resolution": data.resolution,
-            "channels": data.channels, "expert_lr": experts.expert_lr, "expert_batch_size": experts.expert_batch_size,
-            "expert_augment": experts.expert_augment}
-
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:
     """Every parameter of `model`, detached, as one flat vector (the layout of a trajectory's epochs)."""
@@ -71,20 +53,23 @@ def train_classifier(
     return trajectory
 
 
-def save_trajectory(path: Path, model_config: dict, trajectory: list[torch.Tensor]) -> None:
-    """One safetensors file per expert (epoch 0..E as `epoch_{e}`), its classifier config beside it."""
-    write_json(path.with_suffix(".json"), model_config)
+TRAJECTORY_FILE = "trajectory.safetensors"
+
+
+def save_trajectory(folder: Path, model_config: dict, trajectory: list[torch.Tensor]) -> None:
+    """An expert's folder: its classifier config (`config.json`) and its trajectory, epoch 0..E as `epoch_{e}`."""
+    write_json(folder / "config.json", model_config)
     tensors = {f"epoch_{e}": p.contiguous() for e, p in enumerate(trajectory)}
-    with staged(path) as staging:  # the trajectory, written last, marks the expert finished
+    with staged(folder / TRAJECTORY_FILE) as staging:
         save_file(tensors, str(staging), metadata={"num_epochs": str(len(trajectory) - 1)})
 
 
-def load_trajectory(path: Path) -> tuple[nn.Module, torch.Tensor]:
+def load_trajectory(folder: Path) -> tuple[nn.Module, torch.Tensor]:
     """An untrained network of the expert's architecture, and its trajectory [epochs + 1, num_params]."""
-    config = json.loads(Path(path).with_suffix(".json").read_text())
+    config = json.loads((Path(folder) / "config.json").read_text())
     config_cls, model_cls = next(v for v in CLASSIFIERS.values() if v[0].model_type == config["model_type"])
     model = model_cls(config_cls.from_dict(config))
-    tensors = load_file(str(path))
+    tensors = load_file(str(Path(folder) / TRAJECTORY_FILE))
     return model, torch.stack([tensors[f"epoch_{e}"] for e in range(len(tensors))])
 
 

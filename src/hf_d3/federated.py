@@ -11,31 +11,24 @@ from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from .data import load_subtask_data
-from .experts import TRAINING_SETTINGS_KEY, save_trajectory, train_expert, training_settings
+from .experts import save_trajectory, train_expert
 from .factories import build_net
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
 from .results import ExpertWork, SubtaskStats
+from .stages import expert_seed, subtask_is_finished, subtask_seed
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
     from .config import D3Config
-    from .run_folder import RunFolder
+    from .run_plan import RunPlan
 
 logger = logging.getLogger(__name__)
-
-
-def plan_subtasks(class_ids: list[int], num_subtasks: int) -> list[list[int]]:
-    """Contiguous blocks of classes, as the paper splits them; sizes differ by at most one."""
-    if not 1 <= num_subtasks <= len(class_ids):
-        raise ValueError(f"num_subtasks={num_subtasks} must be between 1 and the {len(class_ids)} classes")
-    return [block.tolist() for block in np.array_split(np.asarray(class_ids), num_subtasks)]
 
 
 def subtask_rank(subtask: int, world_size: int) -> int:
@@ -58,24 +51,6 @@ def expert_rank(subtask: int, expert: int, num_subtasks: int, world_size: int) -
     if world_size <= num_subtasks:
         return subtask_rank(subtask, world_size)
     return (expert * num_subtasks + subtask) % world_size
-
-
-def subtask_seed(seed: int, subtask: int) -> int:
-    """A subtask's seed depends only on the run seed and its index, never on the number of processes."""
-    return seed * 100_003 + subtask
-
-
-def expert_settings(config: D3Config, classes: list[int], subtask: int, expert: int) -> dict[str, Any]:
-    """What an expert's trajectory depends on beyond its network (saved under `TRAINING_SETTINGS_KEY`)."""
-    return {**training_settings(config), "max_train_per_class": config.data.max_train_per_class, "classes": classes,
-            "seed": expert_seed(config.run.seed, subtask, expert)}
-
-
-def expert_seed(seed: int, subtask: int, expert: int) -> int:
-    """Expert `expert` of `subtask`'s seed: distinct for every (subtask, expert) of a run with fewer than 10,007
-    experts per subtask (`subtask_seed + expert` made expert 1 of subtask 0 a twin of expert 0 of subtask 1: the same
-    initial weights and batch order). Subtask 0's experts keep the seeds they had."""
-    return seed * 100_003 + subtask * 10_007 + expert
 
 
 # TRUSTED, RANK TO RANK ONLY: the object collectives below (all_gather_object, send/recv_object_list) pickle, and
@@ -193,40 +168,49 @@ def aggregate(
     return store, decoder
 
 
-def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[list[int]], train: Dataset,
-                              device: torch.device, rank: int = 0, world_size: int = 1) -> list[ExpertWork]:
-    """Every expert trajectory of the run, shared over the ranks (`expert_rank`); each ends up in the
-    `experts` folder of the rank that distils its subtask, sent point to point when another rank trained it.
-    Experts already on the distilling rank's disk (or of a finished subtask) are not trained again; expert i
-    of subtask k is seeded by (seed, k, i) only. Returns, per rank, the experts it trained."""
-    num_subtasks, num_experts, experts = len(plan), config.experts.num_experts, config.experts
+def train_expert_trajectories(config: D3Config, plan: RunPlan, train: Dataset, device: torch.device, rank: int = 0,
+                              world_size: int = 1) -> list[ExpertWork]:
+    """Every expert trajectory of the run, shared over the ranks (`expert_rank`); each ends up as its stage
+    (`plan.experts`) on the rank that distils its subtask, sent point to point when another rank trained it.
+    Complete expert stages on the distilling rank's disk (and the experts of a finished subtask) are not trained
+    again; expert i of subtask k is seeded by (seed, k, i) only. Returns, per rank, the experts it trained."""
+    num_subtasks, num_experts, experts = len(plan.subtasks), config.experts.num_experts, config.experts
+    stage_dir = plan.stage_dir
 
     # No shared filesystem: only the distilling rank can see what is finished.
-    done = {k: folder.is_finished(k, config.distillation) for k in subtasks_of_rank(num_subtasks, rank, world_size)}
-    on_my_disk = [(k, i) for k in done for i in range(num_experts) if done[k] or folder.expert(k, i).is_file()]
+    done = {k: subtask_is_finished(plan.subtask_stages[k], stage_dir, config.distillation)
+            for k in subtasks_of_rank(num_subtasks, rank, world_size)}
+    on_my_disk = [(k, i) for k in done for i in range(num_experts)
+                  if done[k] or plan.experts[k][i].is_complete(stage_dir)]
     finished = {tuple(job) for jobs in gather_to_all(on_my_disk) for job in jobs}
     todo = [(k, i) for i in range(num_experts) for k in range(num_subtasks) if (k, i) not in finished]
     mine = [(k, i) for k, i in todo if expert_rank(k, i, num_subtasks, world_size) == rank]
-    logger.info("experts: %d of %d already trained; rank %d trains %d", len(finished), num_subtasks * num_experts,
-                rank, len(mine))
+    logger.info("experts: %d of %d already trained under these settings; rank %d trains %d", len(finished),
+                num_subtasks * num_experts, rank, len(mine))
+    for k, i in mine:
+        if others := plan.experts[k][i].others(stage_dir):
+            logger.info("subtask %d expert %d: new settings (%d expert(s) of other settings kept beside it)", k, i,
+                        len(others))
     to_send = {}
+
+    def save(k: int, i: int, model_config: dict, trajectory: list[torch.Tensor]) -> None:
+        save_trajectory(plan.experts[k][i].folder(stage_dir), model_config, trajectory)
+        plan.experts[k][i].complete(stage_dir)
 
     def work() -> ExpertWork:
         start = time.perf_counter()
         for k in sorted({k for k, _ in mine}):
-            seed = subtask_seed(config.run.seed, k)
-            data = load_subtask_data(train, config.data, plan[k], seed, device)
+            data = load_subtask_data(train, config.data, plan.subtasks[k], subtask_seed(config.run.seed, k), device)
             for i in sorted(i for kk, i in mine if kk == k):
-                model_config, trajectory = train_expert(
-                    partial(build_net, experts, config.data, len(plan[k]), device), data.images, data.labels,
+                trained = train_expert(
+                    partial(build_net, experts, config.data, len(plan.subtasks[k]), device), data.images, data.labels,
                     experts.trajectory_epochs, experts.expert_lr, experts.expert_batch_size,
                     expert_seed(config.run.seed, k, i), experts.expert_augment,
                     desc=f"subtask {k} expert {i + 1}/{num_experts}")
-                model_config[TRAINING_SETTINGS_KEY] = expert_settings(config, plan[k], k, i)
                 if subtask_rank(k, world_size) == rank:
-                    save_trajectory(folder.expert(k, i), model_config, trajectory)
+                    save(k, i, *trained)
                 else:
-                    to_send[(k, i)] = model_config, trajectory
+                    to_send[(k, i)] = trained
             del data
         return ExpertWork(rank=rank, experts=mine, wall_time_s=time.perf_counter() - start)
 
@@ -234,7 +218,7 @@ def train_expert_trajectories(config: D3Config, folder: RunFolder, plan: list[li
     routes = [(job, expert_rank(*job, num_subtasks, world_size), subtask_rank(job[0], world_size)) for job in todo]
     for (k, i), trained in send_point_to_point(to_send, routes).items():
         logger.info("subtask %d expert %d: received from rank %d", k, i, expert_rank(k, i, num_subtasks, world_size))
-        save_trajectory(folder.expert(k, i), *trained)
+        save(k, i, *trained)
     return summary
 
 

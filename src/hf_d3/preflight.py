@@ -1,5 +1,6 @@
 """What a run checks before any long work and before it writes or withdraws anything: the output folder, the
-dataset's labels, test split and images, the teacher, the Hub target, and what an earlier run left in the folder.
+dataset's labels, test split and images, the teacher, the Hub target, and the
+expert trajectories an earlier run left.
 
 Each failure names the bad value and what would be valid. The checks run on every rank (each has its own disk);
 if one fails anywhere, every rank raises, so none waits for a peer that has stopped.
@@ -11,7 +12,7 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,33 +21,30 @@ import PIL.Image
 from datasets import Image
 
 from .data import FASHION_MNIST, ImageCache, find_columns, load_split
-from .distill.checkpoint import has_checkpoint
-from .experts import TRAINING_SETTINGS_KEY
-from .factories import build_decoder, build_latent_store, build_net
-from .federated import expert_settings, gather_to_all, subtasks_of_rank
-from .teacher import teacher_settings
+from .experts import TRAJECTORY_FILE
+from .federated import gather_to_all, subtasks_of_rank
+from .stages import subtask_is_finished
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
     from .config import D3Config, DataConfig, HubConfig
-    from .run_folder import RunFolder
+    from .run_plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-EXPERT_KEYS = ("model_type", "num_labels", "num_channels", "image_size", "width", "depth")
 
 
-def check_run_input(config: D3Config, folder: RunFolder, train: Dataset | ImageCache, class_names: list[str],
-                    plan: list[list[int]], rank: int = 0, world_size: int = 1) -> None:
-    """Every check of a run's input, on every rank; the sizes must be resolved (`hf_d3.sizing.resolve_sizes`)."""
+def check_run_input(config: D3Config, plan: RunPlan, output_dir: Path, train: Dataset | ImageCache,
+                    rank: int = 0, world_size: int = 1) -> None:
+    """Every check of a run's input, on every rank."""
 
     def checks() -> None:
-        check_output_dir(folder.root)
-        check_dataset(config.data, train, class_names)
-        check_teacher(config.relabel.teacher, config.data, len(class_names))
-        check_earlier_work(config, folder, plan, class_names, subtasks_of_rank(len(plan), rank, world_size))
+        check_output_dir(output_dir)
+        check_dataset(config.data, train, plan.class_names)
+        check_teacher(config.relabel.teacher, config.data, len(plan.class_names))
+        check_earlier_experts(config, plan, subtasks_of_rank(len(plan.subtasks), rank, world_size))
         if rank == 0:
             check_hub(config.hub)
 
@@ -221,64 +219,21 @@ def check_pipeline_repo(api: Any, repo_id: str, revision: str | None = None) -> 
                          f"{sorted(files)[:6]}); valid: a new repo id, or one that holds a D3Pipeline")
 
 
-def _differences(saved: Mapping[str, Any], built: Mapping[str, Any]) -> list[str]:
-    return [f"{key}={saved.get(key)!r} there, {built.get(key)!r} here" for key in sorted({*saved, *built})
-            if not key.startswith("_") and saved.get(key) != built.get(key)]
-
-
-def check_earlier_work(config: D3Config, folder: RunFolder, plan: list[list[int]], class_names: list[str],
-                       subtasks: list[int]) -> None:
-    """What an earlier run left for `subtasks` (this rank's) is reused only if this config would have made it:
-    finished subtasks and checkpoints of the same sizes, readable expert trajectories of the same networks, a
-    trained teacher of the same settings."""
-    for k in subtasks:
-        saved = [("finished subtask", folder.subtask(k))] if folder.is_done(k) else []
-        if not saved and has_checkpoint(folder.checkpoint(k)):
-            saved.append(("checkpoint", folder.checkpoint(k)))
-        for what, where in saved:
-            built = {"latent_store": build_latent_store(config.representation, plan[k], class_names).config,
-                     "decoder": build_decoder(config.representation, config.data).config}
-            for name, settings in built.items():
-                try:
-                    differ = _differences(json.loads((where / name / "config.json").read_text()), settings)
-                except (OSError, ValueError) as error:
-                    differ = [f"unreadable {name}/config.json ({error})"]
-                if differ:
-                    raise ValueError(f"the {what} in {where} is of another run: {name} {'; '.join(differ)}; "
-                                     f"valid: rerun with that run's settings, or delete {where} to distil subtask "
-                                     f"{k} afresh")
-        if folder.is_finished(k, config.distillation):
-            continue  # its experts are not used again
-        expected = None
-        for i in range(config.experts.num_experts):
-            if folder.expert(k, i).is_file():
-                expected = expected or build_net(config.experts, config.data, len(plan[k])).config.to_dict()
-                _check_expert(folder.expert(k, i), expected, config.experts.trajectory_epochs,
-                              expert_settings(config, plan[k], k, i))
-    saved_teacher = folder.teacher / "config.json"
-    if not config.relabel.teacher and saved_teacher.is_file():
-        # a teacher saved before its settings were recorded has none to compare
-        settings = teacher_settings(config)
-        if differ := _differences(json.loads(saved_teacher.read_text()).get(TRAINING_SETTINGS_KEY, settings), settings):
-            raise ValueError(f"the teacher in {folder.teacher} is of another run: {'; '.join(differ)}; valid: rerun "
-                             f"with that run's settings, or delete {folder.teacher} to train the teacher again")
-
-
-def _check_expert(path: Path, expected: dict, epochs: int, settings: dict[str, Any]) -> None:
+def check_earlier_experts(config: D3Config, plan: RunPlan, subtasks: list[int]) -> None:
+    """The complete expert stages that `subtasks` (this rank's) will read must be readable: a file damaged after it
+    was written fails now, not after every other expert was trained."""
     from safetensors import safe_open
 
-    remedy = f"delete {path} and {path.with_suffix('.json').name} beside it to train that expert again"
-    try:
-        with safe_open(str(path), "pt") as trajectory:
-            keys = set(trajectory.keys())
-        saved = json.loads(path.with_suffix(".json").read_text())
-    except Exception as error:
-        raise ValueError(f"the expert trajectory {path} is corrupt ({type(error).__name__}: {error}); valid: a "
-                         f"complete trajectory: {remedy}") from error
-    differ = _differences({k: saved.get(k) for k in EXPERT_KEYS}, {k: expected.get(k) for k in EXPERT_KEYS})
-    differ += _differences(saved.get(TRAINING_SETTINGS_KEY, settings), settings)  # none saved by older versions
-    if keys != {f"epoch_{e}" for e in range(epochs + 1)}:
-        differ.insert(0, f"{len(keys) - 1} epochs there, trajectory_epochs={epochs} here")
-    if differ:
-        raise ValueError(f"the expert trajectory {path} is of another run: {'; '.join(differ)}; valid: rerun with "
-                         f"that run's settings, or {remedy}")
+    for k in subtasks:
+        if subtask_is_finished(plan.subtask_stages[k], plan.stage_dir, config.distillation):
+            continue  # its experts are not read again
+        for expert in plan.experts[k]:
+            if not expert.is_complete(plan.stage_dir):
+                continue
+            folder = expert.folder(plan.stage_dir)
+            try:
+                with safe_open(str(folder / TRAJECTORY_FILE), "pt") as trajectory:
+                    trajectory.keys()
+            except Exception as error:
+                raise ValueError(f"the expert trajectory in {folder} is corrupt ({type(error).__name__}: {error}); "
+                                 f"valid: a complete trajectory: delete {folder} to train that expert again") from error

@@ -25,7 +25,7 @@ class DistillStats:
 
 @dataclass
 class SubtaskStats(DistillStats):
-    """One finished subtask (its `done.json`): the distillation, the warm start before it, and its cost."""
+    """One finished subtask (the result of its stage, `hf_d3.stages`): the distillation, the warm start before it, and its cost."""
 
     subtask: int
     classes: list[int]

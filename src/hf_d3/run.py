@@ -14,19 +14,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import D3Config, RunConfig
 from .data import class_names_of, load_split, load_test_split
 from .distill.distiller import LossCallback
-from .distill.subtask import distill_one_subtask
+from .distill.subtask import distilled_subtask
 from .evaluation import accuracy, evaluate_with_config, pipeline_sampler
-from .factories import planned_storage
 from .federated import (
     aggregate,
     from_portable,
-    plan_subtasks,
     run_and_gather,
     subtasks_of_rank,
     to_portable,
@@ -34,10 +33,10 @@ from .federated import (
 )
 from .pipelines.pipeline_d3 import D3Pipeline
 from .preflight import check_run_input
-from .results import RunMetrics
+from .results import EvaluationResult, RunMetrics
 from .run_folder import RunFolder, publish_run
-from .sizing import resolve_sizes
-from .teacher import load_teacher, relabel, resolve_hard_label_weight
+from .run_plan import RunPlan, make_plan
+from .teacher import load_teacher, relabel
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +60,23 @@ def make_accelerator(run: RunConfig, **kwargs: Any) -> Accelerator:
     return Accelerator(log_with=run.trackers or None, project_config=project, **kwargs)
 
 
-def tracker_config(config: D3Config) -> dict[str, int | float | str | bool]:
+def tracker_config(settings: dict[str, Any]) -> dict[str, int | float | str | bool]:
     """The flat settings as trackers take them: lists and None become strings."""
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.to_dict().items()}
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in settings.items()}
+
+
+def evaluated(config: D3Config, plan: RunPlan, pipe: D3Pipeline, test_images: torch.Tensor,
+              test_labels: torch.Tensor) -> EvaluationResult:
+    """The students' evaluation of the relabelled `pipe`: its stage's (`plan.evaluation`) if an earlier run made it
+    under the same settings, else trained and kept as that stage."""
+    stage = plan.evaluation
+    logger.info("evaluation: %s", stage.describe_reuse(plan.stage_dir))
+    if stage.is_complete(plan.stage_dir):
+        return EvaluationResult(**stage.read_result(plan.stage_dir))
+    evaluation = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test_images,
+                                      test_labels, len(plan.class_names))
+    stage.complete(plan.stage_dir, evaluation.to_dict())
+    return evaluation
 
 
 def log_losses(accelerator: Accelerator, subtask: int) -> LossCallback:
@@ -97,66 +110,57 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
     and finished at the end; `accelerator.end_training()` is left to the caller, since it also ends the process
     group."""
     accelerator = accelerator or make_accelerator(config.run)
-    # the precision the run has, however it was given (a launch flag leaves the config's unset): saved with the
-    # results for evaluate.py, and checked here, before any work (fp16 would need a gradient scaler)
-    precision = dataclasses.replace(config.run, mixed_precision=accelerator.mixed_precision)
-    config = dataclasses.replace(config, run=precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     folder = RunFolder(config.run.output_dir)
     start = time.perf_counter()
 
-    # Real data and the plan: which classes each subtask distils, their sizes, and the storage that gives.
+    # Real data and the plan: which classes each subtask distils, their sizes, the storage that gives, the stages.
     data = config.data
     train = load_split(data, data.train_split)  # with streaming: the image cache, built by all ranks together
     if data.streaming:
         load_split(data, data.test_split)  # here, by all ranks: the main process alone reads it at the end
-    class_names = class_names_of(data, train)
-    plan = plan_subtasks(list(range(len(class_names))), config.run.num_subtasks)
-    config = resolve_sizes(config, len(class_names))
-    storage = planned_storage(config, plan)
-    config = resolve_hard_label_weight(config, storage.ipc_equivalent)
+    # the precision the run has, however it was given (a launch flag leaves the config's unset)
+    plan = make_plan(config, class_names_of(data, train), accelerator.mixed_precision)
     # Bad input stops the run here, before any training and before an earlier result is withdrawn.
-    check_run_input(config, folder, train, class_names, plan, rank, world)
+    check_run_input(config, plan, folder.root, train, rank, world)
     if accelerator.is_main_process:
         folder.start()
     logger.info("%d training images of %d classes in %d subtask(s), %d process(es); planned storage %d values = "
-                "%.2f IPC-equivalent", len(train), len(class_names), len(plan), world, storage.total_values,
-                storage.ipc_equivalent)
+                "%.2f IPC-equivalent; stage results in %s", len(train), len(plan.class_names), len(plan.subtasks),
+                world, plan.storage.total_values, plan.storage.ipc_equivalent, plan.stage_dir)
     if config.run.trackers and not accelerator.log_with:
         logger.warning("report_to=%r: the accelerator has no tracker (none installed, or made without log_with: "
                        "see make_accelerator)", config.run.report_to)
     if accelerator.log_with:
-        accelerator.init_trackers("hf_d3", config=tracker_config(config))
+        accelerator.init_trackers("hf_d3", config=tracker_config(plan.run_settings(config)))
 
     # Experts, then every rank distils its subtasks; the results reach the main process.
-    experts = train_expert_trajectories(config, folder, plan, train, device, rank, world)
+    experts = train_expert_trajectories(config, plan, train, device, rank, world)
     gathered = run_and_gather(lambda: {
-        k: to_portable(*distill_one_subtask(config, folder, k, plan[k], train, class_names, device,
-                                            on_log=log_losses(accelerator, k)))
-        for k in subtasks_of_rank(len(plan), rank, world)
+        k: to_portable(*distilled_subtask(config, plan, k, train, device, on_log=log_losses(accelerator, k)))
+        for k in subtasks_of_rank(len(plan.subtasks), rank, world)
     })
     distill_wall_time = time.perf_counter() - start
     logger.info("experts and distillation finished in %.1f s", distill_wall_time)
     if not accelerator.is_main_process:
         return None
     finished = {k: from_portable(portable) for per_rank in gathered for k, portable in per_rank.items()}
-    stores, decoders, stats = zip(*(finished[k] for k in range(len(plan))), strict=True)
+    stores, decoders, stats = zip(*(finished[k] for k in range(len(plan.subtasks))), strict=True)
     store, decoder = aggregate(list(stores), list(decoders))
     pipe = D3Pipeline(latent_store=store, decoder=decoder).to(device)
 
     # Relabel with a global teacher, then train students on the distilled data and test them on real data.
-    teacher = load_teacher(config, folder.teacher, train, device)
-    relabel(store, decoder, teacher, config.relabel.relabel_temperature, config.relabel.hard_label_weight)
+    teacher = load_teacher(config, plan, train, device)
+    relabel(store, decoder, teacher, config.relabel.relabel_temperature, plan.hard_label_weight)
     test = load_test_split(data)
     test_images, test_labels = test.images.to(device), test.labels.to(device)
-    evaluation = evaluate_with_config(config.evaluation, config.experts, pipeline_sampler(pipe), test_images,
-                                      test_labels, len(class_names))
+    evaluation = evaluated(config, plan, pipe, test_images, test_labels)
 
     metrics = RunMetrics(
         **dataclasses.asdict(evaluation),
         teacher_accuracy=accuracy(teacher, test_images, test_labels),
         storage=pipe.storage_report().to_dict(),
-        planned_storage=storage.to_dict(),
+        planned_storage=plan.storage.to_dict(),
         distill_wall_time_s=distill_wall_time,
         distill_peak_memory_bytes=max(s.peak_memory_bytes for s in stats),
         total_wall_time_s=time.perf_counter() - start,
@@ -164,7 +168,7 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
         experts_per_rank=experts,
         subtasks=list(stats),
     )
-    folder.write_results(pipe, metrics, config)
+    folder.write_results(pipe, metrics, plan.run_settings(config))
     logger.info("accuracy on the test split: teacher %.4f, students %.4f +- %.4f over %d; storage %.2f "
                 "IPC-equivalent; saved to %s",
                 metrics.teacher_accuracy, metrics.accuracy_mean, metrics.accuracy_std, metrics.num_eval_runs,

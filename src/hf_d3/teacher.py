@@ -6,9 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from datasets import Dataset
@@ -18,10 +16,13 @@ from transformers import AutoModelForImageClassification
 from .atomic import staged
 from .config import D3Config
 from .data import load_images
-from .experts import TRAINING_SETTINGS_KEY, train_classifier, training_settings
+from .experts import train_classifier
 from .factories import build_net
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
+
+if TYPE_CHECKING:
+    from .run_plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -29,27 +30,21 @@ logger = logging.getLogger(__name__)
 HARD_LABEL_SPAN = (1.0, 50.0)
 
 
-def teacher_settings(config: D3Config) -> dict[str, Any]:
-    """What the teacher `load_teacher` trains depends on (saved under `TRAINING_SETTINGS_KEY`)."""
-    experts = config.experts
-    return {**training_settings(config), "architecture": experts.architecture, "net_width": experts.net_width,
-            "net_depth": experts.net_depth, "teacher_epochs": config.relabel.teacher_epochs, "seed": config.run.seed}
-
-
-def load_teacher(config: D3Config, folder: Path, train: Dataset, device: torch.device) -> nn.Module:
-    """The relabelling teacher: the given `teacher` checkpoint; else the one an earlier run saved in `folder` (of
-    the same `teacher_settings`: checked before the run starts); else a global expert trained on all classes and
-    all training images (`max_train_per_class` bounds only the experts and MMD) with momentum 0.9 for
-    `teacher_epochs`, saved in `folder`."""
+def load_teacher(config: D3Config, plan: RunPlan, train: Dataset, device: torch.device) -> nn.Module:
+    """The relabelling teacher: the given `teacher` checkpoint; else the one an earlier run trained under the same
+    settings (its stage, `hf_d3.stages.teacher_stage`); else a global expert trained on all classes and all training
+    images (`max_train_per_class` bounds only the experts and MMD) with momentum 0.9 for `teacher_epochs`, kept as
+    that stage."""
     if config.relabel.teacher:
         logger.info("teacher: %s", config.relabel.teacher)
         return AutoModelForImageClassification.from_pretrained(config.relabel.teacher).to(device)
-    if (folder / "config.json").is_file():
-        logger.info("teacher: the one an earlier run trained, in %s", folder)
+    stage, folder = plan.teacher, plan.teacher.folder(plan.stage_dir)
+    logger.info("teacher: %s", stage.describe_reuse(plan.stage_dir))
+    if stage.is_complete(plan.stage_dir):
         return AutoModelForImageClassification.from_pretrained(folder).to(device)
     data, experts, seed = config.data, config.experts, config.run.seed
     real = load_images(train, data.resolution, data.channels, image_column=data.image_column,
-                      label_column=data.label_column)
+                       label_column=data.label_column)
     torch.manual_seed(seed)
     teacher = build_net(experts, data, len(real.class_names), device)
     start = time.perf_counter()
@@ -58,9 +53,9 @@ def load_teacher(config: D3Config, folder: Path, train: Dataset, device: torch.d
                      experts.expert_augment, desc="global teacher", momentum=0.9)
     logger.info("teacher: trained %d epochs on all %d training images in %.1f s", config.relabel.teacher_epochs,
                 len(real.images), time.perf_counter() - start)
-    setattr(teacher.config, TRAINING_SETTINGS_KEY, teacher_settings(config))
-    with staged(folder) as staging:  # its config.json marks it saved: it appears with the weights
+    with staged(folder) as staging:
         teacher.save_pretrained(staging)
+    stage.complete(plan.stage_dir)
     return teacher
 
 
@@ -76,15 +71,6 @@ def hard_label_weight_for(ipc_equivalent: float) -> float:
     """
     low, high = HARD_LABEL_SPAN
     return min(1.0, max(0.0, math.log(ipc_equivalent / low) / math.log(high / low)))
-
-
-def resolve_hard_label_weight(config: D3Config, ipc_equivalent: float) -> D3Config:
-    """`config` with a concrete `hard_label_weight`: the one it gives, else `hard_label_weight_for` its budget
-    (`storage_budget_ipc`) or, without one, `ipc_equivalent` (the storage its sizes take)."""
-    if config.relabel.hard_label_weight is not None:
-        return config
-    weight = hard_label_weight_for(config.representation.storage_budget_ipc or ipc_equivalent)
-    return replace(config, relabel=replace(config.relabel, hard_label_weight=weight))
 
 
 @torch.no_grad()
