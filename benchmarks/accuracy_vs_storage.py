@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from record import save_record  # this folder is on sys.path when the script runs
 from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Pipeline  # (the import also registers the classifiers with the Auto classes)
@@ -312,6 +313,8 @@ def is_done(folder: Path, method: str, settings: dict) -> bool:
 
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
     (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
+    save_record("accuracy_vs_storage", {"dataset": key["dataset"], "budget_ipc": float(key["budget"]),
+                                        "method": method, "config": key["settings"]}, row)
 
 
 def merge_and_plot(out: Path, figure: Path) -> dict:
