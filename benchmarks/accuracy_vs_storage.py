@@ -176,7 +176,8 @@ def prototype_sampler(config, prototypes: torch.Tensor, teacher, num_classes: in
 
 def baseline_label_weights(hard_label_weight: float) -> list[float]:
     """The hard-label weights a baseline's soft labels choose from on held-out images: pure teacher labels, or the
-    mix D3 gets at the budget (the mix helps D3's decoded samples but can hurt real images: BENCHMARKS.md)."""
+    mix D3 gets at the budget (the mix helps D3's decoded samples but can hurt real images:
+    benchmarks/results/accuracy_vs_storage.json)."""
     return sorted({0.0, hard_label_weight})
 
 
