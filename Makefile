@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export MALLOC_TOP_PAD_ := 1073741824
 # glibc serves blocks above this from fresh mmaps, zero-filled page by page on every allocation (a third of a
-# trajectory-matching iteration's time: BENCHMARKS.md, MTT); 32 MiB, its largest value, keeps tensors in the heap
+# trajectory-matching iteration's time: benchmarks/results/mtt_iteration.json); 32 MiB, its largest value, keeps tensors in the heap
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export HF_HUB_DISABLE_TELEMETRY := 1
 

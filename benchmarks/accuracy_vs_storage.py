@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from record import save_record  # this folder is on sys.path when the script runs
 from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Pipeline  # (the import also registers the classifiers with the Auto classes)
@@ -161,7 +162,8 @@ def prototype_sampler(config, prototypes: torch.Tensor, teacher, num_classes: in
 
 def baseline_label_weights(hard_label_weight: float) -> list[float]:
     """The hard-label weights a baseline's soft labels choose from on held-out images: pure teacher labels, or the
-    mix D3 gets at the budget (the mix helps D3's decoded samples but can hurt real images: BENCHMARKS.md)."""
+    mix D3 gets at the budget (the mix helps D3's decoded samples but can hurt real images:
+    benchmarks/results/accuracy_vs_storage.json)."""
     return sorted({0.0, hard_label_weight})
 
 
@@ -295,6 +297,8 @@ def is_done(folder: Path, method: str, settings: dict) -> bool:
 
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
     (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
+    save_record("accuracy_vs_storage", {"dataset": key["dataset"], "budget_ipc": float(key["budget"]),
+                                        "method": method, "config": key["settings"]}, row)
 
 
 def merge_and_plot(out: Path, figure: Path) -> dict:

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+from record import save_record  # this folder is on sys.path when the script runs
 from transformers import AutoModelForImageClassification
 
 import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
@@ -167,6 +168,12 @@ def report(config, out: Path, rows: dict, held_out_accuracy: dict, storage: dict
     results = {"config": config.to_dict(), "rows": rows, "r_s_held_out_accuracy_by_temperature": held_out_accuracy,
                "teacher_accuracy": teacher_accuracy, "num_threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    for name, row in rows.items():
+        figures = {**row, "teacher_accuracy": teacher_accuracy}
+        if name.startswith("R+S"):
+            figures["held_out_accuracy_by_temperature"] = held_out_accuracy
+        save_record("compare_methods", {"dataset": config.data.dataset, "budget_values": budget, "method": name,
+                                        "config": config.to_dict()}, figures)
     students = config.evaluation
     print(f"\n{config.data.dataset}, budget {budget:,} values; students: {students.eval_architecture} width "
           f"{config.experts.net_width}, {students.eval_steps} steps, {students.eval_seeds} seeds, final step, "

@@ -6,7 +6,7 @@
     git worktree add /tmp/old 4634833     # the data path before the image cache (to_tensors)
     python benchmarks/data_path.py \
         --stand_in outputs/data_path_bench/imagenet_100 outputs/data_path_bench/imagenet_300 \
-        --old_src /tmp/old/src --output benchmarks/results/data_path.json
+        --old_src /tmp/old/src
 
 For every stand-in and data path, runs the ImageNet-64 10 IPC recipe (`imagenet_64_ipc10.yaml`) with K=4 subtasks
 on two gloo ranks (`accelerate launch --multi_gpu --num_processes 2`, one thread each), and stops every rank after
@@ -24,10 +24,8 @@ checkout of the old code, put first on PYTHONPATH for its runs; the new code is 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -36,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from record import save_record  # this folder is on sys.path when the script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "configs" / "imagenet_64_ipc10.yaml"
@@ -130,7 +130,6 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new"])
     parser.add_argument("--steps", type=int, default=2,
                         help="expert steps before each rank is measured (0: as its first expert starts)")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "data_path.json")
     parser.add_argument("--cache_dir", type=Path, default=ROOT / "outputs" / "data_path_bench" / "hf_d3_cache")
     parser.add_argument("--overrides", default="", help='more recipe settings, e.g. "--expert_batch_size 64"')
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -139,7 +138,6 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.steps, rest[1:] if rest[:1] == ["--"] else rest)
         return
-    rows = json.loads(args.output.read_text())["rows"] if args.output.is_file() else []
     for stand_in in args.stand_in:
         from datasets import load_dataset
 
@@ -151,18 +149,11 @@ def main() -> None:
                 if cache_state == "cold":
                     shutil.rmtree(args.cache_dir, ignore_errors=True)
                 result = launch(src, stand_in, args.cache_dir, args.steps, args.overrides)
-                row = {"path": path, "images_per_class": per_class, "train_images": len(train),
-                       "image_cache": cache_state, "steps": args.steps, "overrides": args.overrides, **result}
-                print(json.dumps(row), flush=True)
-                key = ("path", "images_per_class", "image_cache", "overrides")
-                rows = [r for r in rows if [r.get(k, []) for k in key] != [row[k] for k in key]] + [row]
-                args.output.write_text(json.dumps({
-                    "benchmark": "data path: peak RSS per rank and time to the first expert step (issue 23)",
-                    "recipe": str(RECIPE.relative_to(ROOT)), "overrides": OVERRIDES, "ranks": 2,
-                    "date": datetime.date.today().isoformat(),
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                    "rows": rows}, indent=2))
-
+                settings = {"recipe": str(RECIPE.relative_to(ROOT)), "base_overrides": OVERRIDES, "ranks": 2,
+                            "path": path, "images_per_class": per_class, "train_images": len(train),
+                            "image_cache": cache_state, "steps": args.steps, "overrides": args.overrides}
+                print(json.dumps({**settings, **result}), flush=True)
+                save_record("data_path", settings, result)
 
 if __name__ == "__main__":
     main()

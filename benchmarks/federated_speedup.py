@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from record import save_record  # this folder is on sys.path when the script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["--num_subtasks", "2", "--max_train_per_class", "300", "--net_width", "32", "--num_experts", "1",
             "--trajectory_epochs", "7", "--teacher_epochs", "1", "--eval_steps", "20", "--eval_seeds", "1",
@@ -56,6 +58,10 @@ def main():
             print(f"  rank {r['rank']} trained experts (subtask, expert) {r['experts']} in {r['wall_time_s']:.1f} s")
     speedup = results[1]["distill_wall_time_s"] / results[2]["distill_wall_time_s"]
     print(f"speedup 2 processes vs 1: {speedup:.2f}x")
+    save_record("federated_speedup", {"iterations": args.iterations, "spare_rank": args.spare_rank},
+                {"speedup": speedup, **{f"{n}_processes": {key: m[key] for key in
+                                                            ("distill_wall_time_s", "experts_per_rank", "subtasks")}
+                                        for n, m in results.items()}})
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import warnings
 from collections import Counter
 
 import torch
+from record import save_record  # this folder is on sys.path when the script runs
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_d3.config import parse_config
@@ -155,6 +156,10 @@ def main() -> None:
           f"({result['first_iteration_s']} s), peak memory {result['peak_memory_gib']} GiB "
           f"({result['peak_memory_kind']}), {result['components']} components")
     print(json.dumps(result))
+    setting_keys = ("config", "device", "device_name", "mixed_precision", "compile_inner_step", "cudnn_benchmark",
+                    "classes", "components", "syn_batch_size", "iterations", "torch")
+    save_record("gpu_smoke", {k: result[k] for k in setting_keys if k in result},
+                {k: v for k, v in result.items() if k not in setting_keys})
     if args.json_out:
         with open(args.json_out, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -19,6 +19,7 @@ import json
 import time
 
 import torch
+from record import save_record  # this folder is on sys.path when the script runs
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_d3 import D3Decoder, GaussianLatentStore, build_classifier
@@ -112,6 +113,8 @@ def main():
                     "convolution_alone_gflop_per_s": round(rate, 1)}
     if args.json:
         print(json.dumps(figures))
+    save_record("mtt_iteration", {"terms": "MTT + MMD" if args.mmd else "MTT only", "iterations": args.iterations,
+                                  "onednn": not args.no_onednn, "threads": torch.get_num_threads()}, figures)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ relative error of its norm-2 difference and its cosine with the float32 one.
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 from mtt_iteration import reference_work  # this folder is on sys.path when the script runs
+from record import save_record
 
 from hf_d3.distill.losses import FlatModel, sgd_step, trajectory_matching_loss
 
@@ -75,17 +75,11 @@ def main():
                 row[f"{name}_grad_cosine"] = cosine.item()
             rows.append(row)
             print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}))
-    out = Path(__file__).parent / "results" / "mtt_precision.json"
-    worst = {mode: {key: max(r[key] for r in rows if r["mode"] == mode) for key in rows[0] if key.endswith("error")}
-             for mode in MODES}
-    out.write_text(json.dumps({
-        "benchmark": "mtt_precision", "section": "BENCHMARKS.md, Trajectory-matching iteration time, bf16",
-        "machine": "CPU box: 2-core x86_64 (AMD EPYC, avx512_bf16), 24 GiB, no GPU, Python 3.11, torch 2.13.0 CPU",
-        "command": "OMP_NUM_THREADS=1 python benchmarks/mtt_precision.py --draws 3",
-        "work": "mtt_iteration.py's: CIFAR-10 shape, 20 Gaussians, 10 unrolled steps, ConvNet-D3 w128, small decoder; "
-                "random-perturbation trajectory, start epoch 0, target epoch 2",
-        "worst_over_draws": worst, "rows": rows}, indent=2) + "\n")
-
+    work = ("mtt_iteration.py's: CIFAR-10 shape, 20 Gaussians, 10 unrolled steps, ConvNet-D3 w128, small decoder; "
+            "random-perturbation trajectory, start epoch 0, target epoch 2")
+    for row in rows:
+        save_record("mtt_precision", {"work": work, "mode": row["mode"], "draw": row["draw"]},
+                    {k: v for k, v in row.items() if k not in ("mode", "draw")})
 
 if __name__ == "__main__":
     main()

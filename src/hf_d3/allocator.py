@@ -1,4 +1,5 @@
-"""glibc malloc settings for the trajectory-matching unroll on a CPU (BENCHMARKS.md, MTT; the Makefile exports them).
+"""glibc malloc settings for the trajectory-matching unroll on a CPU (benchmarks/results/mtt_iteration.json; the
+Makefile exports them).
 
 Torch's CPU allocator calls malloc/free directly. glibc serves every block above `M_MMAP_THRESHOLD` (128 KiB by
 default, and setting `MALLOC_TRIM_THRESHOLD_` / `MALLOC_TOP_PAD_` freezes it there) with a fresh `mmap`, so each

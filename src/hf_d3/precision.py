@@ -3,7 +3,7 @@
 Under `mixed_precision: bf16` the whole run is inside the accelerator's autocast region (`hf_d3.run`), so experts,
 the MMD embedding, the teacher and the students run their matmuls and convolutions in bf16. The decoder and the
 trajectory-matching unroll opt out with `full_precision`: their gradients lost 9-18 % in bf16
-(benchmarks/mtt_precision.py, BENCHMARKS.md).
+(benchmarks/results/mtt_precision.json).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Everything is counted the way `hf_d3.storage.storage_report` counts it, but anal
 classes at 64x64 allocates nothing: the decoder's parameters and buffers (K generators for K subtasks), every
 Gaussian's mean and log-variances, and per component its soft label, class id and subtask id.
 
-The shape is the one that won the CPU comparisons (BENCHMARKS.md, Method comparison and Ablations and variants):
+The shape is the one that won the CPU comparisons (benchmarks/results/compare_methods.json and ablations.json):
 a spatial latent, a `C x s x s` feature map (`decoder_latent_projection: False`, `latent_dim = C * s * s`), one
 log-variance per latent channel (`logvar_dim = C`, which fits twice the Gaussians of a variance per value), and a
 small all-conv decoder with nearest-neighbour upsampling. The rule for what is left:

@@ -79,7 +79,8 @@ def functional_sgd_step(net: FlatModel, params: torch.Tensor, images: torch.Tens
 
 def compiled_sgd_step(net: FlatModel) -> InnerStep:
     """`functional_sgd_step` of `net` through `torch.compile` (the `compile_inner_step` setting). The first call
-    compiles (about a minute on a CPU); on the CPU box it was no faster than eager (BENCHMARKS.md, MTT)."""
+    compiles (about a minute on a CPU); on the CPU box it was no faster than eager (`git show 8ddb5e0:BENCHMARKS.md`,
+    MTT)."""
     return torch.compile(partial(functional_sgd_step, net), dynamic=False)
 
 

@@ -152,8 +152,8 @@ class D3Decoder(ModelMixin, ConfigMixin):
         """Decode `latents` [N, latent_dim] to images [N, C, H, W] in [0, 1].
 
         Always in float32, even inside a bf16 autocast region: in bf16 the trajectory-matching gradients of the
-        latents and decoder came out 14-18 % off (BENCHMARKS.md, MTT under bf16), and the decoder is a few per cent
-        of an iteration's time."""
+        latents and decoder came out 14-18 % off (benchmarks/results/mtt_precision.json), and the decoder is a few
+        per cent of an iteration's time."""
         with full_precision(latents.device):
             return self._decode(at_least_float32(latents), subtask_ids)
 

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
 # Images decoded per decoder call: a slice's activations stay in the CPU's cache, where one call on a whole
-# evaluation epoch ran over twice as slow (BENCHMARKS.md, decoding); in eval mode the images are the same either way.
+# evaluation epoch ran over twice as slow (benchmarks/results/decode_slices.json); in eval mode the images are the
+# same either way.
 DECODE_SLICE_SIZE = 64
 
 

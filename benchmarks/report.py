@@ -1,0 +1,177 @@
+"""Write BENCHMARKS.md from the records in benchmarks/results/*.json (the schema: benchmarks/record.py).
+
+    python benchmarks/report.py [--output BENCHMARKS.md]
+
+One table per question: accuracy against storage, speed, scale. Each cell holds one figure and a note number; the
+note gives the machine, date, commit and command that measured it. Where a question was measured more than once,
+the latest record answers (the others stay in the JSON files, and older pages in git). The output depends on the
+records alone, so a clean checkout regenerates the committed page byte for byte (tests/test_benchmarks_report.py).
+"""
+
+import argparse
+import statistics
+from pathlib import Path
+
+from record import RESULTS, load_records
+
+ROOT = RESULTS.parents[1]
+DATASETS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (3,390 train images)"}
+METHODS = ("D3", "D3-hand", "prototypes", "R+H", "R+S")
+MACHINES = {  # what each machine id of the records is
+    "amd-epyc-2c": "2-core x86_64 AMD EPYC (KVM, AVX-512), 24 GiB, no GPU; Python 3.11, torch 2.13.0 CPU, "
+                   "`MALLOC_*` as in the Makefile",
+    "intel-xeon-2c": "2-core x86_64 Intel Xeon (AVX-512 with AMX), 24 GiB, no GPU; Python 3.11, torch 2.13.0 CPU",
+    "nvidia-h200": "one NVIDIA H200 (141 GiB), 16 CPU cores; Python 3.12, torch 2.11.0+cu130",
+}
+
+
+class Notes:
+    """Numbered provenance notes, one per distinct (machine, date, commit, command)."""
+
+    def __init__(self):
+        self.numbers: dict[tuple, int] = {}
+
+    def __call__(self, record: dict, command: str | None = None) -> str:
+        key = (record["machine"], record["date"], record["commit"][:7], command or record["command"])
+        return f"[{self.numbers.setdefault(key, len(self.numbers) + 1)}]"
+
+    def markdown(self) -> list[str]:
+        lines = []
+        for (machine, date, commit, command), number in self.numbers.items():
+            command = " ".join(command.split())  # multi-line commands on one line
+            lines.append(f"{number}. {machine}, {date}, {commit}: `{command}`")
+        return lines
+
+
+def latest(records: list[dict], **settings) -> dict | None:
+    """The latest record whose settings hold these values (records of one day: the last written)."""
+    found = [r for r in records if all(r["settings"].get(k) == v for k, v in settings.items())]
+    return max(enumerate(found), key=lambda pair: (pair[1]["date"], pair[0]))[1] if found else None
+
+
+def mean_std(values: list[float], scale: float = 1.0) -> str:
+    values = [scale * v for v in values]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def accuracy_tables(results: dict, notes: Notes) -> list[str]:
+    curve = [r for r in results["accuracy_vs_storage"] if "variant" not in r["settings"]]
+    lines = ["## Accuracy against storage", "",
+             "Test accuracy of fresh students (%, mean ± std over student seeds) trained on what each method stores "
+             "within the budget (in images per class: IPC-equivalents). D3: sizes from the budget alone; D3-hand: "
+             "a shipped config's hand-chosen sizes; prototypes: real images optimised with D3's objective; R+H / "
+             "R+S: random real images with class / teacher labels. Protocol: `benchmarks/accuracy_vs_storage.py`; "
+             "`-`: not measured.", ""]
+    for dataset, title in DATASETS.items():
+        budgets = sorted({r["settings"]["budget_ipc"] for r in curve if r["settings"]["dataset"] == dataset})
+        rows = []
+        for budget in budgets:
+            row = [f"{budget:g}"]
+            for method in METHODS:
+                record = latest(curve, dataset=dataset, budget_ipc=budget, method=method)
+                if record is None:
+                    row.append("-")
+                    continue
+                command = (record["command"].replace(f"--budgets {budget:g}", "--budgets <budget>")
+                           .replace(f"--methods {method}", "--methods <method>"))
+                row.append(f"{mean_std(record['figures']['accuracies'], 100)} {notes(record, command)}")
+            rows.append(row)
+        lines += [f"### {title}", "", *table(["budget (IPC-eq)", *METHODS], rows), ""]
+    return lines
+
+
+def speed_table(results: dict, notes: Notes) -> list[str]:
+    mtt, demo, gpu = results["mtt_iteration"], results["demo"], results["gpu_smoke"]
+    rows = []
+    for machine in ("amd-epyc-2c", "intel-xeon-2c"):
+        on = [r for r in mtt if r["machine"] == machine]
+        if flops := latest(on, part="flops"):
+            figures = flops["figures"]["flops"]
+            rows.append(["MTT iteration, one thread (s)", f"{figures['seconds_per_iteration']:.2f}", machine,
+                         notes(flops)])
+            rows.append(["its convolutions' floor at one convolution's rate (s)",
+                         f"{figures['convolution_floor_s']:.2f}", machine, notes(flops)])
+        if side := latest(on, part="side_by_side"):
+            ratios = side["figures"].get("ratio")
+            rows.append(["MTT iteration, today's code / before issue 23 (per round)",
+                         ", ".join(f"x{r:.2f}" for r in ratios), machine, notes(side)])
+    for machine in ("amd-epyc-2c", "intel-xeon-2c"):
+        if run := latest([r for r in demo if r["machine"] == machine and "wall_time" in r["figures"]]):
+            threads = run["settings"]["threads"]
+            rows.append([f"`make demo` wall time, {threads} thread{'s' * (threads > 1)}", run["figures"]["wall_time"],
+                         machine, notes(run)])
+    for config in ("imagenet_64_ipc1", "imagenet_64_ipc2", "imagenet_64_ipc10"):
+        for precision in ("no", "bf16"):
+            run = latest(gpu, config=f"recipes/configs/{config}.yaml", mixed_precision=precision,
+                         compile_inner_step=False, iterations=10, cudnn_benchmark=None)
+            if run:
+                name = f"{config}, {'float32' if precision == 'no' else 'bf16'}"
+                rows.append([f"{name}: iterations / s", f"{run['figures']['iterations_per_second']:.2f}",
+                             run["machine"], notes(run)])
+                rows.append([f"{name}: peak GPU memory (GiB)", f"{run['figures']['peak_memory_gib']:.1f}",
+                             run["machine"], notes(run)])
+    if compiled := latest(gpu, compile_inner_step=True):
+        rows.append(["imagenet_64_ipc1, compiled inner step: iterations / s",
+                     f"{compiled['figures']['iterations_per_second']:.2f}", compiled["machine"], notes(compiled)])
+    if whole := latest(results["gpu_end_to_end"]):
+        seconds = whole["figures"]["metrics"]["total_wall_time_s"]
+        rows.append(["a shortened whole run on a GPU, wall time (s)", f"{seconds:.1f}", whole["machine"], notes(whole)])
+    return ["## Speed", "", "MTT iteration: CIFAR-10 shape, 20 Gaussians, 10 unrolled steps, ConvNet-D3 width 128 "
+            "(`benchmarks/mtt_iteration.py`). GPU: a few distillation iterations of the ImageNet-64 configs on a "
+            "generated stand-in, 200 images per unrolled step (`benchmarks/gpu_smoke.py`).", "",
+            *table(["what", "figure", "machine", "note"], rows), ""]
+
+
+def scale_tables(results: dict, notes: Notes) -> list[str]:
+    rows = []
+    for record in results["federated_speedup"]:
+        rows.append([record["settings"]["run"], f"{record['figures']['distill_wall_time_s']:.1f}",
+                     record["machine"], notes(record)])
+    lines = ["## Scale", "", "Federated distillation: the distillation phase's wall time (s), Fashion-MNIST, 300 "
+             "images per class, 30 iterations (`benchmarks/federated_speedup.py`).", "",
+             *table(["run", "wall time (s)", "machine", "note"], rows), ""]
+    rows = []
+    for record in results["data_path"]:
+        s, ranks = record["settings"], record["figures"].get("ranks", [])
+        batch = " ".join(s["overrides"]) or "-"
+        peak_start = max(r["peak_rss_at_expert_start_mib"] for r in ranks) if ranks else None
+        first_step = [r["time_to_first_expert_step_s"] for r in ranks if r["time_to_first_expert_step_s"]]
+        rows.append([s["path"], f"{s['train_images']:,}", s["image_cache"], batch,
+                     f"{max(first_step):.0f}" if first_step else "not run",
+                     f"{peak_start:,.0f}" if peak_start else "-", notes(record)])
+    lines += ["Data path at ImageNet's shape: per rank, 2 gloo ranks, `imagenet_64_ipc10.yaml` with 4 subtasks on a "
+              "generated 1,000-class stand-in; the worse of the two ranks (`benchmarks/data_path.py`).", "",
+              *table(["data path", "train images", "image cache", "overrides", "s to 1st expert step",
+                      "peak RSS to expert start (MiB)", "note"], rows), ""]
+    return lines
+
+
+def render(results_dir: Path = RESULTS) -> str:
+    results = {path.stem: load_records(path) for path in sorted(results_dir.glob("*.json"))}
+    notes = Notes()
+    body = [*accuracy_tables(results, notes), *speed_table(results, notes), *scale_tables(results, notes)]
+    head = ["# Benchmarks", "",
+            "<!-- Written by benchmarks/report.py from benchmarks/results/*.json: do not edit by hand. -->", "",
+            "Every figure's record (per-seed accuracies, timings, memory, settings) is in "
+            "[`benchmarks/results/`](benchmarks/results/); a benchmark script writes its record there "
+            "(`benchmarks/record.py`), and `python benchmarks/report.py` rewrites this page. Earlier figures: "
+            "`git log -p benchmarks/results`.", ""]
+    machines = ["Machines:", "", *(f"- `{name}`: {text}" for name, text in MACHINES.items()), ""]
+    return "\n".join([*head, *body, "## Notes", "", *notes.markdown(), "", *machines])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    args.output.write_text(render())
+
+
+if __name__ == "__main__":
+    main()
