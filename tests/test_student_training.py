@@ -1,15 +1,13 @@
 """Any transformers image classifier as a student (`hf_d3.student_training`, `recipes/train_student.py`): trained
 with `transformers.Trainer` on soft labels, from a streamed pipeline or a Parquet dataset, scored on the real test
 split. The students are tiny models built from configs (nothing is downloaded) or hf_d3's own ConvNet; the recipe runs
-as a real process, and so does the README's snippet (the data it pulls comes from the local test Hub)."""
+as a real process, and so does the snippet of docs/using.md (the data it pulls comes from the local test Hub)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import FMNIST4_CLASSES, TINY_RUN, write_parquet_dataset
+from snippets import shell_commands
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
@@ -47,7 +46,6 @@ from hf_d3.student_training import (
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "train_student.py"
-SNIPPET = re.compile(r"<!-- snippet: train_student -->\n```bash\n(.*?)```", re.S)  # as tests/test_readme.py marks them
 # Latents fitted to real images, a better teacher and a lower temperature than TINY_RUN's: confident soft labels of the
 # right classes (TINY_RUN's are within 0.03 nats of log 4, mostly of one class), so students learn in a few steps.
 RUN = {**TINY_RUN, "init": "real", "init_steps": 50, "init_lr": 0.01, "teacher_epochs": 10, "relabel_temperature": 0.25}
@@ -213,16 +211,7 @@ def test_a_bad_distilled_value_says_what_is_valid(fmnist4_folder, local_hub, new
         load_distilled(new_repo_id("nothing-here"))  # a Hub id with no repo behind it
 
 
-def readme_commands() -> list[str]:
-    """The commands of the README's `train_student` snippet, continuation lines joined and comments left out."""
-    match = SNIPPET.search((ROOT / "README.md").read_text())
-    assert match is not None, "no <!-- snippet: train_student --> bash block in README.md"
-    block = match.group(1)
-    lines = block.replace("\\\n", " ").splitlines()
-    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def test_the_readme_snippet_runs(run_dir, local_hub, new_repo_id, tmp_path):
+def test_the_documented_snippet_runs(run_dir, local_hub, new_repo_id, tmp_path):
     # The layout a finished run leaves when launched from the working directory, and its data published on the Hub.
     run = tmp_path / "outputs" / "fashion_mnist"
     shutil.copytree(run_dir / "pipeline", run / "pipeline")
@@ -231,11 +220,11 @@ def test_the_readme_snippet_runs(run_dir, local_hub, new_repo_id, tmp_path):
     repo_id = new_repo_id("fashion-mnist-d3-data")
     D3Pipeline.from_pretrained(run / "pipeline").to_dataset(seed=0).push_to_hub(repo_id, config_name="ipc10")
 
-    commands = readme_commands()
+    commands = shell_commands("train_student")
     assert len(commands) == 3
     for command in commands:
         args = [{"python": sys.executable, "recipes/train_student.py": str(RECIPE),
-                 "user/fashion-mnist-d3-data": repo_id}.get(arg, arg) for arg in shlex.split(command)]
+                 "user/fashion-mnist-d3-data": repo_id}.get(arg, arg) for arg in command]
         done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
 
