@@ -9,7 +9,8 @@ explicit prototypes distilled with D3's objective, and random real images with h
 (`recipes/configs/cifar10_ipc10.yaml` on `--cifar10_path`, default ../shared/data/cifar10-subset); the shipped
 config's data, networks and phase lengths are kept and its sizes dropped, so `storage_budget_ipc` chooses them.
 Per dataset, the experts and the relabelling teacher are trained once, as stages (`hf_d3.stages`) in
-`<out>/<dataset>/shared`, which every D3 run uses as its `stage_dir`, so every budget and method shares them. Per budget, in `<out>/<dataset>/ipc<B>/`:
+`<out>/<dataset>/shared`, which every D3 run uses as its `stage_dir`, so every budget and method shares them.
+Per budget, in `<out>/<dataset>/ipc<B>/`:
 1. D3: `recipes/distill.py` with `--storage_budget_ipc B` in its own process; at budgets a config ships for
    (10 and 50), also D3-hand: the same with that config's hand-chosen sizes (the auto-sizing's yardstick).
 2. Prototypes: the most real images per class whose pixels and soft labels fit in the budget (at least one),

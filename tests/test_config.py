@@ -95,15 +95,15 @@ def test_unknown_command_line_argument_is_refused():
     ({"architecture": "vgg"}, "architecture='vgg' is not valid"),
     ({"channels": 2}, "channels=2 is not valid"),
     ({"decoder_upsample": "pixelshuffle"}, "decoder_upsample='pixelshuffle' is not valid"),
-    ({"num_subtasks": 0}, "num_subtasks=0 must be >= 1"),
-    ({"num_experts": 0}, "num_experts=0 must be >= 1"),
-    ({"latents_per_class": 0}, "latents_per_class=0 must be >= 1"),
-    ({"max_start_epoch": 0}, "max_start_epoch=0 must be >= 1"),
+    ({"num_subtasks": 0}, "num_subtasks=0 is not valid; valid: >= 1"),
+    ({"num_experts": 0}, "num_experts=0 is not valid; valid: >= 1"),
+    ({"latents_per_class": 0}, "latents_per_class=0 is not valid; valid: >= 1"),
+    ({"max_start_epoch": 0}, "max_start_epoch=0 is not valid; valid: >= 1"),
     ({"mtt_weight": 0.0, "mmd_weight": 0.0}, "not both 0"),
-    ({"mmd_weight": -1.0}, "need >= 0"),
+    ({"mmd_weight": -1.0}, "mmd_weight=-1.0 is not valid; valid: >= 0"),
     ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
     ({"seed": -1}, "seed=-1"),
-    ({"decoder_preset": "huge"}, "decoder_preset='huge' is not valid; choose one of \\[None, 'small', 'medium'"),
+    ({"decoder_preset": "huge"}, "decoder_preset='huge' is not valid; valid: one of \\['small', 'medium'"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -45,7 +45,7 @@ def test_report_to_names_accelerate_trackers():
 @pytest.mark.parametrize("settings, message", [
     ({"report_to": "tensorbord"}, r"report_to='tensorbord': unknown tracker\(s\) \['tensorbord'\].*'tensorboard'"),
     ({"report_to": "tensorboard,none"}, r"unknown tracker\(s\) \['none'\]"),
-    ({"log_every": 0}, r"log_every=0 must be >= 1"),
+    ({"log_every": 0}, r"log_every=0 is not valid; valid: >= 1"),
 ])
 def test_bad_logging_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

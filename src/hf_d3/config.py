@@ -2,14 +2,19 @@
 
 A YAML file and the command line name settings flat (`iterations: 600`, `--latent_dim 196`); every name belongs to
 exactly one group, so `D3Config.from_dict` and `parse_config` know where each goes, and each part of the job
-receives only the group it needs (`config.distillation`, `config.evaluation`, ...).
+receives only the group it needs (`config.distillation`, `config.evaluation`, ...). Each setting's constraint sits
+beside it (`valid=`, checked when its group is made); checks that join settings of several fields are in
+`D3Config.__post_init__` alone. The groups are frozen: what a run derives from them lives in its plan
+(`hf_d3.run_plan`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -17,62 +22,51 @@ from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
 from .models.decoder import PRESETS, UPSAMPLE_MODES
-from .validation import check_ranges, check_types, field_types
+from .validation import AboveZero, AtLeast, Between, HubRepoId, OneOf, check_fields, check_types, field_types, setting
 
 ARCHITECTURES = ("convnet", "resnet18_ap")
+PRECISIONS = ("no", "bf16")  # fp16 would need a gradient scaler
 
 
-def _check_choice(group: Any, name: str, valid: tuple) -> None:
-    if getattr(group, name) not in valid:
-        raise ValueError(f"{name}={getattr(group, name)!r} is not valid; choose one of {list(valid)}")
-
-
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """The real dataset and how its images are read."""
 
-    dataset: str = field(default="builtin:fashion_mnist",
-                         metadata={"help": "Hub id, local folder or builtin:fashion_mnist"})
+    dataset: str = setting("builtin:fashion_mnist", help="Hub id, local folder or builtin:fashion_mnist")
     train_split: str = "train"
     test_split: str = "test"
     image_column: str | None = None
     label_column: str | None = None
-    resolution: int = 28
-    channels: int = 1
-    max_train_per_class: int | None = field(default=None, metadata={"help": "subsample real data per class"})
-    max_test_examples: int | None = None
-    # -- data path (issue 23)
-    streaming: bool = field(default=False, metadata={"help": "stream the splits into the image cache, rank by rank"})
+    resolution: int = setting(28, valid=AtLeast(1))
+    channels: int = setting(1, valid=OneOf((1, 3)))
+    max_train_per_class: int | None = setting(None, help="subsample real data per class", valid=AtLeast(1))
+    max_test_examples: int | None = setting(None, valid=AtLeast(1))
+    streaming: bool = setting(False, help="stream the splits into the image cache, rank by rank")
 
     def __post_init__(self):
-        _check_choice(self, "channels", (1, 3))
+        check_fields(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Where the run lives, its seed, its federated split and how it reports progress."""
 
     output_dir: str = "outputs/run"
-    stage_dir: str | None = field(default=None, metadata={
-        "help": "where the stage results (experts, teacher, subtasks, evaluations) are kept, each in a folder keyed by "
-                "its settings, so runs may share one; default: output_dir"})
-    seed: int = 0
-    num_subtasks: int = field(default=1, metadata={"help": "classes are split into this many contiguous blocks"})
-    collective_timeout_s: int = field(default=7200, metadata={"help": "longest wait for a peer process"})
-    log_every: int = field(default=10, metadata={"help": "iterations between two logs of the distillation losses"})
-    report_to: str = field(default="none", metadata={
-        "help": 'trackers for Accelerate\'s log_with, comma-separated: e.g. "tensorboard", "wandb", "all" or "none"'})
-    # -- GPU-ready loop (issue 23): mixed precision
-    mixed_precision: str | None = field(default=None, metadata={
-        "help": "no or bf16 (autocast for experts, MMD embedding, teacher and students; the decoder and the "
-                "trajectory-matching unroll stay float32); default: what Accelerate is launched with, else no"})
+    stage_dir: str | None = setting(None, help="where the stage results (experts, teacher, subtasks, evaluations) are "
+                                    "kept, each in a folder keyed by its settings, so runs may share one; default: "
+                                    "output_dir")
+    seed: int = setting(0, valid=AtLeast(0))
+    num_subtasks: int = setting(1, help="classes are split into this many contiguous blocks", valid=AtLeast(1))
+    collective_timeout_s: int = setting(7200, help="longest wait for a peer process", valid=AtLeast(1))
+    log_every: int = setting(10, help="iterations between two logs of the distillation losses", valid=AtLeast(1))
+    report_to: str = setting("none", help='trackers for Accelerate\'s log_with, comma-separated: e.g. "tensorboard", '
+                             '"wandb", "all" or "none"')
+    mixed_precision: str | None = setting(None, valid=OneOf(PRECISIONS), help=(
+        "no or bf16 (autocast for experts, MMD embedding, teacher and students; the decoder and the "
+        "trajectory-matching unroll stay float32); default: what Accelerate is launched with, else no"))
 
     def __post_init__(self):
-        if self.num_subtasks < 1:
-            raise ValueError(f"num_subtasks={self.num_subtasks} must be >= 1")
-        if self.log_every < 1:
-            raise ValueError(f"log_every={self.log_every} must be >= 1")
-        _check_choice(self, "mixed_precision", (None, "no", "bf16"))  # fp16 would need a gradient scaler
+        check_fields(self)
         unknown = [name for name in self.trackers if name not in LoggerType.list()]  # what log_with accepts
         if unknown:
             raise ValueError(f"report_to={self.report_to!r}: unknown tracker(s) {unknown}; choose \"none\" or "
@@ -84,23 +78,21 @@ class RunConfig:
         return [] if self.report_to == "none" else [name.strip() for name in self.report_to.split(",")]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertConfig:
     """The networks (experts, teacher, MMD embedding) and the expert trajectories."""
 
-    architecture: str = "convnet"
-    net_width: int = field(default=128, metadata={"help": "ConvNet channels (ResNet-18 keeps its standard 64)"})
-    net_depth: int = field(default=3, metadata={"help": "ConvNet blocks"})
-    num_experts: int = 2
-    trajectory_epochs: int = 10
-    expert_lr: float = 0.01
-    expert_batch_size: int = 256
+    architecture: str = setting("convnet", valid=OneOf(ARCHITECTURES))
+    net_width: int = setting(128, help="ConvNet channels (ResNet-18 keeps its standard 64)", valid=AtLeast(1))
+    net_depth: int = setting(3, help="ConvNet blocks", valid=AtLeast(1))
+    num_experts: int = setting(2, valid=AtLeast(1))
+    trajectory_epochs: int = setting(10, valid=AtLeast(1))
+    expert_lr: float = setting(0.01, valid=AboveZero())
+    expert_batch_size: int = setting(256, valid=AtLeast(1))
     expert_augment: bool = True
 
     def __post_init__(self):
-        _check_choice(self, "architecture", ARCHITECTURES)
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts={self.num_experts} must be >= 1")
+        check_fields(self)
 
 
 # The sizes of a representation, and the paper's "small" 1 IPC defaults (docs/method.md, Reference settings of the
@@ -112,7 +104,7 @@ PAPER_SIZES: dict[str, Any] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class RepresentationConfig:
     """The sizes of the distilled dataset: Gaussians per class, latent shape, decoder, and the storage budget.
 
@@ -121,39 +113,36 @@ class RepresentationConfig:
     the unset sizes take the paper's defaults (`PAPER_SIZES`) and the budget is only checked.
     """
 
-    sizes: str | None = field(default=None, metadata={
-        "help": "auto: choose the unset sizes from storage_budget_ipc (the default when a budget and no size is "
-                "given); explicit: the given sizes, the paper's defaults for the rest"})
-    latents_per_class: int | None = None
-    latent_dim: int | None = None
-    logvar_dim: int | None = field(default=None, metadata={
-        "help": "log-variances per Gaussian, each shared by latent_dim / logvar_dim dimensions; default latent_dim"})
-    decoder_preset: str | None = field(default=None, metadata={"help": "small, medium or large; else decoder_channels"})
-    decoder_channels: list[int] | None = None
+    sizes: str | None = setting(None, valid=OneOf(("auto", "explicit")), help=(
+        "auto: choose the unset sizes from storage_budget_ipc (the default when a budget and no size is given); "
+        "explicit: the given sizes, the paper's defaults for the rest"))
+    latents_per_class: int | None = setting(None, valid=AtLeast(1))
+    latent_dim: int | None = setting(None, valid=AtLeast(1))
+    logvar_dim: int | None = setting(None, valid=AtLeast(1), help=(
+        "log-variances per Gaussian, each shared by latent_dim / logvar_dim dimensions; default latent_dim"))
+    decoder_preset: str | None = setting(None, valid=OneOf(tuple(PRESETS)),
+                                         help="small, medium or large; else decoder_channels")
+    decoder_channels: list[int] | None = setting(None, valid=AboveZero())
     decoder_latent_projection: bool | None = None
     decoder_kernel_size: int | None = None
-    decoder_upsample: str | None = field(default=None, metadata={
-        "help": "transpose (the paper's) or nearest / bilinear (resize + 3x3 conv, no checkerboard)"})
-    storage_budget_ipc: float | None = field(default=None, metadata={
-        "help": "the storage budget in IPC-equivalents: the sizes are chosen to use it, or checked against it"})
+    decoder_upsample: str | None = setting(None, valid=OneOf(UPSAMPLE_MODES), help=(
+        "transpose (the paper's) or nearest / bilinear (resize + 3x3 conv, no checkerboard)"))
+    storage_budget_ipc: float | None = setting(None, valid=AboveZero(), help=(
+        "the storage budget in IPC-equivalents: the sizes are chosen to use it, or checked against it"))
 
     def __post_init__(self):
-        _check_choice(self, "sizes", (None, "auto", "explicit"))
-        _check_choice(self, "decoder_preset", (None, *PRESETS))
+        check_fields(self)
+        # Unset sizes are settled here, once: the budget chooses them later, or the paper's defaults fill them now.
         if self.sizes is None:
             given = any(getattr(self, name) is not None for name in PAPER_SIZES)
-            self.sizes = "auto" if self.storage_budget_ipc is not None and not given else "explicit"
-        if self.sizes == "auto" and self.storage_budget_ipc is None:
-            raise ValueError("sizes=auto chooses the sizes from the budget: give storage_budget_ipc too")
+            object.__setattr__(self, "sizes", "auto" if self.storage_budget_ipc is not None and not given
+                               else "explicit")
         if self.sizes == "explicit":
-            if self.decoder_preset is not None and self.latent_dim is None:  # the preset's, not PAPER_SIZES'
-                self.latent_dim = PRESETS[self.decoder_preset]["latent_dim"]
-            for name, default in PAPER_SIZES.items():
+            defaults = {**PAPER_SIZES, "latent_dim": PRESETS[self.decoder_preset]["latent_dim"]
+                        if self.decoder_preset is not None else PAPER_SIZES["latent_dim"]}  # the preset's own
+            for name, default in defaults.items():
                 if getattr(self, name) is None:
-                    setattr(self, name, default)
-        _check_choice(self, "decoder_upsample", (None, *UPSAMPLE_MODES))
-        if self.latents_per_class is not None and self.latents_per_class < 1:
-            raise ValueError(f"latents_per_class={self.latents_per_class} must be >= 1")
+                    object.__setattr__(self, name, default)
 
     @property
     def chosen_by_budget(self) -> bool:
@@ -161,104 +150,111 @@ class RepresentationConfig:
         return self.sizes == "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillationConfig:
     """The warm start and the objective (trajectory matching + MMD) of every subtask."""
 
-    init: str = field(default="random", metadata={"help": "random (the paper's) or real (fit real images first)"})
-    init_steps: int = 300
-    init_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the warm start (init real)"})
-    init_images_per_component: int = field(default=1, metadata={"help": "real images each component fits (init real)"})
-    iterations: int = 1000
-    max_distill_time_s: float | None = field(default=None, metadata={"help": "stop a subtask after this many seconds"})
-    mtt_weight: float = 1.0
-    mmd_weight: float = 1.0
-    syn_steps: int = 10
-    expert_epochs: int = 2
-    max_start_epoch: int = 5
-    syn_batch_size: int | None = field(default=None, metadata={"help": "images per unrolled step; default all"})
-    lr_latents: float = 5e-3
-    lr_decoder: float = 8e-5
-    lr_lr: float = 1e-6
-    syn_lr_init: float = 1e-2
-    mmd_samples_per_class: int = 20
-    mmd_bandwidths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
-    checkpoint_every: int = 200
-    compile_inner_step: bool = field(default=False, metadata={
-        "help": "torch.compile the inner SGD step of trajectory matching (about a minute to compile)"})
+    init: str = setting("random", valid=OneOf(("random", "real")),
+                        help="random (the paper's) or real (fit real images first)")
+    init_steps: int = setting(300, valid=AtLeast(0))
+    init_lr: float = setting(1e-3, valid=AboveZero(), help="Adam learning rate of the warm start (init real)")
+    init_images_per_component: int = setting(1, valid=AtLeast(1), help="real images each component fits (init real)")
+    iterations: int = setting(1000, valid=AtLeast(0))
+    max_distill_time_s: float | None = setting(None, valid=AtLeast(0), help="stop a subtask after this many seconds")
+    mtt_weight: float = setting(1.0, valid=AtLeast(0))
+    mmd_weight: float = setting(1.0, valid=AtLeast(0))
+    syn_steps: int = setting(10, valid=AtLeast(1))
+    expert_epochs: int = setting(2, valid=AtLeast(1))
+    max_start_epoch: int = setting(5, valid=AtLeast(1))
+    syn_batch_size: int | None = setting(None, valid=AtLeast(1), help="images per unrolled step; default all")
+    lr_latents: float = setting(5e-3, valid=AtLeast(0))
+    lr_decoder: float = setting(8e-5, valid=AtLeast(0))
+    lr_lr: float = setting(1e-6, valid=AtLeast(0))
+    syn_lr_init: float = setting(1e-2, valid=AboveZero())
+    mmd_samples_per_class: int = setting(20, valid=AtLeast(1))
+    mmd_bandwidths: list[float] = setting(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0], valid=AboveZero())
+    checkpoint_every: int = setting(200, valid=AtLeast(1))
+    compile_inner_step: bool = setting(False, help=(
+        "torch.compile the inner SGD step of trajectory matching (about a minute to compile)"))
 
     def __post_init__(self):
-        _check_choice(self, "init", ("random", "real"))
-        if self.max_start_epoch < 1:
-            raise ValueError(f"max_start_epoch={self.max_start_epoch} must be >= 1")
-        if self.mtt_weight < 0 or self.mmd_weight < 0 or self.mtt_weight + self.mmd_weight == 0:
-            raise ValueError(f"mtt_weight={self.mtt_weight}, mmd_weight={self.mmd_weight}: need >= 0, not both 0")
+        check_fields(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RelabelConfig:
     """The teacher that gives every Gaussian its soft label."""
 
-    teacher: str | None = field(default=None, metadata={"help": "image-classification checkpoint (path or Hub id)"})
-    teacher_epochs: int = 10
-    relabel_temperature: float = 1.0
-    hard_label_weight: float | None = field(default=None, metadata={"help": "weight of each Gaussian's class in its "
-        "label (0: the teacher's softmax alone, 1: the class alone); unset: hf_d3.teacher.hard_label_weight_for"})
+    teacher: str | None = setting(None, help="image-classification checkpoint (path or Hub id)")
+    teacher_epochs: int = setting(10, valid=AtLeast(0))
+    relabel_temperature: float = setting(1.0, valid=AboveZero())
+    hard_label_weight: float | None = setting(None, valid=Between(0, 1), help=(
+        "weight of each Gaussian's class in its label (0: the teacher's softmax alone, 1: the class alone); unset: "
+        "hf_d3.teacher.hard_label_weight_for"))
+
+    def __post_init__(self):
+        check_fields(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationConfig:
     """The students trained on the distilled data (docs/method.md, Evaluation protocol)."""
 
-    eval_architecture: str = "convnet"
-    eval_steps: int = 1000
-    eval_batch_size: int = 256
-    eval_lr: float = 0.01
-    eval_seeds: int = 3
+    eval_architecture: str = setting("convnet", valid=OneOf(ARCHITECTURES))
+    eval_steps: int = setting(1000, valid=AtLeast(1))
+    eval_batch_size: int = setting(256, valid=AtLeast(1))
+    eval_lr: float = setting(0.01, valid=AboveZero())
+    eval_seeds: int = setting(3, valid=AtLeast(1))
     eval_augment: bool = True
 
     def __post_init__(self):
-        _check_choice(self, "eval_architecture", ARCHITECTURES)
+        check_fields(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class HubConfig:
     """Publishing the result."""
 
     push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_dataset_id: str | None = field(default=None, metadata={"help": "also publish the materialised dataset"})
+    hub_model_id: str | None = setting(None, valid=HubRepoId())
+    hub_dataset_id: str | None = setting(None, valid=HubRepoId(), help="also publish the materialised dataset")
     hub_private: bool = False
 
     def __post_init__(self):
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("push_to_hub needs hub_model_id (e.g. 'user/fashion-mnist-d3')")
+        check_fields(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class D3Config:
     """Every setting of a distillation run, by group. Defaults follow the paper's reference settings where they
     apply (docs/method.md); the YAML files in `recipes/configs` size them for a dataset and budget."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    experts: ExpertConfig = field(default_factory=ExpertConfig)
-    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
-    distillation: DistillationConfig = field(default_factory=DistillationConfig)
-    relabel: RelabelConfig = field(default_factory=RelabelConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
+    data: DataConfig = setting(default_factory=DataConfig)
+    run: RunConfig = setting(default_factory=RunConfig)
+    experts: ExpertConfig = setting(default_factory=ExpertConfig)
+    representation: RepresentationConfig = setting(default_factory=RepresentationConfig)
+    distillation: DistillationConfig = setting(default_factory=DistillationConfig)
+    relabel: RelabelConfig = setting(default_factory=RelabelConfig)
+    evaluation: EvaluationConfig = setting(default_factory=EvaluationConfig)
+    hub: HubConfig = setting(default_factory=HubConfig)
 
     def __post_init__(self):
-        check_ranges(self.to_dict())
-        trajectory, objective = self.experts, self.distillation
+        """The checks that join settings of several fields."""
+        objective, sizes = self.distillation, self.representation
+        if objective.mtt_weight + objective.mmd_weight == 0:
+            raise ValueError(f"mtt_weight={objective.mtt_weight}, mmd_weight={objective.mmd_weight}: not both 0; "
+                             "valid: at least one of them above 0")
         needed = objective.max_start_epoch + objective.expert_epochs
-        if objective.mtt_weight > 0 and needed > trajectory.trajectory_epochs:
+        if objective.mtt_weight > 0 and needed > self.experts.trajectory_epochs:
             raise ValueError(
-                f"trajectory_epochs={trajectory.trajectory_epochs} is too few for max_start_epoch="
+                f"trajectory_epochs={self.experts.trajectory_epochs} is too few for max_start_epoch="
                 f"{objective.max_start_epoch} + expert_epochs={objective.expert_epochs}: train at least "
                 f"{needed} epochs per expert, or lower max_start_epoch"
             )
+        if sizes.sizes == "auto" and sizes.storage_budget_ipc is None:
+            raise ValueError("sizes=auto chooses the sizes from the budget: give storage_budget_ipc too")
+        if self.hub.push_to_hub and not self.hub.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id (e.g. 'user/fashion-mnist-d3')")
 
     @classmethod
     def groups(cls) -> dict[str, type]:
@@ -285,6 +281,20 @@ FIELD_GROUP: dict[str, str] = {f.name: name for name, group in D3Config.groups()
 FIELD_TYPES: dict[str, Any] = field_types(D3Config.groups().values())
 
 
+class SettingsParser(HfArgumentParser):
+    """`HfArgumentParser` for fields made with `setting`: a field's constraint is shown in its help, not passed on to
+    argparse (which takes every metadata key as an argument of `add_argument`)."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        metadata = dict(field.metadata)
+        if (constraint := metadata.pop("valid", None)) is not None:
+            metadata["help"] = f"{metadata.get('help', '')} (valid: {constraint.describe()})".lstrip()
+        field = copy.copy(field)
+        field.metadata = MappingProxyType(metadata)
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+
 def parse_config(args: list[str] | None = None) -> D3Config:
     """Parse `--config file.yaml` and `--key value` overrides (the command line wins over the file)."""
     return parse_recipe_args(args)[0]
@@ -297,7 +307,7 @@ def parse_recipe_args(args: list[str] | None = None, *extra: type) -> tuple:
     line; `--config` may also be a finished run's `config.json` (JSON is YAML), so a recipe reruns a run's settings.
     """
     groups = D3Config.groups()
-    parser = HfArgumentParser([*groups.values(), *extra], allow_abbrev=False)
+    parser = SettingsParser([*groups.values(), *extra], allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config settings (flat keys)")
     known, unknown = parser.parse_known_args(args)
     if unknown:

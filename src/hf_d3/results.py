@@ -25,7 +25,8 @@ class DistillStats:
 
 @dataclass
 class SubtaskStats(DistillStats):
-    """One finished subtask (the result of its stage, `hf_d3.stages`): the distillation, the warm start before it, and its cost."""
+    """One finished subtask (its stage's result, `hf_d3.stages`): the distillation, the warm start before it, and its
+    cost."""
 
     subtask: int
     classes: list[int]

@@ -1,29 +1,107 @@
-"""Checks of the settings' values where they enter (`hf_d3.config`): each one's type, and the range of every count
-and rate, so a bad value stops the run at once with its name, its value and what would be valid."""
+"""Checks of the settings' values where they enter (`hf_d3.config`): each one's type, and the constraint stated
+beside its field, so a bad value stops the run at once with its name, its value and what would be valid."""
 
 from __future__ import annotations
 
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-# The smallest valid value of each count and rate that has one (None stays valid where the field allows it).
-AT_LEAST: dict[str, float] = {
-    "max_train_per_class": 1, "max_test_examples": 1, "collective_timeout_s": 1, "net_width": 1, "net_depth": 1,
-    "trajectory_epochs": 1, "expert_batch_size": 1, "latent_dim": 1, "logvar_dim": 1, "init_images_per_component": 1,
-    "syn_steps": 1, "expert_epochs": 1, "syn_batch_size": 1, "mmd_samples_per_class": 1, "checkpoint_every": 1,
-    "eval_steps": 1, "eval_batch_size": 1, "eval_seeds": 1, "iterations": 0, "init_steps": 0, "teacher_epochs": 0,
-    "max_distill_time_s": 0, "lr_latents": 0, "lr_decoder": 0, "lr_lr": 0, "seed": 0,
-}
-# Rates that must be above zero, and lists whose every entry must be.
-ABOVE_ZERO = ("expert_lr", "eval_lr", "init_lr", "syn_lr_init", "relabel_temperature", "storage_budget_ipc",
-              "mmd_bandwidths", "decoder_channels")
-# Weights that must lie in [0, 1].
-UNIT_INTERVAL = ("hard_label_weight",)
-HUB_IDS = ("hub_model_id", "hub_dataset_id")
 # What HfArgumentParser reads as a bool from text (`string_to_bool`).
 _BOOL_TEXT = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
+
+
+class Constraint:
+    """What a setting's values must be, stated beside its field (`hf_d3.config`) and checked by `check_fields`."""
+
+    def holds(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def check(self, name: str, value: Any) -> None:
+        if not self.holds(value):
+            raise ValueError(f"{name}={value!r} is not valid; valid: {self.describe()}")
+
+
+@dataclass(frozen=True)
+class AtLeast(Constraint):
+    least: float
+
+    def holds(self, value: Any) -> bool:
+        return value >= self.least
+
+    def describe(self) -> str:
+        return f">= {self.least}"
+
+
+@dataclass(frozen=True)
+class AboveZero(Constraint):
+    """A rate above zero, or a list whose every entry is."""
+
+    def holds(self, value: Any) -> bool:
+        return min(value if isinstance(value, list) else [value], default=1) > 0
+
+    def describe(self) -> str:
+        return "> 0 (every entry, for a list)"
+
+
+@dataclass(frozen=True)
+class Between(Constraint):
+    low: float
+    high: float
+
+    def holds(self, value: Any) -> bool:
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        return f"{self.low} to {self.high}"
+
+
+@dataclass(frozen=True)
+class OneOf(Constraint):
+    choices: tuple
+
+    def holds(self, value: Any) -> bool:
+        return value in self.choices
+
+    def describe(self) -> str:
+        return f"one of {list(self.choices)}"
+
+
+@dataclass(frozen=True)
+class HubRepoId(Constraint):
+    """A repo id the Hub would accept at the end of the run."""
+
+    def holds(self, value: Any) -> bool:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(value)
+        except HFValidationError:
+            return False
+        return True
+
+    def describe(self) -> str:
+        return "'user/name' of letters, digits, '-', '_' and '.'"
+
+
+def setting(default: Any = MISSING, *, help: str | None = None, valid: Constraint | None = None,
+            default_factory: Any = MISSING) -> Any:
+    """A settings field with its help text and its constraint (`None` is always valid where the type allows it)."""
+    metadata = {key: value for key, value in (("help", help), ("valid", valid)) if value is not None}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def check_fields(group: Any) -> None:
+    """Refuse the first field of a settings group whose value breaks the constraint stated beside it."""
+    for item in fields(group):
+        value, constraint = getattr(group, item.name), item.metadata.get("valid")
+        if constraint is not None and value is not None:
+            constraint.check(item.name, value)
 
 
 def field_types(groups: Iterable[type]) -> dict[str, Any]:
@@ -65,26 +143,3 @@ def check_types(values: Mapping[str, Any], types_by_name: Mapping[str, Any], whe
         if hint is not None and not _fits(value, hint, from_text):
             raise ValueError(f"{name}={value!r} ({type(value).__name__}){where} is not valid; valid: a value of "
                              f"type {_type_name(hint)}")
-
-
-def check_ranges(values: Mapping[str, Any]) -> None:
-    """Refuse a count or rate out of its range, and a Hub repo id that the Hub would refuse at the end of the run."""
-    for name, least in AT_LEAST.items():
-        if values.get(name) is not None and values[name] < least:
-            raise ValueError(f"{name}={values[name]!r} must be >= {least}")
-    for name in ABOVE_ZERO:
-        value = values.get(name)
-        if value is not None and min(value if isinstance(value, list) else [value], default=1) <= 0:
-            raise ValueError(f"{name}={value!r} is not valid; valid: {'entries ' * isinstance(value, list)}> 0")
-    for name in UNIT_INTERVAL:
-        if values.get(name) is not None and not 0 <= values[name] <= 1:
-            raise ValueError(f"{name}={values[name]!r} is not valid; valid: 0 to 1")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    for name in HUB_IDS:
-        if values.get(name) is not None:
-            try:
-                validate_repo_id(values[name])
-            except HFValidationError as error:
-                raise ValueError(f"{name}={values[name]!r} is not a valid Hub repo id ({error}); valid: "
-                                 "'user/name' of letters, digits, '-', '_' and '.'") from None
