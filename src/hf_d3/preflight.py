@@ -24,6 +24,7 @@ from .distill.checkpoint import has_checkpoint
 from .experts import TRAINING_SETTINGS_KEY
 from .factories import build_decoder, build_latent_store, build_net
 from .federated import expert_settings, gather_to_all, subtasks_of_rank
+from .hub import RepoTakenError, check_pipeline_repo
 from .teacher import teacher_settings
 
 if TYPE_CHECKING:
@@ -193,32 +194,6 @@ def check_hub(hub: HubConfig) -> None:
         raise
     except Exception as error:  # offline now is no reason to refuse the run
         logger.warning("could not check hub_model_id=%r on the Hub now: %s", hub.hub_model_id, type(error).__name__)
-
-
-class RepoTakenError(ValueError):
-    """The repo holds something other than a D3 pipeline: publishing would mix files into it and replace its card."""
-
-
-def check_pipeline_repo(api: Any, repo_id: str, revision: str | None = None) -> None:
-    """Refuse (`RepoTakenError`) a model repo that holds files beyond a card and is not a D3 pipeline (called by
-    `hf_d3.hub.push_pipeline_to_hub` before it uploads anything)."""
-    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        files = set(api.list_repo_files(repo_id, revision=revision))
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        return  # a new repo or branch
-    if not files - {".gitattributes", "README.md"}:
-        return
-    held = "no model_index.json"
-    if "model_index.json" in files:
-        index = json.loads(Path(api.hf_hub_download(repo_id, "model_index.json", revision=revision)).read_text())
-        name = index.get("_class_name")
-        if (name[-1] if isinstance(name, list) else name) == "D3Pipeline":
-            return
-        held = f"a {name!r} pipeline"
-    raise RepoTakenError(f"the Hub repo {repo_id!r} already holds another model ({held}; files "
-                         f"{sorted(files)[:6]}); valid: a new repo id, or one that holds a D3Pipeline")
 
 
 def _differences(saved: Mapping[str, Any], built: Mapping[str, Any]) -> list[str]:
