@@ -46,7 +46,6 @@ from hf_d3 import D3Pipeline  # (the import also registers the classifiers with 
 from hf_d3.baselines import (
     choose_temperature,
     distill_prototypes,
-    largest_ipc_within,
     pick_per_class,
     random_real_sampler,
     split_held_out,
@@ -64,7 +63,7 @@ from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 from hf_d3.experts import load_trajectory
 from hf_d3.federated import plan_subtasks, subtask_seed, train_expert_trajectories
 from hf_d3.run_folder import RunFolder
-from hf_d3.storage import prototype_storage
+from hf_d3.storage import largest_ipc_within, prototype_storage
 from hf_d3.teacher import load_teacher, resolve_hard_label_weight, teacher_labels
 
 ROOT = Path(__file__).resolve().parents[1]
