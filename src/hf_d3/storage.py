@@ -66,7 +66,7 @@ def decoder_values(decoder: Mapping) -> tuple[int, int]:
     floats = latent_dim * feature_values + feature_values if decoder["latent_projection"] else 0
     kernel_values = decoder["upsample_kernel_size"] ** 2 if decoder["upsample_mode"] == "transpose" else 3 * 3
     for c_in, c_out in zip(channels[:-1], channels[1:]):
-        floats += kernel_values * c_in * c_out + c_out + 4 * c_out
+        floats += kernel_values * c_in * c_out + c_out + 4 * c_out  # the convolution, then the BatchNorm
     floats += 3 * 3 * channels[-1] * out_channels + out_channels
     return decoder["num_subtasks"] * floats, decoder["num_subtasks"] * (len(channels) - 1)
 
