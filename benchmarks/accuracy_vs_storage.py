@@ -47,7 +47,6 @@ from hf_d3 import D3Pipeline  # (the import also registers the classifiers with 
 from hf_d3.baselines import (
     choose_temperature,
     distill_prototypes,
-    largest_ipc_within,
     pick_per_class,
     random_real_sampler,
     split_held_out,
@@ -66,7 +65,7 @@ from hf_d3.experts import load_trajectory
 from hf_d3.federated import train_expert_trajectories
 from hf_d3.run_plan import RunPlan, make_plan
 from hf_d3.stages import subtask_seed
-from hf_d3.storage import prototype_storage
+from hf_d3.storage import largest_ipc_within, prototype_storage
 from hf_d3.teacher import hard_label_weight_for, load_teacher, teacher_labels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,12 +33,12 @@ from record import save_record  # this folder is on sys.path when the script run
 from transformers import AutoModelForImageClassification
 
 import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
-from hf_d3.baselines import choose_temperature, largest_ipc_within, random_real_sampler, split_held_out
+from hf_d3.baselines import choose_temperature, random_real_sampler, split_held_out
 from hf_d3.config import parse_config
 from hf_d3.data import ImageTensors, load_image_dataset, load_images, load_test_split
 from hf_d3.evaluation import evaluate_with_config
 from hf_d3.stages import teacher_stage
-from hf_d3.storage import prototype_storage
+from hf_d3.storage import largest_ipc_within, prototype_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: D3 arguments; a row that sets no --iterations runs for the main run's distillation time

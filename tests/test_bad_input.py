@@ -24,8 +24,7 @@ from huggingface_hub import HfApi
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore, build_classifier
 from hf_d3.config import D3Config, load_yaml, parse_config
 from hf_d3.experts import load_trajectory
-from hf_d3.hub import push_pipeline_to_hub
-from hf_d3.preflight import RepoTakenError
+from hf_d3.hub import RepoTakenError, push_pipeline_to_hub
 from hf_d3.run import run_distillation
 
 # huggingface_hub's plain-LFS upload (the path taken with HF_HUB_DISABLE_XET=1) passes `data=<file>` to httpx2.

@@ -2,11 +2,11 @@ import torch
 from conftest import TINY_RUN
 
 from hf_d3 import build_classifier
-from hf_d3.baselines import distill_prototypes, largest_ipc_within, pick_per_class, random_real_sampler
+from hf_d3.baselines import distill_prototypes, pick_per_class, random_real_sampler
 from hf_d3.config import D3Config
 from hf_d3.data import SubtaskData
 from hf_d3.experts import train_classifier
-from hf_d3.storage import prototype_storage
+from hf_d3.storage import largest_ipc_within, prototype_storage
 
 
 def test_largest_ipc_within_counts_images_and_labels():

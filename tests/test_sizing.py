@@ -9,25 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import TINY_RUN
 
 from hf_d3.config import PAPER_SIZES, D3Config, parse_config
 from hf_d3.factories import build_decoder, planned_storage
-from hf_d3.models.decoder import D3Decoder
-from hf_d3.models.latent_store import GaussianLatentStore
+from hf_d3.models.decoder import upsampling_stages
 from hf_d3.run import run_distillation
 from hf_d3.run_plan import plan_subtasks
-from hf_d3.sizing import (
-    RepresentationSizes,
-    decoder_widths,
-    resolve_sizes,
-    solve_sizes,
-    storage_breakdown,
-    upsampling_stages,
-)
-from hf_d3.storage import storage_report
+from hf_d3.sizing import TARGET_START_SIDE, decoder_widths, resolve_sizes, solve_sizes
 from hf_d3.teacher import hard_label_weight_for
 
 BUDGETS = (1, 2, 5, 10, 20, 50)
@@ -42,31 +32,6 @@ GRID = [c for c in itertools.product(BUDGETS, CLASSES, RESOLUTIONS, CHANNELS, SU
 TOO_SMALL = {(1, 1000, r, 1, k) for r in (28, 32) for k in SUBTASKS} | {(1, 10, 28, 1, 5)}
 
 SMALLEST_BUDGET = re.compile(r"smallest budget that works is ([0-9.]+) IPC-equivalent")
-
-
-def built_modules(sizes: RepresentationSizes, num_classes: int, resolution: int, channels: int,
-                  num_subtasks: int) -> tuple[GaussianLatentStore, D3Decoder]:
-    """The latent store and decoder a run would build from `sizes`, with the subtasks of `plan_subtasks`."""
-    blocks = np.array_split(np.arange(num_classes), num_subtasks)
-    store = GaussianLatentStore(
-        class_ids=list(range(num_classes)), num_classes=num_classes, latents_per_class=sizes.latents_per_class,
-        latent_dim=sizes.latent_dim, subtask_sizes=[len(b) for b in blocks], logvar_dim=sizes.logvar_dim,
-    )
-    decoder = D3Decoder(
-        latent_dim=sizes.latent_dim, resolution=resolution, out_channels=channels,
-        channels=sizes.decoder_channels, latent_projection=sizes.decoder_latent_projection,
-        upsample_mode=sizes.decoder_upsample, num_subtasks=num_subtasks,
-    )
-    return store, decoder
-
-
-def assert_counts_match(sizes: RepresentationSizes, num_classes: int, resolution: int, channels: int,
-                        num_subtasks: int) -> None:
-    analytic = storage_breakdown(sizes, num_classes, resolution, channels, num_subtasks)
-    report = storage_report(*built_modules(sizes, num_classes, resolution, channels, num_subtasks))
-    assert (analytic.decoder_values, analytic.latent_values, analytic.label_values, analytic.total_values) == (
-        report.decoder_values, report.latent_values, report.label_values, report.total_values)
-    assert analytic.ipc_equivalent == report.ipc_equivalent
 
 
 def test_the_solver_never_exceeds_the_budget_and_fills_at_least_90_percent_of_it():
@@ -95,27 +60,10 @@ def test_the_solver_is_deterministic_and_pure():
     assert [solve_sizes(*case) for case in reversed(cases)] == first[::-1]
 
 
-@pytest.mark.parametrize("budget, num_classes, resolution, channels, k", [
-    (1, 10, 28, 1, 1), (10, 10, 28, 1, 2), (2, 10, 32, 3, 1), (5, 6, 32, 1, 3), (1, 4, 64, 3, 2),
-    (2, 20, 32, 1, 2),
-])
-def test_the_analytic_count_equals_storage_report_of_the_built_modules(budget, num_classes, resolution, channels, k):
-    assert_counts_match(solve_sizes(budget, num_classes, resolution, channels, k), num_classes, resolution,
-                        channels, k)
-
-
-def test_the_analytic_count_covers_a_projection_and_a_variance_per_value():
-    sizes = RepresentationSizes(latents_per_class=3, latent_dim=12, logvar_dim=12, decoder_channels=[6, 5, 4],
-                                decoder_latent_projection=True, decoder_upsample="bilinear")
-    assert_counts_match(sizes, num_classes=5, resolution=16, channels=3, num_subtasks=2)
-
-
-def test_a_non_power_of_two_latent_is_counted_right():
-    sizes = solve_sizes(2, 1000, 32, 1, 2)  # no power of two fills this budget
+def test_a_latent_of_any_channel_count_when_no_power_of_two_fills_the_budget():
+    sizes = solve_sizes(2, 1000, 32, 1, 2)  # a 1000-way soft label outweighs the latent
     assert sizes.decoder_channels[0] & (sizes.decoder_channels[0] - 1)
-    small = RepresentationSizes(2, sizes.decoder_channels[0] * 64, sizes.decoder_channels[0],
-                                [sizes.decoder_channels[0], 16, 8])
-    assert_counts_match(small, num_classes=12, resolution=32, channels=1, num_subtasks=2)
+    assert 0.9 * 2 <= sizes.storage(1000, 32, 1, 2).ipc_equivalent <= 2
 
 
 def test_a_too_small_budget_names_the_smallest_budget_that_works():
@@ -156,7 +104,7 @@ def test_tiny_budgets_get_one_latent_channel_and_a_larger_decoder_share():
 
 def test_k_subtasks_pay_for_k_decoders():
     one, five = solve_sizes(10, 100, 32, 3, 1), solve_sizes(10, 100, 32, 3, 5)
-    assert five.storage(100, 32, 3, 5).decoder_values == 5 * storage_breakdown(five, 100, 32, 3, 1).decoder_values
+    assert five.storage(100, 32, 3, 5).decoder_values == 5 * five.storage(100, 32, 3, 1).decoder_values
     assert five.storage(100, 32, 3, 5).decoder_values >= one.storage(100, 32, 3, 1).decoder_values
 
 
@@ -167,7 +115,7 @@ def test_1000_classes_at_64x64_are_solved_within_the_budget():
 
 @pytest.mark.parametrize("resolution, stages", [(28, 2), (32, 2), (64, 3), (14, 1), (48, 3), (30, 1), (128, 4)])
 def test_the_stage_count_aims_for_a_start_side_of_8(resolution, stages):
-    assert upsampling_stages(resolution) == stages
+    assert upsampling_stages(resolution, TARGET_START_SIDE) == stages
     assert len(solve_sizes(10, 10, resolution, 1).decoder_channels) == stages + 1
 
 
@@ -196,15 +144,6 @@ def test_to_config_gives_the_config_names():
 def test_bad_inputs_name_the_bad_value(args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         solve_sizes(*args)
-
-
-def test_the_breakdown_refuses_sizes_it_cannot_count():
-    with pytest.raises(ValueError, match="latent_dim=100 must equal decoder_channels"):
-        storage_breakdown(RepresentationSizes(1, 100, 4, [4, 8, 8]), 10, 28, 1)
-    with pytest.raises(ValueError, match="decoder_upsample='transpose' is not counted here"):
-        storage_breakdown(RepresentationSizes(1, 196, 4, [4, 8, 8], decoder_upsample="transpose"), 10, 28, 1)
-    with pytest.raises(ValueError, match="cannot produce resolution=30"):
-        storage_breakdown(RepresentationSizes(1, 196, 4, [4, 8, 8]), 10, 30, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,16 +15,7 @@ from .distill.distiller import take_step
 from .distill.losses import FlatModel, mmd2_unbiased, real_per_class, trajectory_matching_loss
 from .evaluation import EpochSampler
 from .progress import progress_bar
-from .storage import prototype_storage
 from .teacher import teacher_labels
-
-
-def largest_ipc_within(budget_values: int, num_classes: int, values_per_image: int, soft_labels: bool) -> int:
-    """The most real images per class whose images and labels fit in `budget_values` stored values."""
-    ipc = 0
-    while prototype_storage(num_classes, ipc + 1, values_per_image, soft_labels) <= budget_values:
-        ipc += 1
-    return ipc
 
 
 def pick_per_class(labels: torch.Tensor, num_classes: int, images_per_class: int, seed: int = 0) -> torch.Tensor:

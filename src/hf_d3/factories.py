@@ -1,5 +1,5 @@
 """Every model a run builds from its config: the latent store and decoder of a subtask, the expert / teacher
-network, and the storage those sizes give."""
+network, and the storage those sizes give (counted from the sizes, nothing built)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import D3Config, DataConfig, ExpertConfig, RepresentationConfig
 from .models.classifiers import build_classifier
-from .models.decoder import D3Decoder
+from .models.decoder import D3Decoder, preset_sizes
 from .models.latent_store import GaussianLatentStore
 from .storage import StorageReport, storage_report
 
@@ -19,13 +19,14 @@ def _check_concrete(sizes: RepresentationConfig) -> None:
                          "hf_d3.sizing.resolve_sizes(config, num_classes) first")
 
 
-def build_decoder(sizes: RepresentationConfig, data: DataConfig, num_subtasks: int = 1) -> D3Decoder:
-    """A fresh decoder of these sizes (a preset, or the given channels) with one generator per subtask."""
+def decoder_arguments(sizes: RepresentationConfig, data: DataConfig, num_subtasks: int = 1) -> dict:
+    """The `D3Decoder` arguments of these sizes (a preset, or the given channels), one generator per subtask."""
     _check_concrete(sizes)
     if sizes.decoder_preset:
-        return D3Decoder.from_preset(sizes.decoder_preset, data.resolution, data.channels, num_subtasks,
-                                     latent_dim=sizes.latent_dim, upsample_mode=sizes.decoder_upsample)
-    return D3Decoder(
+        return {"resolution": data.resolution, "out_channels": data.channels, "num_subtasks": num_subtasks,
+                **preset_sizes(sizes.decoder_preset, data.resolution, latent_dim=sizes.latent_dim,
+                               upsample_mode=sizes.decoder_upsample)}
+    return dict(
         latent_dim=sizes.latent_dim, resolution=data.resolution, out_channels=data.channels,
         channels=sizes.decoder_channels, latent_projection=sizes.decoder_latent_projection,
         upsample_kernel_size=sizes.decoder_kernel_size, upsample_mode=sizes.decoder_upsample,
@@ -33,12 +34,24 @@ def build_decoder(sizes: RepresentationConfig, data: DataConfig, num_subtasks: i
     )
 
 
+def build_decoder(sizes: RepresentationConfig, data: DataConfig, num_subtasks: int = 1) -> D3Decoder:
+    """A fresh decoder of these sizes with one generator per subtask."""
+    return D3Decoder(**decoder_arguments(sizes, data, num_subtasks))
+
+
+def latent_store_arguments(sizes: RepresentationConfig, class_ids: list[int], class_names: list[str],
+                           subtask_sizes: list[int] | None = None) -> dict:
+    """The `GaussianLatentStore` arguments of these sizes for `class_ids` (of `class_names`' label space)."""
+    _check_concrete(sizes)
+    return dict(class_ids=class_ids, num_classes=len(class_names), latents_per_class=sizes.latents_per_class,
+                latent_dim=sizes.latent_dim, class_names=class_names, subtask_sizes=subtask_sizes,
+                logvar_dim=sizes.logvar_dim)
+
+
 def build_latent_store(sizes: RepresentationConfig, class_ids: list[int], class_names: list[str],
                        subtask_sizes: list[int] | None = None) -> GaussianLatentStore:
     """A fresh latent store of these sizes for `class_ids` (of `class_names`' label space)."""
-    _check_concrete(sizes)
-    return GaussianLatentStore(class_ids, len(class_names), sizes.latents_per_class, sizes.latent_dim,
-                               class_names=class_names, subtask_sizes=subtask_sizes, logvar_dim=sizes.logvar_dim)
+    return GaussianLatentStore(**latent_store_arguments(sizes, class_ids, class_names, subtask_sizes))
 
 
 def net_kwargs(architecture: str, width: int, depth: int) -> dict:
@@ -59,8 +72,8 @@ def planned_storage(config: D3Config, plan: list[list[int]]) -> StorageReport:
     exceeds `storage_budget_ipc`."""
     sizes = config.representation
     class_ids = [c for block in plan for c in block]
-    store = build_latent_store(sizes, class_ids, [str(c) for c in class_ids], [len(block) for block in plan])
-    report = storage_report(store, build_decoder(sizes, config.data, len(plan)))
+    store = latent_store_arguments(sizes, class_ids, [str(c) for c in class_ids], [len(block) for block in plan])
+    report = storage_report(store, decoder_arguments(sizes, config.data, len(plan)))
     if sizes.storage_budget_ipc is not None and report.ipc_equivalent > sizes.storage_budget_ipc:
         raise ValueError(
             f"these sizes store {report.total_values:,} values = {report.ipc_equivalent:.2f} IPC-equivalent, over "

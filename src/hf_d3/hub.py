@@ -11,6 +11,7 @@ token is sent to the Hub only: it is never logged, put in an error message or wr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -54,10 +55,8 @@ def _resolve_token(token: str | None, repo_id: str) -> str:
         raise ValueError(f"token must be a string or None, got {type(token).__name__}")
     token = token or get_token()
     if not token:
-        raise ValueError(
-            f"No Hugging Face token to publish {repo_id!r}: pass token=..., set the HF_TOKEN environment variable "
-            "or run `hf auth login`"
-        )
+        raise ValueError(f"No Hugging Face token to publish {repo_id!r}: pass token=..., set the HF_TOKEN "
+                         "environment variable or run `hf auth login`")
     return token
 
 
@@ -80,10 +79,8 @@ def _scrub(text: str, token: str) -> str:
 def _publish_error(what: str, repo_id: str, error: BaseException, token: str, state: str | None = None):
     from huggingface_hub import constants
 
-    state = state or (
-        "The Hub applies a commit whole or not at all, so the repo keeps its previous revision unless the commit "
-        "went through"
-    )
+    state = state or ("The Hub applies a commit whole or not at all, so the repo keeps its previous revision unless "
+                      "the commit went through")
     message = (
         f"Publishing {what} to {repo_id!r} on {constants.ENDPOINT} failed: {_describe(error)}\n"
         f"{state}; nothing local was changed or deleted. Fix the cause and publish again (files already uploaded "
@@ -102,6 +99,32 @@ def _describe(error: BaseException) -> str:
             parts.append(f"{type(error).__name__}: {str(error).strip()}")
         error = error.__cause__
     return "\ncaused by ".join(parts)
+
+
+class RepoTakenError(ValueError):
+    """The repo holds something other than a D3 pipeline: publishing would mix files into it and replace its card."""
+
+
+def check_pipeline_repo(api: Any, repo_id: str, revision: str | None = None) -> None:
+    """Refuse (`RepoTakenError`) a model repo that holds files beyond a card and is not a D3 pipeline (called by
+    `push_pipeline_to_hub` before it uploads anything, and by a run's preflight before it trains)."""
+    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        files = set(api.list_repo_files(repo_id, revision=revision))
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return  # a new repo or branch
+    if not files - {".gitattributes", "README.md"}:
+        return
+    held = "no model_index.json"
+    if "model_index.json" in files:
+        index = json.loads(Path(api.hf_hub_download(repo_id, "model_index.json", revision=revision)).read_text())
+        name = index.get("_class_name")
+        if (name[-1] if isinstance(name, list) else name) == "D3Pipeline":
+            return
+        held = f"a {name!r} pipeline"
+    raise RepoTakenError(f"the Hub repo {repo_id!r} already holds another model ({held}; files "
+                         f"{sorted(files)[:6]}); valid: a new repo id, or one that holds a D3Pipeline")
 
 
 def push_pipeline_to_hub(
@@ -149,8 +172,6 @@ def push_pipeline_to_hub(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from .preflight import RepoTakenError, check_pipeline_repo
-
     repo_id = _check_repo_id(repo_id)
     token = _resolve_token(token, repo_id)
     samples_path = None
@@ -160,14 +181,9 @@ def push_pipeline_to_hub(
             raise ValueError(f"samples_png={str(samples_png)!r} is not a file")
     api = HfApi(token=token, library_name="hf_d3", library_version=__version__)
     curve = resources.files(TEMPLATES_PACKAGE).joinpath(TEMPLATES_FOLDER, CURVE_FILENAME)
-    card_args = dict(
-        metrics=metrics,
-        settings=settings,
-        samples_file=SAMPLES_FILENAME,
-        curve_file=CURVE_FILENAME if curve.is_file() else None,
-        source_dataset=source_dataset,
-        license=license,
-    )
+    card_args = dict(metrics=metrics, settings=settings, samples_file=SAMPLES_FILENAME,
+                     curve_file=CURVE_FILENAME if curve.is_file() else None, source_dataset=source_dataset,
+                     license=license)
     # Render (and validate) the card before any network call: bad metrics fail fast with nothing sent.
     card = render_pipeline_card(pipe, repo_id, **card_args)
 
@@ -208,17 +224,9 @@ def push_dataset_to_hub(
     repo_id: str,
     config_name: str = "ipc10",
     *,
-    num_samples_per_component: int = 1,
-    include_means: bool = True,
-    seed: int = 0,
-    split: str = "train",
-    token: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    source_dataset: str | None = None,
-    license: str = "apache-2.0",
-    pretty_name: str | None = None,
+    num_samples_per_component: int = 1, include_means: bool = True, seed: int = 0, split: str = "train",
+    token: str | None = None, private: bool = False, revision: str | None = None, commit_message: str | None = None,
+    source_dataset: str | None = None, license: str = "apache-2.0", pretty_name: str | None = None,
     pipeline_repo_id: str | None = None,
 ) -> CommitInfo:
     """Publish a materialised D3 dataset as Parquet under `config_name` (one config per storage budget), then

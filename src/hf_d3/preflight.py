@@ -9,12 +9,11 @@ if one fails anywhere, every rank raises, so none waits for a peer that has stop
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
@@ -23,6 +22,7 @@ from datasets import Image
 from .data import FASHION_MNIST, ImageCache, find_columns, load_split
 from .experts import TRAJECTORY_FILE
 from .federated import gather_to_all, subtasks_of_rank
+from .hub import RepoTakenError, check_pipeline_repo
 from .stages import subtask_is_finished
 
 if TYPE_CHECKING:
@@ -191,32 +191,6 @@ def check_hub(hub: HubConfig) -> None:
         raise
     except Exception as error:  # offline now is no reason to refuse the run
         logger.warning("could not check hub_model_id=%r on the Hub now: %s", hub.hub_model_id, type(error).__name__)
-
-
-class RepoTakenError(ValueError):
-    """The repo holds something other than a D3 pipeline: publishing would mix files into it and replace its card."""
-
-
-def check_pipeline_repo(api: Any, repo_id: str, revision: str | None = None) -> None:
-    """Refuse (`RepoTakenError`) a model repo that holds files beyond a card and is not a D3 pipeline (called by
-    `hf_d3.hub.push_pipeline_to_hub` before it uploads anything)."""
-    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        files = set(api.list_repo_files(repo_id, revision=revision))
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        return  # a new repo or branch
-    if not files - {".gitattributes", "README.md"}:
-        return
-    held = "no model_index.json"
-    if "model_index.json" in files:
-        index = json.loads(Path(api.hf_hub_download(repo_id, "model_index.json", revision=revision)).read_text())
-        name = index.get("_class_name")
-        if (name[-1] if isinstance(name, list) else name) == "D3Pipeline":
-            return
-        held = f"a {name!r} pipeline"
-    raise RepoTakenError(f"the Hub repo {repo_id!r} already holds another model ({held}; files "
-                         f"{sorted(files)[:6]}); valid: a new repo id, or one that holds a D3Pipeline")
 
 
 def check_earlier_experts(config: D3Config, plan: RunPlan, subtasks: list[int]) -> None:

@@ -1,16 +1,17 @@
 """Sizes of a D3 representation chosen from a storage budget (`storage_budget_ipc` with the sizes unset).
 
-Everything is counted the way `hf_d3.storage.storage_report` counts it, but analytically, so solving for 1,000
-classes at 64x64 allocates nothing: the decoder's parameters and buffers (K generators for K subtasks), every
-Gaussian's mean and log-variances, and per component its soft label, class id and subtask id.
+Everything is counted by `hf_d3.storage`, from the sizes alone, so solving for 1,000 classes at 64x64 allocates
+nothing: the decoder's parameters and buffers (K generators for K subtasks), every Gaussian's mean and
+log-variances, and per component its soft label, class id and subtask id.
 
 The shape is the one that won the CPU comparisons (benchmarks/results/compare_methods.json and ablations.json):
 a spatial latent, a `C x s x s` feature map (`decoder_latent_projection: False`, `latent_dim = C * s * s`), one
 log-variance per latent channel (`logvar_dim = C`, which fits twice the Gaussians of a variance per value), and a
 small all-conv decoder with nearest-neighbour upsampling. The rule for what is left:
 
-- **Stages**: the start side `s` closest to 8 that the resolution doubles from (28 -> 7, 32 -> 8, 64 -> 8): the
-  measured configs use 7 and 8, and a fixed side keeps a latent channel meaning the same at every resolution.
+- **Stages**: the start side `s` closest to 8 that the resolution doubles from (28 -> 7, 32 -> 8, 64 -> 8, by the
+  decoder's rule, `hf_d3.models.decoder.upsampling_stages`): the measured configs use 7 and 8, and a fixed side
+  keeps a latent channel meaning the same at every resolution.
 - **Latent channels C**, a power of two near a target that grows like sqrt(budget): a Gaussian's mean holds 1/4
   of a grayscale image or 1/6 of an RGB one at 10 IPC-equivalent. This reproduces the four measured optima
   (4 x 7 x 7 and 8 x 7 x 7 on Fashion-MNIST at 10 and 50, `fashion_mnist*.yaml`; 8 x 8 x 8 and 16 x 8 x 8 on
@@ -38,6 +39,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .config import PAPER_SIZES, D3Config, RepresentationConfig
 from .factories import build_decoder
+from .models.decoder import upsampling_stages
+from .storage import StorageReport, component_values, decoder_values, storage_report
 
 # Fraction of one image's values that a Gaussian's mean holds at 10 IPC-equivalent, by image channels:
 # 4 x 7 x 7 of 28 x 28 (Fashion-MNIST) and 8 x 8 x 8 of 3 x 32 x 32 (CIFAR-10), the measured optima.
@@ -53,29 +56,6 @@ DECODER_WIDTH_STEP = 4
 TARGET_START_SIDE = 8
 # The solver fills at least this fraction of the budget whenever some size does.
 MIN_FILL = 0.9
-
-RESIZE_UPSAMPLE_MODES = ("nearest", "bilinear")
-
-
-@dataclass
-class StorageBreakdown:
-    """Stored values by part, as `hf_d3.storage.storage_report` counts them for built modules.
-
-    `label_values` are the soft labels plus each component's class id and subtask id;
-    `ipc_equivalent` = total values / (classes x values in one image).
-    """
-
-    decoder_values: int
-    latent_values: int
-    label_values: int
-    total_values: int
-    values_per_image: int
-    num_classes: int
-    ipc_equivalent: float
-
-    @property
-    def decoder_share(self) -> float:
-        return self.decoder_values / self.total_values
 
 
 @dataclass
@@ -102,84 +82,22 @@ class RepresentationSizes:
         """The flat config settings these sizes are (`latents_per_class: 31`, `decoder_channels: [4, 32, 32]` ...)."""
         return asdict(self)
 
-    def storage(self, num_classes: int, resolution: int, channels: int, num_subtasks: int = 1) -> StorageBreakdown:
+    def storage(self, num_classes: int, resolution: int, channels: int, num_subtasks: int = 1) -> StorageReport:
         """The storage these sizes take for `num_classes` classes of `channels x resolution x resolution` images
         split into `num_subtasks` subtasks (one decoder generator each)."""
-        return storage_breakdown(self, num_classes, resolution, channels, num_subtasks)
+        store = {"class_ids": list(range(num_classes)), "num_classes": num_classes, "latent_dim": self.latent_dim,
+                 "latents_per_class": self.latents_per_class, "logvar_dim": self.logvar_dim}
+        decoder = _decoder_arguments(self.decoder_channels, self.latent_dim, self.decoder_latent_projection,
+                                     self.decoder_upsample, resolution, channels, num_subtasks)
+        return storage_report(store, decoder)
 
 
-def generator_values(decoder_channels: list[int], out_channels: int, latent_dim: int | None = None,
-                     start_side: int | None = None) -> int:
-    """Parameters and buffers of one resize-convolution generator of `hf_d3.models.decoder`.
-
-    Each stage is a 3x3 convolution (weights and bias) then a BatchNorm (weight, bias, running mean, running
-    variance, and its one num_batches_tracked count); a last 3x3 convolution makes the image. With
-    `latent_dim` and `start_side`, a Linear projection of the latent to the first feature map is added.
-    """
-    values = 0
-    if latent_dim is not None:
-        feature_values = decoder_channels[0] * start_side**2
-        values += latent_dim * feature_values + feature_values
-    for c_in, c_out in zip(decoder_channels[:-1], decoder_channels[1:]):
-        values += 9 * c_in * c_out + c_out  # convolution
-        values += 4 * c_out + 1  # BatchNorm: affine weight and bias, running mean and variance, batch count
-    return values + 9 * decoder_channels[-1] * out_channels + out_channels
-
-
-def storage_breakdown(sizes: RepresentationSizes, num_classes: int, resolution: int, channels: int,
-                      num_subtasks: int = 1) -> StorageBreakdown:
-    """Count the stored values of `sizes` analytically: equal to `storage_report` of the built latent store
-    (all `num_classes` classes, `num_classes`-way soft labels) and `num_subtasks`-generator decoder."""
-    if sizes.decoder_upsample not in RESIZE_UPSAMPLE_MODES:
-        raise ValueError(
-            f"decoder_upsample={sizes.decoder_upsample!r} is not counted here; valid: {list(RESIZE_UPSAMPLE_MODES)} "
-            "(count a transposed-convolution decoder with hf_d3.storage.storage_report of the built modules)"
-        )
-    stages = len(sizes.decoder_channels) - 1
-    if stages < 1 or resolution % 2**stages:
-        raise ValueError(
-            f"decoder_channels={sizes.decoder_channels} has {stages} upsampling stages, which cannot produce "
-            f"resolution={resolution}: it must be divisible by 2**stages"
-        )
-    side = resolution // 2**stages
-    if not sizes.decoder_latent_projection and sizes.latent_dim != sizes.decoder_channels[0] * side**2:
-        raise ValueError(
-            f"latent_dim={sizes.latent_dim} must equal decoder_channels[0] * {side}**2 = "
-            f"{sizes.decoder_channels[0] * side**2} without a latent projection"
-        )
-    if not 1 <= sizes.logvar_dim <= sizes.latent_dim or sizes.latent_dim % sizes.logvar_dim:
-        raise ValueError(f"logvar_dim={sizes.logvar_dim} must divide latent_dim={sizes.latent_dim}")
-    projection = (sizes.latent_dim, side) if sizes.decoder_latent_projection else (None, None)
-    decoder = num_subtasks * generator_values(sizes.decoder_channels, channels, *projection)
-    components = num_classes * sizes.latents_per_class
-    latents = components * (sizes.latent_dim + sizes.logvar_dim)
-    labels = components * (num_classes + 2)  # soft label, class id, subtask id
-    total = decoder + latents + labels
-    values_per_image = channels * resolution**2
-    return StorageBreakdown(
-        decoder_values=decoder,
-        latent_values=latents,
-        label_values=labels,
-        total_values=total,
-        values_per_image=values_per_image,
-        num_classes=num_classes,
-        ipc_equivalent=total / (num_classes * values_per_image),
-    )
-
-
-def upsampling_stages(resolution: int) -> int:
-    """The stage count whose integer start side (>= 2) is closest to TARGET_START_SIDE in log scale."""
-    sides = {}
-    stages = 1
-    while resolution % 2**stages == 0 and resolution // 2**stages >= 2:
-        sides[stages] = resolution // 2**stages
-        stages += 1
-    if not sides:
-        raise ValueError(
-            f"resolution={resolution} cannot be reached by doubling an integer side >= 2; "
-            "use a multiple of 4 such as 28, 32 or 64"
-        )
-    return min(sides, key=lambda s: (abs(math.log2(sides[s] / TARGET_START_SIDE)), s))
+def _decoder_arguments(decoder_channels: list[int], latent_dim: int, latent_projection: bool, upsample: str,
+                       resolution: int, channels: int, num_subtasks: int) -> dict:
+    """The `D3Decoder` arguments of these sizes (the paper's kernel size, which resize upsampling does not use)."""
+    return {"latent_dim": latent_dim, "resolution": resolution, "out_channels": channels, "channels": decoder_channels,
+            "latent_projection": latent_projection, "upsample_kernel_size": PAPER_SIZES["decoder_kernel_size"],
+            "upsample_mode": upsample, "num_subtasks": num_subtasks}
 
 
 def decoder_widths(last_width: int, stages: int) -> list[int]:
@@ -231,7 +149,7 @@ def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, ch
     of one latent channel per class and the narrowest decoder do not fit.
     """
     _check_inputs(storage_budget_ipc, num_classes, resolution, channels, num_subtasks)
-    stages = upsampling_stages(resolution)
+    stages = upsampling_stages(resolution, TARGET_START_SIDE)
     side = resolution // 2**stages
     values_per_image = channels * resolution**2
     values_per_class = num_classes * values_per_image  # storage_report's IPC divisor (classes x image values)
@@ -243,13 +161,15 @@ def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, ch
     decoder_share = min(MAX_DECODER_SHARE, DECODER_SHARE_AT_1_IPC / math.sqrt(storage_budget_ipc))
     decoder_target = decoder_share * budget_values  # all K generators together
 
-    def gaussian_values(latent_channels: int) -> int:  # mean, log-variances, soft label, class and subtask ids
-        return latent_channels * side**2 + latent_channels + num_classes + 2
+    def gaussian_values(latent_channels: int) -> int:
+        return sum(component_values(latent_channels * side**2, latent_channels, num_classes))
 
-    def decoder_values(latent_channels: int, width: int) -> int:
-        return num_subtasks * generator_values([latent_channels, *decoder_widths(width, stages)], channels)
+    def decoder_size(latent_channels: int, width: int) -> int:
+        return sum(decoder_values(_decoder_arguments([latent_channels, *decoder_widths(width, stages)],
+                                                     latent_channels * side**2, False, "nearest", resolution,
+                                                     channels, num_subtasks)))
 
-    smallest = decoder_values(1, MIN_DECODER_WIDTH) + num_classes * gaussian_values(1)
+    smallest = decoder_size(1, MIN_DECODER_WIDTH) + num_classes * gaussian_values(1)
     if smallest > max_total:
         raise ValueError(
             f"storage_budget_ipc={storage_budget_ipc} is too small for {num_classes} classes at "
@@ -265,7 +185,7 @@ def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, ch
         for latent_channels in channel_counts:
             per_class = gaussian_values(latent_channels)
             for width in range(MIN_DECODER_WIDTH, MAX_DECODER_WIDTH + 1, DECODER_WIDTH_STEP):
-                decoder = decoder_values(latent_channels, width)
+                decoder = decoder_size(latent_channels, width)
                 latents_per_class = (max_total - decoder) // (num_classes * per_class)
                 if latents_per_class < 1:
                     break  # wider decoders only leave less room

@@ -1,16 +1,31 @@
-"""The storage axis of the metric: what it costs to keep enough to regenerate the training data."""
+"""The storage axis of the metric: what it costs to keep enough to regenerate the training data (docs/method.md,
+Storage).
+
+Counted from the sizes alone, never from built modules, so the run's planner and the budget solver
+(`hf_d3.sizing`) count sizes they never build (1,000 classes at 64x64 allocate nothing) exactly as the pipeline
+counts what it holds: every tensor its safetensors files store (tests/test_storage.py checks the count against
+built modules).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from torch import nn
+import torch
+
+from .models.decoder import start_side
+from .models.latent_store import store_sizes
+
+# The components' class and subtask ids and BatchNorm's batch counts are int64, whatever the modules' dtype.
+INTEGER_BYTES = 8
 
 
 @dataclass
 class StorageReport:
     """Stored values by part, bytes at the stored dtype, and the images-per-class equivalent.
 
+    `label_values` are the soft labels plus each component's class id and subtask id;
     `ipc_equivalent` = stored values / (classes x values in one image).
     """
 
@@ -23,33 +38,64 @@ class StorageReport:
     num_classes: int
     ipc_equivalent: float
 
+    @property
+    def decoder_share(self) -> float:
+        return self.decoder_values / self.total_values
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _count(tensors) -> tuple[int, int]:
-    tensors = list(tensors)
-    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+def component_values(latent_dim: int, logvar_dim: int, num_classes: int) -> tuple[int, int, int]:
+    """What one Gaussian component stores: its mean and log-variances, its `num_classes`-way soft label, and its
+    integer class id and subtask id."""
+    return latent_dim + logvar_dim, num_classes, 2
 
 
-def storage_report(latent_store: nn.Module, decoder: nn.Module) -> StorageReport:
-    """Count every stored tensor: means and log-variances, every decoder parameter and buffer, and the
-    latent store's buffers (soft labels, class ids and subtask ids of the components)."""
-    latent_values, latent_bytes = _count(latent_store.parameters())
-    decoder_values, decoder_bytes = _count(list(decoder.parameters()) + list(decoder.buffers()))
-    label_values, label_bytes = _count(latent_store.buffers())
-    values_per_image = decoder.config.out_channels * decoder.config.resolution**2
-    num_classes = len(latent_store.config.class_ids)
-    total = latent_values + decoder_values + label_values
+def decoder_values(decoder: Mapping) -> tuple[int, int]:
+    """The floating-point and the integer values of a `D3Decoder` of these arguments (or its `.config`).
+
+    Each of its `num_subtasks` generators holds a Linear projection of the latent to the first feature map (with
+    `latent_projection`); per upsampling stage a convolution (a transposed one of `upsample_kernel_size`, or a 3x3
+    one after a resize) with its bias, then a BatchNorm: affine weight and bias, running mean and variance, and an
+    integer batch count; last, a 3x3 convolution to the image."""
+    latent_dim, out_channels, channels = decoder["latent_dim"], decoder["out_channels"], list(decoder["channels"])
+    side = start_side(latent_dim, decoder["resolution"], out_channels, channels, decoder["latent_projection"],
+                      decoder["upsample_kernel_size"], decoder["upsample_mode"])
+    feature_values = channels[0] * side**2
+    floats = latent_dim * feature_values + feature_values if decoder["latent_projection"] else 0
+    kernel_values = decoder["upsample_kernel_size"] ** 2 if decoder["upsample_mode"] == "transpose" else 3 * 3
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        floats += kernel_values * c_in * c_out + c_out + 4 * c_out  # the convolution, then the BatchNorm
+    floats += 3 * 3 * channels[-1] * out_channels + out_channels
+    return decoder["num_subtasks"] * floats, decoder["num_subtasks"] * (len(channels) - 1)
+
+
+def storage_report(latent_store: Mapping, decoder: Mapping, latent_store_dtype: torch.dtype = torch.float32,
+                   decoder_dtype: torch.dtype = torch.float32) -> StorageReport:
+    """The storage of a `GaussianLatentStore` and a `D3Decoder` of these configs (their `.config`, or the
+    arguments they are built with), their floating-point tensors in these dtypes: every Gaussian's mean and
+    log-variances, its soft label, class id and subtask id, and every decoder parameter and buffer."""
+    class_ids, num_classes = latent_store["class_ids"], latent_store["num_classes"]
+    latent_dim = latent_store["latent_dim"]
+    _, logvar_dim = store_sizes(class_ids, num_classes, latent_store["latents_per_class"], latent_dim,
+                                latent_store.get("class_names"), latent_store.get("subtask_sizes"),
+                                latent_store.get("logvar_dim"))
+    components = len(class_ids) * latent_store["latents_per_class"]
+    latents, soft_labels, ids = (components * n for n in component_values(latent_dim, logvar_dim, num_classes))
+    floats, integers = decoder_values(decoder)
+    store_bytes, decoder_bytes = latent_store_dtype.itemsize, decoder_dtype.itemsize
+    values_per_image = decoder["out_channels"] * decoder["resolution"] ** 2
+    total = latents + soft_labels + ids + floats + integers
     return StorageReport(
-        latent_values=latent_values,
-        decoder_values=decoder_values,
-        label_values=label_values,
+        latent_values=latents,
+        decoder_values=floats + integers,
+        label_values=soft_labels + ids,
         total_values=total,
-        total_bytes=latent_bytes + decoder_bytes + label_bytes,
+        total_bytes=(latents + soft_labels) * store_bytes + floats * decoder_bytes + (ids + integers) * INTEGER_BYTES,
         values_per_image=values_per_image,
-        num_classes=num_classes,
-        ipc_equivalent=total / (num_classes * values_per_image),
+        num_classes=len(class_ids),
+        ipc_equivalent=total / (len(class_ids) * values_per_image),
     )
 
 
@@ -57,3 +103,8 @@ def prototype_storage(num_classes: int, images_per_class: int, values_per_image:
     """Stored values of a prototype-image dataset: its images, plus a soft label or a class id per image."""
     per_label = num_classes if soft_labels else 1
     return num_classes * images_per_class * (values_per_image + per_label)
+
+
+def largest_ipc_within(budget_values: int, num_classes: int, values_per_image: int, soft_labels: bool) -> int:
+    """The most real images per class whose images and labels fit in `budget_values` stored values."""
+    return budget_values // prototype_storage(num_classes, 1, values_per_image, soft_labels)

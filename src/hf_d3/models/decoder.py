@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,12 +24,41 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _upsampling_stages(resolution: int, max_stages: int) -> int:
-    """The most doublings (<= max_stages) that reach `resolution` from an integer side of at least 2."""
-    for stages in range(max_stages, 0, -1):
-        if resolution % 2**stages == 0 and resolution // 2**stages >= 2:
-            return stages
-    raise ValueError(f"resolution={resolution} cannot be reached by doubling; use an even size such as 28, 32 or 64")
+# The smallest side of the first feature map that a preset or the budget solver starts from.
+MIN_START_SIDE = 2
+
+
+def upsampling_stages(resolution: int, start_side: int = MIN_START_SIDE, max_stages: int | None = None) -> int:
+    """The number of x2 upsampling stages (at most `max_stages`) that reaches `resolution` from an integer side of
+    at least MIN_START_SIDE, the side closest to `start_side` in doublings (a tie takes fewer stages).
+
+    The one rule for a decoder's stage count: a preset keeps as many of its stages as fit (`start_side` 2), the
+    budget solver aims for a side of 8 (`hf_d3.sizing`)."""
+    sides = {stages: resolution // 2**stages for stages in range(1, resolution.bit_length())
+             if resolution % 2**stages == 0 and resolution // 2**stages >= MIN_START_SIDE
+             and (max_stages is None or stages <= max_stages)}
+    if not sides:
+        raise ValueError(f"resolution={resolution} cannot be reached by doubling an integer side >= "
+                         f"{MIN_START_SIDE}; use an even size of at least 4, such as 28, 32 or 64")
+    return min(sides, key=lambda stages: (abs(math.log2(sides[stages] / start_side)), stages))
+
+
+def preset_sizes(name: str, resolution: int, **overrides) -> dict:
+    """The `D3Decoder` sizes (`latent_dim`, `channels`, `latent_projection`, `upsample_kernel_size`, then the
+    `overrides`) of the paper's decoder `name` at `resolution`: its first (widest) stages, as many as fit."""
+    if name not in PRESETS:
+        raise ValueError(f"decoder preset {name!r} is unknown; valid: {sorted(PRESETS)}")
+    sizes = dict(PRESETS[name])
+    stages = upsampling_stages(resolution, max_stages=len(sizes["channels"]) - 1)
+    sizes["channels"] = sizes["channels"][: stages + 1]
+    if not sizes["latent_projection"]:  # the latent is reshaped to the first stage: its size is fixed
+        side = resolution // 2**stages
+        sizes["latent_dim"] = sizes["channels"][0] * side**2
+        if overrides.get("latent_dim", sizes["latent_dim"]) != sizes["latent_dim"]:
+            raise ValueError(f"decoder preset {name!r} reshapes its latents without a projection, so at resolution "
+                             f"{resolution} latent_dim must be {sizes['channels'][0]} * {side}**2 = "
+                             f"{sizes['latent_dim']}, not {overrides['latent_dim']}: set latent_dim to that")
+    return {**sizes, **overrides}
 
 
 UPSAMPLE_MODES = ("transpose", "nearest", "bilinear")
@@ -40,6 +70,34 @@ def _upsampling_layer(c_in: int, c_out: int, mode: str, kernel_size: int) -> nn.
                                   output_padding=1 if kernel_size == 3 else 0)
     # Resize then convolve: every output pixel sees the same number of inputs, so no checkerboard pattern.
     return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(c_in, c_out, 3, padding=1))
+
+
+def start_side(latent_dim: int, resolution: int, out_channels: int, channels: Sequence[int],
+               latent_projection: bool, upsample_kernel_size: int, upsample_mode: str) -> int:
+    """The side of the first feature map of a `D3Decoder` of these sizes; raises ValueError, naming what would be
+    valid, for sizes no D3Decoder can have."""
+    channels = list(channels)
+    stages = len(channels) - 1
+    if out_channels not in (1, 3):
+        raise ValueError(f"out_channels={out_channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+    if upsample_kernel_size not in (3, 4):
+        raise ValueError(f"upsample_kernel_size={upsample_kernel_size} must be 3 or 4")
+    if upsample_mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample_mode={upsample_mode!r} is not valid; choose one of {list(UPSAMPLE_MODES)}")
+    if stages < 1 or resolution % 2**stages or resolution // 2**stages < 1:
+        valid = [s * 2**stages for s in range(2, 9)]
+        raise ValueError(
+            f"resolution={resolution} cannot be produced with {stages} x2 upsampling stages "
+            f"(channels={channels}); with this many stages valid resolutions are {valid}, "
+            "or change the number of channel entries"
+        )
+    start_size = resolution // 2**stages
+    if not latent_projection and latent_dim != channels[0] * start_size**2:
+        raise ValueError(
+            f"latent_dim={latent_dim} must equal channels[0] * {start_size}**2 = "
+            f"{channels[0] * start_size**2} when latent_projection is False"
+        )
+    return start_size
 
 
 class _Generator(nn.Module):
@@ -99,26 +157,8 @@ class D3Decoder(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         channels = list(channels)
-        stages = len(channels) - 1
-        if out_channels not in (1, 3):
-            raise ValueError(f"out_channels={out_channels} is not supported; use 1 (grayscale) or 3 (RGB)")
-        if upsample_kernel_size not in (3, 4):
-            raise ValueError(f"upsample_kernel_size={upsample_kernel_size} must be 3 or 4")
-        if upsample_mode not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample_mode={upsample_mode!r} is not valid; choose one of {list(UPSAMPLE_MODES)}")
-        if stages < 1 or resolution % 2**stages or resolution // 2**stages < 1:
-            valid = [s * 2**stages for s in range(2, 9)]
-            raise ValueError(
-                f"resolution={resolution} cannot be produced with {stages} x2 upsampling stages "
-                f"(channels={channels}); with this many stages valid resolutions are {valid}, "
-                "or change the number of channel entries"
-            )
-        start_size = resolution // 2**stages
-        if not latent_projection and latent_dim != channels[0] * start_size**2:
-            raise ValueError(
-                f"latent_dim={latent_dim} must equal channels[0] * {start_size}**2 = "
-                f"{channels[0] * start_size**2} when latent_projection is False"
-            )
+        start_size = start_side(latent_dim, resolution, out_channels, channels, latent_projection,
+                                upsample_kernel_size, upsample_mode)
         self.generators = nn.ModuleList(
             _Generator(latent_dim, out_channels, start_size, channels, latent_projection, upsample_kernel_size,
                        upsample_mode)
@@ -133,20 +173,8 @@ class D3Decoder(ModelMixin, ConfigMixin):
 
         Smaller resolutions keep the preset's first (widest) stages and drop the rest.
         """
-        if name not in PRESETS:
-            raise ValueError(f"decoder preset {name!r} is unknown; valid: {sorted(PRESETS)}")
-        config = dict(PRESETS[name])
-        stages = _upsampling_stages(resolution, len(config["channels"]) - 1)
-        config["channels"] = config["channels"][: stages + 1]
-        if not config["latent_projection"]:  # the latent is reshaped to the first stage: its size is fixed
-            side = resolution // 2**stages
-            config["latent_dim"] = config["channels"][0] * side**2
-            if overrides.get("latent_dim", config["latent_dim"]) != config["latent_dim"]:
-                raise ValueError(f"decoder preset {name!r} reshapes its latents without a projection, so at resolution "
-                                 f"{resolution} latent_dim must be {config['channels'][0]} * {side}**2 = "
-                                 f"{config['latent_dim']}, not {overrides['latent_dim']}: set latent_dim to that")
-        config.update(overrides)
-        return cls(resolution=resolution, out_channels=out_channels, num_subtasks=num_subtasks, **config)
+        return cls(resolution=resolution, out_channels=out_channels, num_subtasks=num_subtasks,
+                   **preset_sizes(name, resolution, **overrides))
 
     def forward(self, latents: torch.Tensor, subtask_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Decode `latents` [N, latent_dim] to images [N, C, H, W] in [0, 1].

@@ -10,6 +10,31 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 
+def store_sizes(class_ids: Sequence[int], num_classes: int, latents_per_class: int, latent_dim: int,
+                class_names: Sequence[str] | None = None, subtask_sizes: Sequence[int] | None = None,
+                logvar_dim: int | None = None) -> tuple[list[int], int]:
+    """The subtask sizes and log-variances per Gaussian of a `GaussianLatentStore` of these arguments, defaults
+    filled in; raises ValueError, naming what would be valid, for arguments no store can have."""
+    class_ids = list(class_ids)
+    subtask_sizes = list(subtask_sizes or [len(class_ids)])
+    if latents_per_class < 1 or latent_dim < 1:
+        raise ValueError(
+            f"latents_per_class={latents_per_class} and latent_dim={latent_dim} must both be >= 1"
+        )
+    if not class_ids or min(class_ids) < 0 or max(class_ids) >= num_classes:
+        raise ValueError(f"class_ids={class_ids} must be non-empty ids in [0, {num_classes})")
+    if sum(subtask_sizes) != len(class_ids) or min(subtask_sizes) < 1:
+        raise ValueError(
+            f"subtask_sizes={subtask_sizes} must be positive and sum to the {len(class_ids)} classes"
+        )
+    logvar_dim = latent_dim if logvar_dim is None else logvar_dim
+    if not 1 <= logvar_dim <= latent_dim or latent_dim % logvar_dim:
+        raise ValueError(f"logvar_dim={logvar_dim} must divide latent_dim={latent_dim} (1 to {latent_dim})")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names has {len(class_names)} names, expected num_classes={num_classes}")
+    return subtask_sizes, logvar_dim
+
+
 class GaussianLatentStore(ModelMixin, ConfigMixin):
     """`latents_per_class` diagonal Gaussians per class, with one soft label per component.
 
@@ -45,23 +70,8 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         class_ids = list(class_ids)
-        subtask_sizes = list(subtask_sizes or [len(class_ids)])
-        if latents_per_class < 1 or latent_dim < 1:
-            raise ValueError(
-                f"latents_per_class={latents_per_class} and latent_dim={latent_dim} must both be >= 1"
-            )
-        if not class_ids or min(class_ids) < 0 or max(class_ids) >= num_classes:
-            raise ValueError(f"class_ids={class_ids} must be non-empty ids in [0, {num_classes})")
-        if sum(subtask_sizes) != len(class_ids) or min(subtask_sizes) < 1:
-            raise ValueError(
-                f"subtask_sizes={subtask_sizes} must be positive and sum to the {len(class_ids)} classes"
-            )
-        logvar_dim = latent_dim if logvar_dim is None else logvar_dim
-        if not 1 <= logvar_dim <= latent_dim or latent_dim % logvar_dim:
-            raise ValueError(f"logvar_dim={logvar_dim} must divide latent_dim={latent_dim} (1 to {latent_dim})")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names, expected num_classes={num_classes}")
-
+        subtask_sizes, logvar_dim = store_sizes(class_ids, num_classes, latents_per_class, latent_dim, class_names,
+                                                subtask_sizes, logvar_dim)
         num_components = len(class_ids) * latents_per_class
         self.mean = nn.Parameter(torch.randn(num_components, latent_dim))
         self.logvar = nn.Parameter(torch.randn(num_components, logvar_dim))

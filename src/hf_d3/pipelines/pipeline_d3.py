@@ -106,7 +106,8 @@ class D3Pipeline(DiffusionPipeline):
 
     def storage_report(self) -> StorageReport:
         """Values and bytes needed to regenerate the training data, and the IPC equivalent."""
-        return storage_report(self.latent_store, self.decoder)
+        return storage_report(self.latent_store.config, self.decoder.config, self.latent_store.dtype,
+                              self.decoder.dtype)
 
     def to_dataset(self, num_samples_per_component: int = 1, include_means: bool = True, seed: int = 0
                    ) -> datasets.Dataset:

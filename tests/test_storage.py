@@ -1,0 +1,65 @@
+"""The storage counter (hf_d3.storage): counted from the sizes alone, it equals what built modules hold, for every
+decoder a D3Decoder can be."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from hf_d3 import D3Decoder, GaussianLatentStore
+from hf_d3.models.decoder import PRESETS
+from hf_d3.storage import storage_report
+
+# (resolution, channels): one, two and three x2 stages, start sides 4, 4 and 7; odd and even widths
+GEOMETRIES = [(8, [6, 4]), (16, [5, 8, 4]), (56, [3, 8, 4, 2])]
+UPSAMPLING = [("transpose", 4), ("transpose", 3), ("nearest", 4), ("bilinear", 3)]
+DECODERS = [
+    {"resolution": r, "channels": c, "upsample_mode": mode, "upsample_kernel_size": kernel,
+     "latent_projection": projection, "latent_dim": 12 if projection else c[0] * (r // 2 ** (len(c) - 1)) ** 2,
+     "out_channels": out_channels, "num_subtasks": k}
+    for (r, c), (mode, kernel), projection, out_channels, k in itertools.product(
+        GEOMETRIES, UPSAMPLING, (True, False), (1, 3), (1, 3))
+] + [D3Decoder.from_preset(name, resolution, 3, 2).config for name in PRESETS for resolution in (16, 28)]
+
+
+def held(modules, tensors) -> tuple[int, int]:
+    """The values and bytes of the tensors `tensors(module)` of `modules`."""
+    found = [t for module in modules for t in tensors(module)]
+    return sum(t.numel() for t in found), sum(t.numel() * t.element_size() for t in found)
+
+
+@pytest.mark.parametrize("arguments", DECODERS, ids=lambda a: "-".join(str(a[k]) for k in (
+    "resolution", "upsample_mode", "upsample_kernel_size", "latent_projection", "out_channels", "num_subtasks")))
+def test_the_count_equals_the_tensors_of_the_built_modules(arguments):
+    decoder = D3Decoder(**{k: v for k, v in arguments.items() if not k.startswith("_")})
+    k, latent_dim = arguments["num_subtasks"], arguments["latent_dim"]
+    logvar_dim = latent_dim // 4 if latent_dim % 4 == 0 else None  # shared log-variances, or one per value
+    store = GaussianLatentStore(class_ids=[4, 0, 2, 5], num_classes=7, latents_per_class=3, latent_dim=latent_dim,
+                                subtask_sizes=[2, 1, 1] if k == 3 else None, logvar_dim=logvar_dim)
+    if k == 3:  # the integer buffers keep their 8 bytes in another float dtype
+        store, decoder = store.double(), decoder.double()
+    report = storage_report(store.config, decoder.config, store.dtype, decoder.dtype)
+    everything = held([store, decoder], lambda m: [*m.parameters(), *m.buffers()])
+    assert report.latent_values == held([store], lambda m: m.parameters())[0]
+    assert report.label_values == held([store], lambda m: m.buffers())[0]
+    assert report.decoder_values == held([decoder], lambda m: [*m.parameters(), *m.buffers()])[0]
+    assert (report.total_values, report.total_bytes) == everything
+    assert report.values_per_image == arguments["out_channels"] * arguments["resolution"] ** 2
+    assert report.ipc_equivalent == everything[0] / (4 * report.values_per_image)
+    assert storage_report(store.config, arguments, store.dtype, decoder.dtype) == report  # as the planner counts
+
+
+@pytest.mark.parametrize("decoder, store, message", [
+    ({"latent_dim": 100}, {}, r"latent_dim=100 must equal channels\[0\] \* 7\*\*2 = 196"),
+    ({"resolution": 30}, {}, "resolution=30 cannot be produced with 2 x2 upsampling stages"),
+    ({"upsample_mode": "pixelshuffle"}, {}, "upsample_mode='pixelshuffle' is not valid"),
+    ({}, {"logvar_dim": 3}, "logvar_dim=3 must divide latent_dim=196"),
+])
+def test_sizes_no_module_can_have_are_refused(decoder, store, message):
+    decoder = {"latent_dim": 196, "resolution": 28, "out_channels": 1, "channels": [4, 8, 8],
+               "latent_projection": False, "upsample_kernel_size": 4, "upsample_mode": "nearest", "num_subtasks": 1,
+               **decoder}
+    store = {"class_ids": [0, 1], "num_classes": 2, "latents_per_class": 1, "latent_dim": 196, **store}
+    with pytest.raises(ValueError, match=message):
+        storage_report(store, decoder)
