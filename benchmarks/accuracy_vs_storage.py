@@ -51,7 +51,8 @@ from hf_d3.baselines import (
     random_real_sampler,
     split_held_out,
 )
-from hf_d3.config import PAPER_SIZES, D3Config, parse_config
+from hf_d3.config import PAPER_SIZES, D3Config
+from hf_d3.config_parser import parse_config
 from hf_d3.data import (
     ImageTensors,
     class_names_of,

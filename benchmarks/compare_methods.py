@@ -34,7 +34,7 @@ from transformers import AutoModelForImageClassification
 
 import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
 from hf_d3.baselines import choose_temperature, random_real_sampler, split_held_out
-from hf_d3.config import parse_config
+from hf_d3.config_parser import parse_config
 from hf_d3.data import ImageTensors, load_image_dataset, load_images, load_test_split
 from hf_d3.evaluation import evaluate_with_config
 from hf_d3.stages import teacher_stage

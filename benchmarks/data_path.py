@@ -49,7 +49,7 @@ def worker(result_dir: Path, steps: int, config_args: list[str]) -> None:
 
     import hf_d3
     import hf_d3.experts
-    from hf_d3.config import parse_config
+    from hf_d3.config_parser import parse_config
     from hf_d3.run import make_accelerator, run_distillation
 
     started = psutil.Process().create_time()

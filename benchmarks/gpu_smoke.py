@@ -32,7 +32,7 @@ import torch
 from record import save_record  # this folder is on sys.path when the script runs
 from torch.utils.flop_counter import FlopCounterMode
 
-from hf_d3.config import parse_config
+from hf_d3.config_parser import parse_config
 from hf_d3.data import SubtaskData
 from hf_d3.distill import FlatModel, distill_subtask, trajectory_matching_loss
 from hf_d3.experts import flat_parameters

@@ -7,7 +7,7 @@ does it) and, with `--report_to tensorboard` (or wandb, ...), to Accelerate's tr
 
 import logging
 
-from hf_d3.config import parse_config
+from hf_d3.config_parser import parse_config
 from hf_d3.run import make_accelerator, run_distillation
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from hf_d3 import D3Pipeline
-from hf_d3.config import parse_config
+from hf_d3.config_parser import parse_config
 from hf_d3.data import load_test_split
 from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 

@@ -6,7 +6,8 @@ Takes the same config and overrides as `recipes/distill.py`; `--num_classes N` s
 
 import argparse
 
-from hf_d3.config import PAPER_SIZES, parse_config
+from hf_d3.config import PAPER_SIZES
+from hf_d3.config_parser import parse_config
 from hf_d3.data import class_names_of
 from hf_d3.run_plan import make_plan
 

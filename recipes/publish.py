@@ -9,7 +9,7 @@ Settings are `D3Config`'s, parsed as `recipes/distill.py` parses them; `hub_mode
 import sys
 from pathlib import Path
 
-from hf_d3.config import parse_config
+from hf_d3.config_parser import parse_config
 from hf_d3.run_folder import publish_run
 
 

@@ -22,7 +22,8 @@ from datasets import Dataset
 from huggingface_hub import HfApi
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore, build_classifier
-from hf_d3.config import D3Config, load_yaml, parse_config
+from hf_d3.config import D3Config
+from hf_d3.config_parser import load_yaml, parse_config
 from hf_d3.experts import load_trajectory
 from hf_d3.hub import RepoTakenError, push_pipeline_to_hub
 from hf_d3.run import run_distillation

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_d3.config import D3Config, load_yaml, parse_config
+from hf_d3.config import D3Config
+from hf_d3.config_parser import load_yaml, parse_config
 from hf_d3.factories import build_decoder, build_net, planned_storage
 from hf_d3.run_plan import plan_subtasks
 from hf_d3.sizing import resolve_sizes

@@ -10,7 +10,8 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Image
 
 from hf_d3 import D3Pipeline
-from hf_d3.config import D3Config, parse_config
+from hf_d3.config import D3Config
+from hf_d3.config_parser import parse_config
 from hf_d3.run import run_distillation
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("*.yaml"))

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN
 
-from hf_d3.config import PAPER_SIZES, D3Config, parse_config
+from hf_d3.config import PAPER_SIZES, D3Config
+from hf_d3.config_parser import parse_config
 from hf_d3.factories import build_decoder, planned_storage
 from hf_d3.models.decoder import upsampling_stages
 from hf_d3.run import run_distillation

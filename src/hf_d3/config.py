@@ -2,7 +2,8 @@
 
 A YAML file and the command line name settings flat (`iterations: 600`, `--latent_dim 196`); every name belongs to
 exactly one group, so `D3Config.from_dict` and `parse_config` know where each goes, and each part of the job
-receives only the group it needs (`config.distillation`, `config.evaluation`, ...). Each setting's constraint sits
+receives only the group it needs (`config.distillation`, `config.evaluation`, ...); `hf_d3.config_parser` reads
+them from a YAML file and the command line. Each setting's constraint sits
 beside it (`valid=`, checked when its group is made); checks that join settings of several fields are in
 `D3Config.__post_init__` alone. The groups are frozen: what a run derives from them lives in its plan
 (`hf_d3.run_plan`).
@@ -10,16 +11,11 @@ beside it (`valid=`, checked when its group is made); checks that join settings 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-import yaml
 from accelerate.utils import LoggerType
-from transformers import HfArgumentParser
 
 from .models.decoder import PRESETS, UPSAMPLE_MODES
 from .validation import AboveZero, AtLeast, Between, HubRepoId, OneOf, check_fields, check_types, field_types, setting
@@ -279,55 +275,3 @@ class D3Config:
 FIELD_GROUP: dict[str, str] = {f.name: name for name, group in D3Config.groups().items()
                                for f in fields(group)}
 FIELD_TYPES: dict[str, Any] = field_types(D3Config.groups().values())
-
-
-class SettingsParser(HfArgumentParser):
-    """`HfArgumentParser` for fields made with `setting`: a field's constraint is shown in its help, not passed on to
-    argparse (which takes every metadata key as an argument of `add_argument`)."""
-
-    @staticmethod
-    def _parse_dataclass_field(parser, field):
-        metadata = dict(field.metadata)
-        if (constraint := metadata.pop("valid", None)) is not None:
-            metadata["help"] = f"{metadata.get('help', '')} (valid: {constraint.describe()})".lstrip()
-        field = copy.copy(field)
-        field.metadata = MappingProxyType(metadata)
-        HfArgumentParser._parse_dataclass_field(parser, field)
-
-
-def parse_config(args: list[str] | None = None) -> D3Config:
-    """Parse `--config file.yaml` and `--key value` overrides (the command line wins over the file)."""
-    return parse_recipe_args(args)[0]
-
-
-def parse_recipe_args(args: list[str] | None = None, *extra: type) -> tuple:
-    """`parse_config` for a recipe with settings of its own: returns `(D3Config, *instances of extra)`.
-
-    The extra dataclasses' fields are named flat beside the `D3Config` ones, in the YAML file and on the command
-    line; `--config` may also be a finished run's `config.json` (JSON is YAML), so a recipe reruns a run's settings.
-    """
-    groups = D3Config.groups()
-    parser = SettingsParser([*groups.values(), *extra], allow_abbrev=False)
-    parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config settings (flat keys)")
-    known, unknown = parser.parse_known_args(args)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if known.config:
-        extra_fields = {f.name for cls in extra for f in fields(cls)}
-        parser.set_defaults(**load_yaml(known.config, extra_fields))
-    *parsed, _ = parser.parse_args_into_dataclasses(args, look_for_args_file=False)
-    config = D3Config(**dict(zip(groups, parsed[: len(groups)], strict=True)))
-    return (config, *parsed[len(groups):])
-
-
-def load_yaml(path: str | Path, extra_keys: set[str] = frozenset()) -> dict:
-    """Read a flat YAML config, rejecting keys that are neither `D3Config` settings nor `extra_keys`."""
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a YAML {type(values).__name__}; valid: a mapping of settings, `name: value` "
-                         "one a line")
-    unknown = sorted(set(values) - set(FIELD_GROUP) - set(extra_keys))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown} in {path}; valid keys: {sorted({*FIELD_GROUP, *extra_keys})}")
-    check_types(values, FIELD_TYPES, where=f" in {path}", from_text=True)
-    return values
