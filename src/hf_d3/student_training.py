@@ -21,17 +21,21 @@ from transformers.image_processing_base import ImageProcessingMixin
 from transformers.trainer_utils import set_seed
 
 from .atomic import write_json
-from .augment import dsa_augmentation
 from .config import ARCHITECTURES, D3Config
 from .data import ImageTensors, load_test_split
-from .evaluation import soft_cross_entropy
 from .factories import net_kwargs
 from .models.classifiers import CLASSIFIERS, build_classifier
 from .pipelines.pipeline_d3 import D3Pipeline
+from .student_protocol import (
+    WEIGHT_DECAY,
+    soft_cross_entropy,
+    student_augmentation,
+    student_optimizer,
+    student_scheduler,
+)
 
 # hf_d3's own classifiers take images in [0, 1] and normalise them inside.
 D3_MODEL_TYPES = tuple(config_cls.model_type for config_cls, _ in CLASSIFIERS.values())
-WEIGHT_DECAY = 5e-4  # the evaluation protocol's (hf_d3.evaluation.train_student)
 
 
 @dataclass
@@ -206,9 +210,10 @@ def build_student(student_model: str | None, config: D3Config, distilled: Distil
 
 
 class SoftLabelTrainer(Trainer):
-    """`transformers.Trainer` with D3's evaluation protocol (docs/method.md): soft cross-entropy against each image's
-    soft label, DSA augmentation of the [0, 1] batch (`augmentation`) before `pixel_format`, SGD with momentum 0.9
-    and weight decay `args.weight_decay` on every parameter, the learning rate x0.1 at half-time, and no gradient
+    """`transformers.Trainer` with the student protocol (`hf_d3.student_protocol`, as `hf_d3.evaluation.train_student`
+    follows it): soft cross-entropy against each image's soft label, the augmentation of the [0, 1] batch
+    (`augmentation`) before `pixel_format`, the protocol's SGD with weight decay `args.weight_decay` (the protocol's
+    `WEIGHT_DECAY` in `run_student_training`) on every parameter, its learning rate schedule, and no gradient
     clipping (`max_grad_norm=0`; the Trainer's default clips at 1)."""
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the gradient accumulation steps
@@ -230,15 +235,13 @@ class SoftLabelTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             parameters = [p for p in (model or self.model).parameters() if p.requires_grad]
-            self.optimizer = torch.optim.SGD(parameters, lr=self.args.learning_rate, momentum=0.9,
-                                             weight_decay=self.args.weight_decay)
+            self.optimizer = student_optimizer(parameters, self.args.learning_rate, self.args.weight_decay)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
-                         ) -> torch.optim.lr_scheduler.LRScheduler:  # the protocol's: lr / 10 halfway
+                         ) -> torch.optim.lr_scheduler.LRScheduler:
         if self.lr_scheduler is None:
-            self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer or self.optimizer, milestones=[num_training_steps // 2], gamma=0.1)
+            self.lr_scheduler = student_scheduler(optimizer or self.optimizer, num_training_steps)
             self._created_lr_scheduler = True  # the Trainer rebuilds it on the next `train()`
         return self.lr_scheduler
 
@@ -297,7 +300,7 @@ def run_student_training(config: D3Config, student: StudentTrainingConfig) -> St
         # Each rank reads its own shards of a streamed pipeline, rather than the main process reading for all.
         accelerator_config={"dispatch_batches": False},
     )
-    augmentation = dsa_augmentation(distilled.resolution, distilled.channels) if evaluation.eval_augment else None
+    augmentation = student_augmentation(distilled.resolution, distilled.channels, evaluation.eval_augment)
     trainer = SoftLabelTrainer(model=model, args=args, train_dataset=distilled.train,
                                data_collator=DistilledCollator(distilled.channels), pixel_format=pixel_format,
                                augmentation=augmentation)
