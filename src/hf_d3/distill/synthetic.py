@@ -47,13 +47,15 @@ class SyntheticSet(ABC):
                  generator: torch.Generator) -> torch.Tensor:
         """The sum over classes of MMD^2 between embedded real images of `data` and this set's images."""
 
-    def end_iteration(self) -> None:  # noqa: B027 (optional: most sets need nothing here)
+    def end_iteration(self) -> None:  # noqa: B027 (optional: the latents need nothing here)
         """Called after each iteration's optimiser steps."""
 
     def save(self, folder: Path, generator: torch.Generator, progress: dict) -> None:
+        """Save the set, its optimisers, `syn_lr`, `generator` and the loop's `progress` in `folder`."""
         raise NotImplementedError(f"a {type(self).__name__} keeps no checkpoints: give checkpoint_dir=None")
 
     def load(self, folder: Path, generator: torch.Generator) -> dict:
+        """Load what `save` wrote in `folder` into this set and `generator`; returns the loop's progress."""
         raise NotImplementedError(f"a {type(self).__name__} keeps no checkpoints: give checkpoint_dir=None")
 
 
