@@ -17,8 +17,8 @@ from hf_d3.allocator import tune_malloc
 from hf_d3.config import D3Config, DistillationConfig, RunConfig
 from hf_d3.data import SubtaskData
 from hf_d3.distill import FlatModel, distill_subtask, trajectory_matching_loss
-from hf_d3.distill.distiller import draw_unroll
 from hf_d3.distill.losses import compiled_sgd_step, sgd_step
+from hf_d3.distill.synthetic import draw_unroll
 from hf_d3.experts import flat_parameters
 from hf_d3.run import make_accelerator, run_distillation
 

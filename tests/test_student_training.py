@@ -35,6 +35,7 @@ from hf_d3 import ConvNetForImageClassification, D3Pipeline, build_classifier
 from hf_d3.config import D3Config
 from hf_d3.data import load_test_split
 from hf_d3.run import run_distillation
+from hf_d3.student_protocol import LR_DECAY, WEIGHT_DECAY, student_optimizer
 from hf_d3.student_training import (
     DistilledCollator,
     PixelFormat,
@@ -162,6 +163,24 @@ def test_the_loss_is_the_soft_cross_entropy_of_the_batch(tmp_path):
                                 num_items_in_batch=3).item() == pytest.approx(by_hand, rel=1e-5)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_the_trainer_steps_with_the_student_protocols_optimiser_and_schedule(tmp_path):
+    model = build_classifier("convnet", 1, 16, 4, width=8, depth=2)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=0.05,
+                             weight_decay=WEIGHT_DECAY)
+    trainer = SoftLabelTrainer(model=model, args=args, pixel_format=PixelFormat(1, (16, 16), (0.0,), (1.0,)))
+
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
+
+    assert type(trainer.optimizer) is torch.optim.SGD  # not the Trainer's AdamW
+    assert trainer.optimizer.defaults == student_optimizer(model.parameters(), 0.05).defaults  # what train_student uses
+    lrs = []
+    for _ in range(8):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs == pytest.approx([0.05] * 4 + [0.05 * LR_DECAY] * 4)  # decayed once, at half-time
 
 
 def test_images_become_the_students_pixel_values():

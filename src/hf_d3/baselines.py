@@ -3,7 +3,6 @@ soft labels (R+S), and explicit prototypes distilled with D3's own objective."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -11,10 +10,9 @@ from torch import nn
 
 from .config import DistillationConfig
 from .data import ImageTensors, SubtaskData
-from .distill.distiller import take_step
-from .distill.losses import FlatModel, mmd2_unbiased, real_per_class, trajectory_matching_loss
+from .distill.distiller import distill_loop
+from .distill.synthetic import PrototypeSet
 from .evaluation import EpochSampler
-from .progress import progress_bar
 from .teacher import teacher_labels
 
 
@@ -61,42 +59,14 @@ def distill_prototypes(
     `prototypes` [num_classes * ipc, C, H, W] (class by class, local labels as in `data`; start them from real
     images) are optimised in pixel space for `config.iterations` iterations (or `max_distill_time_s`): trajectory
     matching from the same experts, then per-class MMD on their features, as `distill_subtask` does for latents
-    and decoder. The pixels take the latents' optimiser (SGD, `lr_latents`, momentum 0.5) and are clipped to
-    [0, 1] after every step. Returns the prototypes and {"iterations_run", "iterations_wall_time_s"}.
+    and decoder (`hf_d3.distill.distiller.distill_loop` on a `PrototypeSet`: the pixels take the latents'
+    optimiser and are clipped to [0, 1] after every iteration). Returns the prototypes and {"iterations_run",
+    "iterations_wall_time_s"}.
     """
-    images = nn.Parameter(prototypes.clone())
-    ipc = len(images) // len(data.class_ids)
-    local_label = torch.arange(len(data.class_ids), device=images.device).repeat_interleave(ipc)
-    syn_lr = torch.tensor(config.syn_lr_init, requires_grad=True)
-    pixels = torch.optim.SGD([images], lr=config.lr_latents, momentum=0.5)
-    learnt_lr = torch.optim.SGD([syn_lr], lr=config.lr_lr, momentum=0.5)
-    nets = [FlatModel(model) for model, _ in trajectories]
-    batch = config.syn_batch_size or len(images)
-    n = config.mmd_samples_per_class
-    start, iterations_run = time.perf_counter(), 0
-    for iteration in progress_bar(range(config.iterations), desc="prototypes", leave=False):
-        if config.max_distill_time_s is not None and time.perf_counter() - start >= config.max_distill_time_s:
-            break
-        if config.mtt_weight > 0:
-            i = int(torch.randint(len(nets), (1,), generator=generator))
-            epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
-            picks = [torch.randperm(len(images), generator=generator)[:batch] for _ in range(config.syn_steps)]
-            loss = trajectory_matching_loss(nets[i], trajectories[i][1][epoch],
-                                            trajectories[i][1][epoch + config.expert_epochs],
-                                            [(images[b], local_label[b]) for b in picks], syn_lr)
-            take_step(loss, config.mtt_weight, [pixels, learnt_lr], "trajectory matching", iteration)
-        if config.mmd_weight > 0:
-            i = int(torch.randint(len(nets), (1,), generator=generator))
-            flat = trajectories[i][1][int(torch.randint(len(trajectories[i][1]), (1,), generator=generator))]
-            real = nets[i].features(flat, data.images[real_per_class(data, n, generator)])
-            fake = nets[i].features(flat, images)
-            loss = sum(mmd2_unbiased(real[c * n:(c + 1) * n], fake[c * ipc:(c + 1) * ipc], config.mmd_bandwidths)
-                       for c in range(len(data.class_ids)))
-            take_step(loss, config.mmd_weight, [pixels], "MMD", iteration)
-        with torch.no_grad():
-            images.clamp_(0, 1)
-        iterations_run += 1
-    return images.detach(), {"iterations_run": iterations_run, "iterations_wall_time_s": time.perf_counter() - start}
+    synthetic = PrototypeSet(prototypes, len(data.class_ids), config)
+    stats = distill_loop(synthetic, data, trajectories, config, generator, desc="prototypes")
+    return synthetic.images.detach(), {"iterations_run": stats.iterations_run,
+                                       "iterations_wall_time_s": stats.iterations_wall_time_s}
 
 
 def split_held_out(num_images: int, seed: int, parts: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .augment import dsa_augmentation
 from .config import EvaluationConfig, ExpertConfig
 from .factories import net_kwargs
 from .models.classifiers import build_classifier
 from .progress import progress_bar
 from .results import EvaluationResult
+from .student_protocol import soft_cross_entropy, student_augmentation, student_optimizer, student_scheduler
 
 if TYPE_CHECKING:
     from .pipelines.pipeline_d3 import D3Pipeline
@@ -33,11 +33,6 @@ def pipeline_sampler(pipe: D3Pipeline) -> EpochSampler:
         return out.images, out.soft_labels.float()
 
     return sample
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The batch mean of -sum(targets * log_softmax(logits)): cross-entropy against soft labels."""
-    return -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
 def epoch_batches(num_images: int, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -69,17 +64,16 @@ def train_student(
     augment: bool = True,
     seed: int = 0,
 ) -> nn.Module:
-    """SGD momentum 0.9, weight decay 5e-4, x0.1 at half-time, soft cross-entropy, for `steps` steps, each
-    epoch in equal batches of at most `batch_size` (`epoch_batches`).
+    """The student protocol (`hf_d3.student_protocol`: soft cross-entropy, augmentation, SGD, the lr decayed at
+    half-time) for `steps` steps, each epoch in equal batches of at most `batch_size` (`epoch_batches`).
 
     Counting optimiser steps rather than epochs lets methods with different set sizes be compared.
     """
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[steps // 2], gamma=0.1)
-    c, r = student.config.num_channels, student.config.image_size
+    optimizer = student_optimizer(student.parameters(), lr)
+    scheduler = student_scheduler(optimizer, steps)
     device = next(student.parameters()).device
-    augmentation = dsa_augmentation(r, c) if augment else nn.Identity()
+    augmentation = student_augmentation(student.config.image_size, student.config.num_channels, augment)
     student.train()
     batches = iter(())
     for _ in progress_bar(range(steps), desc="student", leave=False):

@@ -20,18 +20,16 @@ from transformers import AutoConfig, AutoModelForImageClassification, PreTrained
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.trainer_utils import set_seed
 
+from . import student_protocol as protocol
 from .atomic import write_json
-from .augment import dsa_augmentation
 from .config import ARCHITECTURES, D3Config
 from .data import ImageTensors, load_test_split
-from .evaluation import soft_cross_entropy
 from .factories import net_kwargs
 from .models.classifiers import CLASSIFIERS, build_classifier
 from .pipelines.pipeline_d3 import D3Pipeline
 
 # hf_d3's own classifiers take images in [0, 1] and normalise them inside.
 D3_MODEL_TYPES = tuple(config_cls.model_type for config_cls, _ in CLASSIFIERS.values())
-WEIGHT_DECAY = 5e-4  # the evaluation protocol's (hf_d3.evaluation.train_student)
 
 
 @dataclass
@@ -206,10 +204,10 @@ def build_student(student_model: str | None, config: D3Config, distilled: Distil
 
 
 class SoftLabelTrainer(Trainer):
-    """`transformers.Trainer` with D3's evaluation protocol (docs/method.md): soft cross-entropy against each image's
-    soft label, DSA augmentation of the [0, 1] batch (`augmentation`) before `pixel_format`, SGD with momentum 0.9
-    and weight decay `args.weight_decay` on every parameter, the learning rate x0.1 at half-time, and no gradient
-    clipping (`max_grad_norm=0`; the Trainer's default clips at 1)."""
+    """`transformers.Trainer` with the student protocol of `hf_d3.evaluation.train_student` (`hf_d3.student_protocol`):
+    soft cross-entropy, `augmentation` of the [0, 1] batch before `pixel_format`, the protocol's SGD (weight decay
+    `args.weight_decay`: `run_student_training` gives the protocol's) and schedule, and no gradient clipping
+    (`max_grad_norm=0`; the Trainer's default clips at 1)."""
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the gradient accumulation steps
 
@@ -224,21 +222,19 @@ class SoftLabelTrainer(Trainer):
         if model.training and self.augmentation is not None:
             images = self.augmentation(images)
         outputs = model(pixel_values=self.pixel_format(images))
-        loss = soft_cross_entropy(outputs.logits.float(), inputs["soft_labels"])
+        loss = protocol.soft_cross_entropy(outputs.logits.float(), inputs["soft_labels"])
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             parameters = [p for p in (model or self.model).parameters() if p.requires_grad]
-            self.optimizer = torch.optim.SGD(parameters, lr=self.args.learning_rate, momentum=0.9,
-                                             weight_decay=self.args.weight_decay)
+            self.optimizer = protocol.student_optimizer(parameters, self.args.learning_rate, self.args.weight_decay)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
-                         ) -> torch.optim.lr_scheduler.LRScheduler:  # the protocol's: lr / 10 halfway
+                         ) -> torch.optim.lr_scheduler.LRScheduler:
         if self.lr_scheduler is None:
-            self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer or self.optimizer, milestones=[num_training_steps // 2], gamma=0.1)
+            self.lr_scheduler = protocol.student_scheduler(optimizer or self.optimizer, num_training_steps)
             self._created_lr_scheduler = True  # the Trainer rebuilds it on the next `train()`
         return self.lr_scheduler
 
@@ -290,14 +286,14 @@ def run_student_training(config: D3Config, student: StudentTrainingConfig) -> St
     pixel_format = pixel_format_for(model, preprocessor, distilled.resolution)
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=evaluation.eval_steps, learning_rate=evaluation.eval_lr,
-        per_device_train_batch_size=evaluation.eval_batch_size, weight_decay=WEIGHT_DECAY, seed=seed, max_grad_norm=0.0,
-        remove_unused_columns=False, save_strategy="no", report_to=config.run.trackers or "none",
+        per_device_train_batch_size=evaluation.eval_batch_size, weight_decay=protocol.WEIGHT_DECAY, seed=seed,
+        max_grad_norm=0.0, remove_unused_columns=False, save_strategy="no", report_to=config.run.trackers or "none",
         logging_first_step=True, logging_steps=max(1, evaluation.eval_steps // 50),
         dataloader_num_workers=student.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         # Each rank reads its own shards of a streamed pipeline, rather than the main process reading for all.
         accelerator_config={"dispatch_batches": False},
     )
-    augmentation = dsa_augmentation(distilled.resolution, distilled.channels) if evaluation.eval_augment else None
+    augmentation = protocol.student_augmentation(distilled.resolution, distilled.channels, evaluation.eval_augment)
     trainer = SoftLabelTrainer(model=model, args=args, train_dataset=distilled.train,
                                data_collator=DistilledCollator(distilled.channels), pixel_format=pixel_format,
                                augmentation=augmentation)

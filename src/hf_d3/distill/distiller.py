@@ -1,4 +1,5 @@
-"""The distillation loop of one subtask: trajectory matching then MMD, every iteration (docs/method.md, Objective)."""
+"""The distillation loop of one subtask: trajectory matching then MMD, every iteration (docs/method.md, Objective),
+for any `SyntheticSet`: D3's latents and decoder (`distill_subtask`) or prototypes (`hf_d3.baselines`)."""
 
 from __future__ import annotations
 
@@ -21,23 +22,15 @@ from ..models.latent_store import GaussianLatentStore
 from ..precision import full_precision
 from ..progress import progress_bar
 from ..results import DistillStats
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from .losses import FlatModel, InnerStep, class_mmd_loss, compiled_sgd_step, trajectory_matching_loss
+from .checkpoint import has_checkpoint
+from .losses import FlatModel, InnerStep, compiled_sgd_step, trajectory_matching_loss
+from .synthetic import LatentSet, SyntheticSet
 
 logger = logging.getLogger(__name__)
 
 # Called with the number of iterations run so far and the mean of each loss since the previous call ("mtt",
 # "mmd": the terms that are on) plus the learnable student learning rate ("lr").
 LossCallback = Callable[[int, dict[str, float]], None]
-
-
-def _optimizers(store: GaussianLatentStore, decoder: D3Decoder, syn_lr: torch.Tensor,
-                config: DistillationConfig) -> dict[str, torch.optim.Optimizer]:
-    return {
-        "latents": torch.optim.SGD([store.mean, store.logvar], lr=config.lr_latents, momentum=0.5),
-        "decoder": torch.optim.Adam(decoder.parameters(), lr=config.lr_decoder, weight_decay=1e-5),
-        "lr": torch.optim.SGD([syn_lr], lr=config.lr_lr, momentum=0.5),
-    }
 
 
 def take_step(loss: torch.Tensor, weight: float, optimizers: list[torch.optim.Optimizer], term: str,
@@ -61,20 +54,6 @@ def take_step(loss: torch.Tensor, weight: float, optimizers: list[torch.optim.Op
     for opt in optimizers:
         opt.step()
     return value
-
-
-def draw_unroll(store: GaussianLatentStore, steps: int, batch: int, generator: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The components [steps, batch] and standard normal noise [steps, batch, latent_dim] of every unrolled step,
-    drawn in the order `store.sample` draws them (so the samples are those of sampling step by step), on the
-    generator's device, then moved to the store's in one copy each."""
-    components, noise = [], []
-    for _ in range(steps):
-        components.append(torch.randperm(store.num_components, generator=generator)[:batch])
-        noise.append(torch.randn(len(components[-1]), store.mean.shape[1], generator=generator,
-                                 device=generator.device))
-    device = store.mean.device
-    return torch.stack(components).to(device), torch.stack(noise).to(device)
 
 
 def _inner_step(nets: list[FlatModel], compile_step: bool) -> InnerStep | None:
@@ -114,9 +93,8 @@ def refresh_batchnorm(decoder: D3Decoder, store: GaussianLatentStore, passes: in
     decoder.eval()
 
 
-def distill_subtask(
-    store: GaussianLatentStore,
-    decoder: D3Decoder,
+def distill_loop(
+    synthetic: SyntheticSet,
     data: SubtaskData,
     trajectories: list[tuple[nn.Module, torch.Tensor]],
     config: DistillationConfig,
@@ -126,8 +104,8 @@ def distill_subtask(
     on_log: LossCallback | None = None,
     log_every: int = 10,
 ) -> DistillStats:
-    """Optimise `store` and `decoder` (both of one subtask) for `config.iterations` iterations (or until
-    `config.max_distill_time_s`).
+    """Optimise `synthetic` (D3's latents and decoder, or prototypes: `SyntheticSet`) for `config.iterations`
+    iterations (or until `config.max_distill_time_s`).
 
     Each iteration is up to two optimiser steps: trajectory matching against a random expert and start epoch
     (if `mtt_weight` > 0), then per-class MMD on a random expert's features at a random epoch (if `mmd_weight`
@@ -141,16 +119,12 @@ def distill_subtask(
     `on_log` (a `LossCallback`) is called every `log_every` iterations and after the last one.
     """
     tune_malloc()  # on a CPU, a third of the unroll's time was the kernel zero-filling fresh pages
-    device = store.mean.device  # every tensor of the loop lives here: the accelerator's device
-    syn_lr = torch.tensor(config.syn_lr_init, device=device, requires_grad=True)
-    optimizers = _optimizers(store, decoder, syn_lr, config)
-    local_label = (torch.arange(store.num_components) // store.config.latents_per_class).to(device)
-    batch = config.syn_batch_size or store.num_components
+    batch = config.syn_batch_size or len(synthetic.labels)
     nets = [FlatModel(model) for model, _ in trajectories]
     inner_step = _inner_step(nets, config.compile_inner_step) if config.mtt_weight > 0 else None
     progress = {"iterations_wall_time_s": 0.0, "loss_history": {"mtt": [], "mmd": []}}
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
-        progress = load_checkpoint(checkpoint_dir, store, decoder, syn_lr, optimizers, generator)
+        progress = synthetic.load(checkpoint_dir, generator)
     history = progress["loss_history"]
     start = time.perf_counter()
 
@@ -159,9 +133,8 @@ def distill_subtask(
 
     def checkpoint() -> None:
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, store, decoder, syn_lr, optimizers, generator, {
-                "iterations_run": _iterations_run(history), "loss_history": history,
-                "iterations_wall_time_s": elapsed()})
+            synthetic.save(checkpoint_dir, generator, {"iterations_run": _iterations_run(history),
+                                                       "loss_history": history, "iterations_wall_time_s": elapsed()})
 
     def pick_expert() -> tuple[FlatModel, torch.Tensor]:
         i = int(torch.randint(len(trajectories), (1,), generator=generator))
@@ -172,12 +145,11 @@ def distill_subtask(
         done = _iterations_run(history)
         if on_log is not None and done > logged:
             means = {name: sum(values[logged:]) / len(values[logged:]) for name, values in history.items() if values}
-            on_log(done, {**means, "lr": syn_lr.item()})  # one host read per log, outside the unroll
+            on_log(done, {**means, "lr": synthetic.syn_lr.item()})  # one host read per log, outside the unroll
         return done
 
-    decoder.train()
     first = logged = _iterations_run(history)
-    logger.info("%s: iterations %d to %d, %d components", desc, first, config.iterations, store.num_components)
+    logger.info("%s: iterations %d to %d, %d components", desc, first, config.iterations, len(synthetic.labels))
     if first == 0:
         checkpoint()  # after the warm start, which can be most of a subtask's time
     try:
@@ -189,20 +161,20 @@ def distill_subtask(
             if config.mtt_weight > 0:
                 net, trajectory = pick_expert()
                 start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
-                components, noise = draw_unroll(store, config.syn_steps, batch, generator)
-                batches = [(decoder(store.sample(c, noise=z)[0]), local_label[c]) for c, z in zip(components, noise)]
+                batches = synthetic.unroll_batches(config.syn_steps, batch, generator)
                 loss = trajectory_matching_loss(net, trajectory[start_epoch],
-                                                trajectory[start_epoch + config.expert_epochs], batches, syn_lr,
-                                                inner_step)
-                losses["mtt"] = take_step(loss, config.mtt_weight, list(optimizers.values()), "trajectory matching",
-                                          iteration)
+                                                trajectory[start_epoch + config.expert_epochs], batches,
+                                                synthetic.syn_lr, inner_step)
+                losses["mtt"] = take_step(loss, config.mtt_weight, list(synthetic.optimizers.values()),
+                                          "trajectory matching", iteration)
             if config.mmd_weight > 0:
                 net, trajectory = pick_expert()
                 flat = trajectory[int(torch.randint(len(trajectory), (1,), generator=generator))]
-                loss = class_mmd_loss(store, decoder, data, partial(net.features, flat), config.mmd_samples_per_class,
-                                      config.mmd_bandwidths, generator)
-                losses["mmd"] = take_step(loss, config.mmd_weight, [optimizers["latents"], optimizers["decoder"]],
+                loss = synthetic.mmd_loss(data, partial(net.features, flat), config.mmd_samples_per_class,
+                                          config.mmd_bandwidths, generator)
+                losses["mmd"] = take_step(loss, config.mmd_weight, list(synthetic.image_optimizers.values()),
                                           "MMD", iteration)
+            synthetic.end_iteration()
             for name, value in losses.items():
                 history[name].append(value)
             if (iteration + 1) % log_every == 0:
@@ -219,6 +191,25 @@ def distill_subtask(
     checkpoint()  # so that a rerun with more iterations continues from here
     iterations_wall_time = elapsed()
     logger.info("%s: %d iterations run in %.1f s", desc, _iterations_run(history), iterations_wall_time)
-    refresh_batchnorm(decoder, store, passes=10, generator=generator)
-    return DistillStats(loss_history=history, syn_lr=syn_lr.item(), iterations_run=_iterations_run(history),
+    return DistillStats(loss_history=history, syn_lr=synthetic.syn_lr.item(), iterations_run=_iterations_run(history),
                         iterations_wall_time_s=iterations_wall_time)
+
+
+def distill_subtask(
+    store: GaussianLatentStore,
+    decoder: D3Decoder,
+    data: SubtaskData,
+    trajectories: list[tuple[nn.Module, torch.Tensor]],
+    config: DistillationConfig,
+    generator: torch.Generator,
+    checkpoint_dir: Path | None = None,
+    desc: str = "distill",
+    on_log: LossCallback | None = None,
+    log_every: int = 10,
+) -> DistillStats:
+    """`distill_loop` on `store` and `decoder` (both of one subtask), then the decoder's batch-norm statistics
+    refreshed for eval-mode decoding (`refresh_batchnorm`)."""
+    stats = distill_loop(LatentSet(store, decoder, config), data, trajectories, config, generator, checkpoint_dir,
+                         desc, on_log, log_every)
+    refresh_batchnorm(decoder, store, passes=10, generator=generator)
+    return stats

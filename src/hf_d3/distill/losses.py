@@ -110,6 +110,14 @@ def trajectory_matching_loss(
         return (params - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
+def per_class_mmd(real: torch.Tensor, fake: torch.Tensor, num_classes: int, bandwidths: Sequence[float]
+                  ) -> torch.Tensor:
+    """Sum over classes of MMD^2 between real [num_classes * n, d] and fake [num_classes * k, d] embeddings, each
+    class by class."""
+    n, k = len(real) // num_classes, len(fake) // num_classes
+    return sum(mmd2_unbiased(real[c * n:(c + 1) * n], fake[c * k:(c + 1) * k], bandwidths) for c in range(num_classes))
+
+
 def real_per_class(data: SubtaskData, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:
     """Indices (on the CPU) of `samples_per_class` random real images (with replacement) of every class, class by
     class."""
@@ -139,8 +147,4 @@ def class_mmd_loss(
     latents, _ = store.sample(components.to(store.mean.device), generator=generator)
     fake = embed(decoder(latents))
     real = embed(data.images[real_per_class(data, samples_per_class, generator)])
-    return sum(
-        mmd2_unbiased(real[c * samples_per_class:(c + 1) * samples_per_class],
-                      fake[c * samples_per_class:(c + 1) * samples_per_class], bandwidths)
-        for c in range(n_classes)
-    )
+    return per_class_mmd(real, fake, n_classes, bandwidths)
