@@ -37,8 +37,8 @@ from hf_d3.data import SubtaskData
 from hf_d3.distill import FlatModel, distill_subtask, trajectory_matching_loss
 from hf_d3.experts import flat_parameters
 from hf_d3.factories import build_decoder, build_latent_store, build_net
-from hf_d3.federated import plan_subtasks
 from hf_d3.precision import full_precision
+from hf_d3.run_plan import plan_subtasks
 
 
 def _short(filename: str) -> str:

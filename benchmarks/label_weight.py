@@ -5,10 +5,10 @@ measured with.
     python benchmarks/label_weight.py --run outputs/curve2/fashion_mnist/ipc50/d3 --weights 0 0.5 1 [--seeds 3]
         [--held_out]
 
-The run's teacher is the one its config names (`teacher`). The students are scored on the test split, or with
-`--held_out` on the held-out tenth of the training split that the curve's baselines choose their labels on
-(`hf_d3.baselines.split_held_out` with the run's seed), so that a rule can be checked without the test split.
-Prints one line per weight and writes nothing.
+The run's teacher is the one its config names (`teacher`), else its teacher stage (`hf_d3.stages`). The students
+are scored on the test split, or with `--held_out` on the held-out tenth of the training split that the curve's
+baselines choose their labels on (`hf_d3.baselines.split_held_out` with the run's seed), so that a rule can be
+checked without the test split. Prints one line per weight and writes nothing.
 """
 
 import argparse
@@ -23,6 +23,7 @@ from hf_d3.baselines import split_held_out
 from hf_d3.config import D3Config
 from hf_d3.data import ImageTensors, load_images, load_split, load_test_split
 from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
+from hf_d3.stages import teacher_stage
 from hf_d3.teacher import relabel
 
 
@@ -44,7 +45,10 @@ def main():
     args = parser.parse_args()
     config = D3Config.from_dict(json.loads((args.run / "config.json").read_text()))
     pipe = D3Pipeline.from_pretrained(args.run / "pipeline")
-    teacher = AutoModelForImageClassification.from_pretrained(config.relabel.teacher or args.run / "teacher")
+    precision = config.run.mixed_precision or "no"
+    stage_dir = Path(config.run.stage_dir or args.run)  # a run's config.json names its own output_dir
+    teacher = AutoModelForImageClassification.from_pretrained(
+        config.relabel.teacher or teacher_stage(config, precision).folder(stage_dir))
     test = held_out_images(config) if args.held_out else load_test_split(config.data)
     store = pipe.latent_store
     agree = (store.soft_labels.argmax(1) == store.component_class).float().mean().item()

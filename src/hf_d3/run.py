@@ -104,7 +104,7 @@ def run_distillation(config: D3Config, accelerator: Accelerator | None = None) -
 def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) -> RunResult | None:
     """Run the whole job. Every rank distils its own subtasks; the main process aggregates, relabels,
     evaluates and writes the run folder (`hf_d3.run_folder`). Returns the result on the main process and None
-    elsewhere. A rerun with the same `output_dir` reuses every finished expert and subtask.
+    elsewhere. A rerun reuses every complete stage of its settings (`hf_d3.stages`) and continues the others.
 
     Without `accelerator`, one is made from `config.run` (`make_accelerator`). Trackers it has are started here
     and finished at the end; `accelerator.end_training()` is left to the caller, since it also ends the process
