@@ -22,9 +22,7 @@ from transformers import AutoModelForImageClassification
 from hf_d3 import D3Pipeline
 from hf_d3.config import D3Config
 from hf_d3.data import load_image_dataset, load_images
-from hf_d3.evaluation import (
-    accuracy,
-)
+from hf_d3.evaluation import accuracy
 from hf_d3.run import run_distillation
 from hf_d3.teacher import hard_label_weight_for
 

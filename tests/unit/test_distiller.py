@@ -12,9 +12,7 @@ from conftest import TINY_RUN, make_store_and_decoder
 
 from hf_d3 import D3Decoder, GaussianLatentStore
 from hf_d3.config import D3Config
-from hf_d3.distill import (
-    distill_subtask,
-)
+from hf_d3.distill import distill_subtask
 
 CONFIG = D3Config.from_dict(TINY_RUN)  # 16x16 grayscale, 2 latents of 8 dims per class, decoder [8, 8, 8]
 

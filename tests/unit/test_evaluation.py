@@ -9,13 +9,7 @@ from conftest import make_net, make_store_and_decoder
 from torch import nn
 
 from hf_d3 import D3Pipeline
-from hf_d3.evaluation import (
-    epoch_batches,
-    evaluate_sampler,
-    pipeline_sampler,
-    soft_cross_entropy,
-    train_student,
-)
+from hf_d3.evaluation import epoch_batches, evaluate_sampler, pipeline_sampler, soft_cross_entropy, train_student
 
 
 def test_soft_cross_entropy_of_one_hot_labels_is_cross_entropy():

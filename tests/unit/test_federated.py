@@ -7,14 +7,7 @@ import pytest
 import torch
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
-from hf_d3.federated import (
-    aggregate,
-    expert_rank,
-    gather_to_all,
-    run_and_gather,
-    send_point_to_point,
-    subtasks_of_rank,
-)
+from hf_d3.federated import aggregate, expert_rank, gather_to_all, run_and_gather, send_point_to_point, subtasks_of_rank
 from hf_d3.run_plan import plan_subtasks
 from hf_d3.stages import expert_seed, subtask_seed
 

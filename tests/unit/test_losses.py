@@ -13,12 +13,7 @@ from torch import nn
 
 from hf_d3 import D3Decoder, GaussianLatentStore
 from hf_d3.data import SubtaskData
-from hf_d3.distill import (
-    FlatModel,
-    class_mmd_loss,
-    mmd2_unbiased,
-    trajectory_matching_loss,
-)
+from hf_d3.distill import FlatModel, class_mmd_loss, mmd2_unbiased, trajectory_matching_loss
 from hf_d3.distill.losses import real_per_class
 from hf_d3.experts import flat_parameters
 

@@ -10,9 +10,7 @@ from conftest import make_store_and_decoder
 from torch import nn
 
 from hf_d3.data import SubtaskData
-from hf_d3.distill import (
-    warm_start,
-)
+from hf_d3.distill import warm_start
 
 
 def test_warm_start_fits_real_images(data):
