@@ -5,7 +5,8 @@
 One table per question: accuracy against storage, speed, scale. Each cell holds one figure and a note number; the
 note gives the machine, date, commit and command that measured it. Where a question was measured more than once,
 the latest record answers (the others stay in the JSON files, and older pages in git). The output depends on the
-records alone, so a clean checkout regenerates the committed page byte for byte (tests/test_benchmarks_report.py).
+records alone, so a clean checkout regenerates the committed page byte for byte
+(tests/contracts/test_benchmarks_report.py).
 """
 
 import argparse

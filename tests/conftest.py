@@ -10,11 +10,8 @@ imported, so the environment has to point them at the local test Hub before anyt
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (hub_server) importable from test modules
 
 from hub_server import free_port  # noqa: E402  (stdlib-only module)
 
@@ -84,7 +81,7 @@ def new_repo_id(local_hub):
 
 
 # ======================================================================================================
-# 3. Non-Hub tests (test_models, test_pipeline, test_data, test_config, test_distill, test_federated)
+# 3. Non-Hub tests (datasets, runs and the tiny subtask of section 4)
 # ======================================================================================================
 # hf_d3.data reads HF_D3_CACHE when it is imported: point it at a session temp dir before any test module imports
 # hf_d3, so no test reads or writes the user's ~/.cache/hf_d3. Subprocesses (accelerate launch) inherit it, and the
@@ -97,7 +94,7 @@ os.environ.setdefault("MALLOC_TOP_PAD_", "1073741824")
 # One intra-op thread (read by torch when it is first imported, and by `accelerate launch` for its ranks): the test
 # networks are tiny, and on a busy 2-core machine a second OpenMP thread spin-waiting for a core made a 3-iteration
 # distillation 80x slower (9.4 s instead of 0.12 s). It also gives every process the same reduction order, so the
-# 1-process and 2-process runs of test_federated can be compared bit for bit.
+# 1-process and 2-process runs of test_federated_runs can be compared bit for bit.
 os.environ["OMP_NUM_THREADS"] = "1"
 
 FMNIST4_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress"]  # Fashion-MNIST classes 0-3
@@ -206,3 +203,47 @@ def tiny_plan(config, class_names=tuple(FMNIST4_CLASSES)):
     from hf_d3.run_plan import make_plan
 
     return make_plan(config, list(class_names), "no")
+
+
+# ======================================================================================================
+# 4. A tiny subtask of TINY_RUN's sizes: networks, latents and decoder, real images and one expert
+# ======================================================================================================
+def make_net(num_labels: int = 4):
+    """A ConvNet-D2 of width 8 for 16x16 grayscale images."""
+    from hf_d3 import build_classifier
+
+    return build_classifier("convnet", num_channels=1, image_size=16, num_labels=num_labels, width=8, depth=2)
+
+
+def make_store_and_decoder(seed: int = 0, class_ids=(0, 1, 2, 3)):
+    """A seeded (GaussianLatentStore, D3Decoder): 2 latents of 8 dims per class, decoded to 16x16 grayscale."""
+    import torch
+
+    from hf_d3 import D3Decoder, GaussianLatentStore
+
+    torch.manual_seed(seed)
+    store = GaussianLatentStore(list(class_ids), num_classes=4, latents_per_class=2, latent_dim=8)
+    decoder = D3Decoder(latent_dim=8, resolution=16, out_channels=1, channels=[8, 8, 8])
+    return store, decoder
+
+
+@pytest.fixture(scope="module")
+def data(fmnist4_tensors):
+    """Real Fashion-MNIST images of the 4 classes, one subtask (local labels = global ids here)."""
+    from hf_d3.data import SubtaskData
+
+    return SubtaskData(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def trajectory(data):
+    """One expert trained 2 epochs on the real data: (network, trajectory [3, num_params])."""
+    import torch
+
+    from hf_d3.experts import train_classifier
+
+    torch.manual_seed(0)
+    net = make_net()
+    steps = train_classifier(net, data.images, data.labels, epochs=2, lr=0.01, batch_size=32,
+                             generator=torch.Generator().manual_seed(0), augment=False)
+    return net, torch.stack(steps)

@@ -2,7 +2,8 @@
 
 A rerun trusts what it finds (a finished expert, subtask, checkpoint or run), so every writer of something that
 marks work finished goes through `staged`: a job killed mid-write leaves the previous version or nothing.
-`kill_point` marks the places tests/test_kill_resume.py kills a run at (inert unless HF_D3_KILL_AT names one).
+`kill_point` marks the places tests/integration/test_kill_resume.py kills a run at (inert unless HF_D3_KILL_AT names
+one).
 """
 
 from __future__ import annotations

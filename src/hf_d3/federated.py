@@ -56,7 +56,7 @@ def expert_rank(subtask: int, expert: int, num_subtasks: int, world_size: int) -
 # TRUSTED, RANK TO RANK ONLY: the object collectives below (all_gather_object, send/recv_object_list) pickle, and
 # this module is the one place hf_d3 uses them. They carry only what the ranks of one job send one another
 # (tracebacks, finished-work lists, configs and tensors of experts and subtasks) over the job's own process group;
-# nothing read from disk or the network is unpickled (tests/test_safety.py checks the package for it).
+# nothing read from disk or the network is unpickled (tests/contracts/test_safety.py checks the package for it).
 def gather_to_all(obj: Any) -> list[Any]:
     """Every rank's `obj`, on every rank, through the process group (no shared filesystem needed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

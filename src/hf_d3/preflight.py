@@ -99,8 +99,10 @@ def check_dataset(data: DataConfig, train: Dataset | ImageCache, class_names: li
     _check_labels(labels, class_names, data.train_split)
     counts = np.bincount(labels, minlength=len(class_names))
     empty = np.flatnonzero(counts == 0)
-    if empty.size:  # one image is enough for init: random (tests/test_federated.py distils such a class); init: real
-        listed = ", ".join(f"{c} {class_names[c]!r}" for c in empty[:10])  # needs more: the warm start checks it
+    # one image is enough for init: random (tests/integration/test_federated_runs.py distils such a class); init: real
+    # needs more: the warm start checks it
+    if empty.size:
+        listed = ", ".join(f"{c} {class_names[c]!r}" for c in empty[:10])
         raise ValueError(f"{empty.size} class(es) of split {data.train_split!r} of dataset {data.dataset!r} have no "
                          f"image ({listed}); valid: at least one image of every class of the ClassLabel (or a "
                          "ClassLabel without the classes that have none)")

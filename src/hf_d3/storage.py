@@ -3,7 +3,7 @@ Storage).
 
 Counted from the sizes alone, never from built modules, so the run's planner and the budget solver
 (`hf_d3.sizing`) count sizes they never build (1,000 classes at 64x64 allocate nothing) exactly as the pipeline
-counts what it holds: every tensor its safetensors files store (tests/test_storage.py checks the count against
+counts what it holds: every tensor its safetensors files store (tests/unit/test_storage.py checks the count against
 built modules).
 """
 

@@ -100,7 +100,7 @@ def trajectory_matching_loss(
     The unroll always runs in float32, even inside an autocast region (bf16 mixed precision): with it in bf16 the
     gradients of the latents, log-variances and decoder came out 9-12 % off (cosine 0.992-0.996) and the lr's 0.1-0.4 %
     (benchmarks/mtt_precision.py). Nothing in the unroll reads a value on the host: it only queues device work
-    (tests/test_gpu_ready.py runs it on the meta device, where any such read fails).
+    (tests/unit/test_mixed_precision_loop.py runs it on the meta device, where any such read fails).
     """
     step = step or partial(sgd_step, net)
     with full_precision(start.device):

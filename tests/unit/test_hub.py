@@ -431,7 +431,7 @@ def test_publish_recipe_publishes_a_finished_run(local_hub, new_repo_id, tmp_pat
     settings = {"dataset": "builtin:fashion_mnist", "iterations": 5, "storage_budget_ipc": 13}
     (run_dir / "config.json").write_text(json.dumps(settings))
     model_id, dataset_id = new_repo_id("run"), new_repo_id("run-data")
-    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "publish.py")
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "publish.py")
     command = [sys.executable, recipe, str(run_dir), "--hub_model_id", model_id, "--hub_dataset_id", dataset_id]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

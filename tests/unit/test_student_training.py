@@ -45,7 +45,7 @@ from hf_d3.student_training import (
     run_student_training,
 )
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 RECIPE = ROOT / "recipes" / "train_student.py"
 # Latents fitted to real images, a better teacher and a lower temperature than TINY_RUN's: confident soft labels of the
 # right classes (TINY_RUN's are within 0.03 nats of log 4, mostly of one class), so students learn in a few steps.

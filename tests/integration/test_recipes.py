@@ -14,7 +14,7 @@ from hf_d3.config import D3Config
 from hf_d3.config_parser import parse_config
 from hf_d3.run import run_distillation
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes" / "configs").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml"))
 TINY = dict(num_experts=1, trajectory_epochs=3, max_start_epoch=1, expert_epochs=2, net_width=8, iterations=1,
             syn_steps=2, syn_batch_size=8, mmd_samples_per_class=3, teacher_epochs=1, eval_steps=2, eval_seeds=1,
             expert_batch_size=16, init_steps=2)
@@ -68,7 +68,7 @@ def test_paper_scale_shape_on_two_ranks_with_1000_classes(tmp_path):
     import yaml
     from hub_server import free_port
 
-    recipe = Path(__file__).parents[1] / "recipes" / "configs" / "imagenet_64_ipc1.yaml"
+    recipe = Path(__file__).parents[2] / "recipes" / "configs" / "imagenet_64_ipc1.yaml"
     config = {**parse_config(["--config", str(recipe)]).to_dict(), **TINY,
               "dataset": stand_in_dataset(tmp_path, 1000, 64, 3, per_class=2), "test_split": "test",
               "output_dir": str(tmp_path / "run"), "num_subtasks": 4, "iterations": 2, "net_depth": 2,
@@ -80,7 +80,7 @@ def test_paper_scale_shape_on_two_ranks_with_1000_classes(tmp_path):
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "--main_process_port", str(free_port("127.0.0.1")),
-                           str(Path(__file__).parents[1] / "recipes" / "distill.py"),
+                           str(Path(__file__).parents[2] / "recipes" / "distill.py"),
                            "--config", str(tmp_path / "config.yaml")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]

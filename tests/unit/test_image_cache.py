@@ -31,7 +31,7 @@ from hf_d3.experts import train_classifier
 from hf_d3.factories import build_decoder, build_latent_store
 from hf_d3.models.classifiers import build_classifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OLD_COMMIT = "4634833"  # the last commit that decoded into one float tensor (to_tensors)
 MODES = ["L", "RGB", "RGBA", "P", "LA"]
 

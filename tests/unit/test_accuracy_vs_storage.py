@@ -1,5 +1,5 @@
 """The curve benchmark's bookkeeping: which saved rows answer for today's settings (a D3 row's run reuses its stages
-by key: tests/test_distill.py).
+by key: tests/integration/test_run.py).
 (The rows themselves come from library functions tested elsewhere; the whole script is run by hand: BENCHMARKS.md.)"""
 
 import importlib.util
@@ -11,7 +11,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_d3.config import D3Config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_vs_storage.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy_vs_storage.py"
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,7 @@ def test_a_budget_too_small_stops_before_any_work():
 
 
 def test_the_plan_recipe_prints_the_sizes_and_the_storage():
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "plan.py"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "plan.py"
     run = subprocess.run([sys.executable, str(recipe), "--resolution", "32", "--channels", "3", "--num_classes", "10",
                           "--storage_budget_ipc", "2"], capture_output=True, text=True, check=True)
     sizes = solve_sizes(2, 10, 32, 3)

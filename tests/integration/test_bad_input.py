@@ -4,7 +4,8 @@ done.json: `hf_d3.run_folder`).
 
 Every refused run here runs under `refused`, which fails the test if expert training, distillation, teacher
 training or evaluation starts, and if the output folder changes at all (an earlier result is not even withdrawn).
-The other bad-input tests are listed in the report of issue 22 (test_config, test_data, test_pipeline, test_hub).
+The bad input refused before any run starts is tested beside the module that refuses it (tests/unit: test_config,
+test_data, test_pipeline, test_hub).
 """
 
 from __future__ import annotations
@@ -165,14 +166,14 @@ def test_disk_full_while_writing(tiny_run, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The Hub (an invalid repo id, no token, a wrong token: tests/test_hub.py)
+# The Hub (an invalid repo id, no token, a wrong token: tests/unit/test_hub.py)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def test_a_hub_model_id_taken_by_another_kind_of_model(local_hub, new_repo_id, tiny_run, tmp_path, refused):
     """Publishing there added D3 files to someone's classifier and replaced its card; now nothing is uploaded,
     and a run that would publish there stops before it starts. (A dataset repo of the same id is another repo, as
-    on the real Hub: tests/test_safety.py publishes one beside its pipeline.)"""
+    on the real Hub: tests/contracts/test_safety.py publishes one beside its pipeline.)"""
     repo_id = new_repo_id("classifier")
     build_classifier("convnet", 1, 16, 4, width=8, depth=2).save_pretrained(tmp_path / "classifier")
     HfApi().create_repo(repo_id)

@@ -14,7 +14,7 @@ from hf_d3.factories import build_decoder, build_net, planned_storage
 from hf_d3.run_plan import plan_subtasks
 from hf_d3.sizing import resolve_sizes
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 
 
 def write_yaml(path: Path, values: dict) -> str:

@@ -1,6 +1,6 @@
 """The README's examples run as written: each marked snippet (`tests/snippets.py`), with the demo's pipeline folder
 and the example repo ids replaced by a small real pipeline and repos on the local test Hub. The snippets that moved to
-docs/*.md run here or beside the code they show (`train_student`: tests/test_student_training.py)."""
+docs/*.md run here or beside the code they show (`train_student`: tests/unit/test_student_training.py)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from hf_d3.experts import load_trajectory
 from hf_d3.run import run_distillation
 from hf_d3.run_folder import RunFolder
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "distill.py"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "distill.py"
 # Two subtasks, a warm start, and a checkpoint every 2 of 3 iterations: every kind of finished work on disk.
 SETTINGS = {**TINY_RUN, "num_subtasks": 2, "init": "real", "iterations": 3, "checkpoint_every": 2}
 

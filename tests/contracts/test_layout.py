@@ -15,7 +15,7 @@ import pytest
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hf_d3"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "hf_d3"
 MAX_LINES = 320
 # The user-facing half: what loading, drawing from and publishing a distilled dataset runs. A user of a published
 # dataset needs nothing of the training half (run, distill, data, experts, preflight, sizing, ...), so these import

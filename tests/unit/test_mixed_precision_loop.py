@@ -1,5 +1,5 @@
-"""Issue 23's GPU-ready loop: no host reads in the unroll, bf16 autocast (off by default, the unroll and decoder kept
-in float32), the optional compiled inner step, and float32 results equal to the plain loop's."""
+"""The distillation loop on any device: no host reads in the unroll, bf16 autocast (off by default, the unroll and
+decoder kept in float32), the optional compiled inner step, and float32 results equal to the plain loop's."""
 
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def test_the_decoder_decodes_in_float32_under_autocast():
 
 
 def reference_mtt_losses(store, decoder, trajectories, cfg: DistillationConfig, generator) -> list[float]:
-    """The trajectory-matching loop written out plainly (as before issue 23): sample and decode step by step,
+    """The trajectory-matching loop written out plainly (the loop as first written): sample and decode step by step,
     unroll with `autograd.grad(create_graph=True)`, the paper's three optimisers."""
     syn_lr = torch.tensor(cfg.syn_lr_init, requires_grad=True)
     optimizers = [torch.optim.SGD([store.mean, store.logvar], lr=cfg.lr_latents, momentum=0.5),

@@ -25,7 +25,7 @@ from hf_d3.distill import distill_subtask
 from hf_d3.experts import train_classifier
 from hf_d3.run import run_distillation
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hf_d3"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "hf_d3"
 PROGRESS_MODULE = PACKAGE / "progress.py"
 LONG_WORK = ["run", "federated", "experts", "distill/subtask", "distill/distiller", "distill/warm_start", "teacher",
              "evaluation"]

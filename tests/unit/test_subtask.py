@@ -1,0 +1,60 @@
+"""A subtask's resumable distillation (`hf_d3.distill.subtask.distilled_subtask`): continued when the config asks
+for more iterations, and resumed after its warm start equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from conftest import TINY_RUN
+
+from hf_d3.config import D3Config
+from hf_d3.data import load_image_dataset
+from hf_d3.distill.subtask import distilled_subtask
+from hf_d3.federated import train_expert_trajectories
+from hf_d3.run_plan import make_plan
+
+
+def _distill_subtask_1(dataset: Path, folder: Path, **overrides) -> dict:
+    """Subtask 1 of TINY_RUN (warm-started) distilled into `folder`, its experts trained first if missing."""
+    train = load_image_dataset(str(dataset), "train")
+    config = D3Config.from_dict({**TINY_RUN, "dataset": str(dataset), "output_dir": str(folder), "init": "real",
+                                 "num_subtasks": 2, **overrides})
+    plan = make_plan(config, train.features["label"].names, "no")
+    train_expert_trajectories(config, plan, train, torch.device("cpu"))
+    store, decoder, stats = distilled_subtask(config, plan, 1, train, torch.device("cpu"))
+    return {"latent_store": store, "decoder": decoder, "stats": stats, "folder": plan.subtask_stages[1].folder(folder)}
+
+
+def _assert_same_subtask(got: dict, expected: dict) -> None:
+    assert got["stats"].iterations_run == expected["stats"].iterations_run
+    assert torch.equal(got["latent_store"].mean, expected["latent_store"].mean)
+    for name, value in expected["decoder"].state_dict().items():
+        assert torch.equal(got["decoder"].state_dict()[name], value), name
+
+
+def test_a_finished_subtask_is_continued_when_the_config_asks_for_more(fmnist4_folder, tmp_path):
+    fresh = _distill_subtask_1(fmnist4_folder, tmp_path / "fresh")
+    first = _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=1)
+    done = first["folder"] / "stage.json"
+    assert first["stats"].iterations_run == 1 and done.is_file()
+    again = done.stat().st_mtime_ns
+    _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=1)
+    assert done.stat().st_mtime_ns == again  # as much as asked: reused
+    _assert_same_subtask(_distill_subtask_1(fmnist4_folder, tmp_path / "more"), fresh)
+
+
+def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path):
+    fresh = _distill_subtask_1(fmnist4_folder, tmp_path / "fresh")
+    # its checkpoint holds the state after the warm start
+    subtask = _distill_subtask_1(fmnist4_folder, tmp_path / "resumed", iterations=0)["folder"]
+    for name in ("stage.json", "latent_store", "decoder"):  # as if the job died after its warm start
+        shutil.rmtree(subtask / name, ignore_errors=True)
+        (subtask / name).unlink(missing_ok=True)
+    warm_started = (subtask / "warm_start.json").stat().st_mtime_ns
+    resumed = _distill_subtask_1(fmnist4_folder, tmp_path / "resumed")
+    assert (subtask / "warm_start.json").stat().st_mtime_ns == warm_started  # not warm-started again
+    assert resumed["stats"].warm_start_mse == fresh["stats"].warm_start_mse is not None
+    assert resumed["stats"].iterations_run == TINY_RUN["iterations"]
+    _assert_same_subtask(resumed, fresh)
