@@ -148,7 +148,7 @@ def fmnist4_folder(tmp_path_factory, fmnist4_splits) -> Path:
 
 @pytest.fixture(scope="session")
 def fmnist4_tensors(fmnist4_folder):
-    """The train split of `fmnist4_folder` at 16x16, grayscale, as `hf_d3.data.ImageTensors` (images read from the
+    """The train split of `fmnist4_folder` at 16x16, grayscale, as `hf_d3.data.RealImages` (images read from the
     image cache on demand)."""
     from hf_d3.data import load_image_dataset, load_images
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore, build_classifier
 from hf_d3.config import D3Config
-from hf_d3.data import SubtaskData, load_image_dataset, load_images
+from hf_d3.data import RealImages, load_image_dataset, load_images
 from hf_d3.distill import (
     FlatModel,
     class_mmd_loss,
@@ -64,9 +64,9 @@ def make_store_and_decoder(seed: int = 0, class_ids=(0, 1, 2, 3)) -> tuple[Gauss
 
 
 @pytest.fixture(scope="module")
-def data(fmnist4_tensors) -> SubtaskData:
+def data(fmnist4_tensors) -> RealImages:
     """Real Fashion-MNIST images of the 4 classes, one subtask (local labels = global ids here)."""
-    return SubtaskData(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
+    return RealImages(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_mmd_of_samples_of_one_distribution_is_zero_in_expectation():
 
 def test_real_images_for_the_mmd_are_drawn_from_each_class_in_turn():
     labels = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0])  # shuffled, classes of unequal size
-    data = SubtaskData(torch.arange(8.0)[:, None], labels, [10, 11, 12])
+    data = RealImages(torch.arange(8.0)[:, None], labels, [10, 11, 12])
     assert [x.tolist() for x in data.indices_by_class] == [[1, 3, 7], [2, 6], [0, 4, 5]]
     drawn = real_per_class(data, 5, torch.Generator().manual_seed(0))
     assert labels[drawn].tolist() == [0] * 5 + [1] * 5 + [2] * 5
@@ -411,7 +411,7 @@ def test_warm_start_fits_real_images(data):
     store, decoder = make_store_and_decoder()
     assert warm_start(store, decoder, data, steps=0, lr=1e-2, generator=torch.Generator().manual_seed(0)) is None
 
-    short = SubtaskData(data.images[:3], torch.tensor([0, 0, 1]), [0, 1])
+    short = RealImages(data.images[:3], torch.tensor([0, 0, 1]), [0, 1])
     store, decoder = make_store_and_decoder(class_ids=(0, 1))
     with pytest.raises(ValueError, match=r"init=real needs 2 real images per class; some class of \[0, 1\]"):
         warm_start(store, decoder, short, steps=1, lr=1e-2, generator=torch.Generator().manual_seed(0))
