@@ -56,8 +56,8 @@ from hf_d3.config_parser import parse_config
 from hf_d3.data import (
     RealImages,
     class_names_of,
-    load_image_dataset,
     load_images,
+    load_split,
     load_subtask_images,
     load_test_images,
 )
@@ -382,7 +382,7 @@ def main():
     base = parse_config(["--config", str(config_path), *overrides, "--output_dir", str(out / "shared")])
     base_settings = {**base.to_dict(), "seeds": args.seeds, "num_threads": torch.get_num_threads()}
     config, data = base, base.data
-    train = load_image_dataset(data.dataset, data.train_split)
+    train = load_split(data, data.train_split)
     shared = prepare_shared(config, train)
     teacher = AutoModelForImageClassification.from_pretrained(shared.teacher.folder(shared.stage_dir))
     columns = {"image_column": data.image_column, "label_column": data.label_column}

@@ -102,7 +102,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist_offline(split: str) -> Dataset:
+def _fashion_mnist(split: str) -> Dataset:
     """Fashion-MNIST `split` ("train" or "test") from the Debian package, with Image/ClassLabel features."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
@@ -129,7 +129,7 @@ def fashion_mnist_offline(split: str) -> Dataset:
 def load_image_dataset(name: str, split: str, cache_dir: str | None = None) -> Dataset:
     """Load `split` of an image-classification dataset: a Hub id, a local folder, or `builtin:fashion_mnist`."""
     if name == FASHION_MNIST:
-        return fashion_mnist_offline(split)
+        return _fashion_mnist(split)
     dataset = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     if not isinstance(dataset, Dataset):
         raise ValueError(f"dataset {name!r} split {split!r} is not a map-style Dataset")
