@@ -54,12 +54,12 @@ from hf_d3.baselines import (
 from hf_d3.config import PAPER_SIZES, D3Config
 from hf_d3.config_parser import parse_config
 from hf_d3.data import (
-    ImageTensors,
+    RealImages,
     class_names_of,
-    load_image_dataset,
     load_images,
-    load_subtask_data,
-    load_test_split,
+    load_split,
+    load_subtask_images,
+    load_test_images,
 )
 from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 from hf_d3.experts import load_trajectory
@@ -135,7 +135,7 @@ def images_within(budget_values: int, n: int, per_image: int, soft: bool) -> tup
     return max(ipc, 1), ipc == 0
 
 
-def prototype_set(config, shared: RunPlan, train, test: ImageTensors, budget_values: int
+def prototype_set(config, shared: RunPlan, train, test: RealImages, budget_values: int
                   ) -> tuple[torch.Tensor, dict]:
     """The prototypes (class by class) and their row without labels or accuracies (deterministic at a fixed thread
     count, so a top-up redistills the same images)."""
@@ -144,7 +144,7 @@ def prototype_set(config, shared: RunPlan, train, test: ImageTensors, budget_val
     classes = list(range(n))
     assert config.run.num_subtasks == 1, "prototypes are distilled as one subtask"
     seed = subtask_seed(config.run.seed, 0)
-    data = load_subtask_data(train, config.data, classes, seed)
+    data = load_subtask_images(train, config.data, classes, seed)
     trajectories = [load_trajectory(expert.folder(shared.stage_dir)) for expert in shared.experts[0]]
     start = data.images[pick_per_class(data.labels, n, ipc, seed)]
     prototypes, stats = distill_prototypes(start, data, trajectories, config.distillation,
@@ -168,20 +168,20 @@ def baseline_label_weights(hard_label_weight: float) -> list[float]:
     return sorted({0.0, hard_label_weight})
 
 
-def real_sampler(config, pool: ImageTensors, teacher, ipc: int, temperature: float | None,
+def real_sampler(config, pool: RealImages, teacher, ipc: int, temperature: float | None,
                  hard_label_weight: float = 0.0):
     """R+H (`temperature` None) or R+S: the same random real images every time, from the non-held-out pool."""
     return random_real_sampler(pool.images, pool.labels, len(pool.class_names), ipc, config.run.seed,
                                None if temperature is None else teacher, temperature or 1.0, hard_label_weight)
 
 
-def held_out_and_pool(train_tensors: ImageTensors, seed: int) -> tuple[torch.Tensor, ImageTensors]:
+def held_out_and_pool(train_tensors: RealImages, seed: int) -> tuple[torch.Tensor, RealImages]:
     """The held-out indices that choose R+S's temperature, and the pool the real images are drawn from."""
     held_out, pool = split_held_out(len(train_tensors.labels), seed)
-    return held_out, ImageTensors(train_tensors.images[pool], train_tensors.labels[pool], train_tensors.class_names)
+    return held_out, train_tensors.subset(pool)
 
 
-def held_out_scorer(config, train_tensors: ImageTensors, num_classes: int):
+def held_out_scorer(config, train_tensors: RealImages, num_classes: int):
     """A sampler's score: the accuracy on the held-out training images of one student trained on it."""
     held_out, _ = split_held_out(len(train_tensors.labels), config.run.seed)  # indices only: no copy of the pool
     images, labels = train_tensors.images[held_out], train_tensors.labels[held_out]
@@ -189,7 +189,7 @@ def held_out_scorer(config, train_tensors: ImageTensors, num_classes: int):
                                                 num_classes, seeds=1).accuracy_mean
 
 
-def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, budget_values: int,
+def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budget_values: int,
               seeds: int, methods: list[str]) -> dict:
     n, per_image, seed = len(test.class_names), test.images[0].numel(), config.run.seed
     _, pool = held_out_and_pool(train_tensors, seed)
@@ -216,7 +216,7 @@ def real_rows(config, train_tensors: ImageTensors, test: ImageTensors, teacher, 
     return rows
 
 
-def prototype_row(config, shared: RunPlan, train, train_tensors: ImageTensors, test: ImageTensors, teacher,
+def prototype_row(config, shared: RunPlan, train, train_tensors: RealImages, test: RealImages, teacher,
                   budget_values: int, seeds: int) -> dict:
     """The prototypes' row, labelled at the hard-label weight whose student scores best on held-out images (the
     prototypes are distilled from all training images, held-out ones included: the choice is between labels of
@@ -241,8 +241,8 @@ def close_methods(rows: dict[str, dict]) -> set[str]:
             if a != b and abs(stats[a][0] - stats[b][0]) <= 2 * max(stats[a][1], stats[b][1])}
 
 
-def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan, train, test: ImageTensors, teacher,
-                   budget_values: int, train_tensors: ImageTensors):
+def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan, train, test: RealImages, teacher,
+                   budget_values: int, train_tensors: RealImages):
     """The epoch sampler that gave `row`'s accuracies, rebuilt, and the run config its students use."""
     if method in ("D3", "D3-hand"):
         run = folder / ("d3" if method == "D3" else "d3_hand")
@@ -382,11 +382,11 @@ def main():
     base = parse_config(["--config", str(config_path), *overrides, "--output_dir", str(out / "shared")])
     base_settings = {**base.to_dict(), "seeds": args.seeds, "num_threads": torch.get_num_threads()}
     config, data = base, base.data
-    train = load_image_dataset(data.dataset, data.train_split)
+    train = load_split(data, data.train_split)
     shared = prepare_shared(config, train)
     teacher = AutoModelForImageClassification.from_pretrained(shared.teacher.folder(shared.stage_dir))
     columns = {"image_column": data.image_column, "label_column": data.label_column}
-    test = load_test_split(data)
+    test = load_test_images(data)
     train_tensors = None
 
     def evaluate(run_config, sampler, seeds: int, first_seed: int = 0):

@@ -35,7 +35,7 @@ from transformers import AutoModelForImageClassification
 import hf_d3  # noqa: F401  (registers the classifiers with the Auto classes)
 from hf_d3.baselines import choose_temperature, random_real_sampler, split_held_out
 from hf_d3.config_parser import parse_config
-from hf_d3.data import ImageTensors, load_image_dataset, load_images, load_test_split
+from hf_d3.data import load_images, load_split, load_test_images
 from hf_d3.evaluation import evaluate_with_config
 from hf_d3.stages import teacher_stage
 from hf_d3.storage import largest_ipc_within, prototype_storage
@@ -124,10 +124,10 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
     at the same settings; those are reused, not trained again."""
     data, seed = config.data, config.run.seed
     columns = {"image_column": data.image_column, "label_column": data.label_column}
-    train = load_images(load_image_dataset(data.dataset, data.train_split), data.resolution, data.channels, **columns)
-    test = load_test_split(data)  # the D3 run's test images (its max_test_examples too)
+    train = load_images(load_split(data, data.train_split), data.resolution, data.channels, **columns)
+    test = load_test_images(data)  # the D3 run's test images (its max_test_examples too)
     held_out, pool = split_held_out(len(train.labels), seed)
-    pool = ImageTensors(train.images[pool], train.labels[pool], train.class_names)
+    pool = train.subset(pool)
     teacher = AutoModelForImageClassification.from_pretrained(teacher_of(config, out / "stages"))
     n, per_image = len(train.class_names), main_run["storage"]["values_per_image"]
     budget = main_run["storage"]["total_values"]

@@ -33,7 +33,7 @@ from record import save_record  # this folder is on sys.path when the script run
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_d3.config_parser import parse_config
-from hf_d3.data import SubtaskData
+from hf_d3.data import RealImages
 from hf_d3.distill import FlatModel, distill_subtask, trajectory_matching_loss
 from hf_d3.experts import flat_parameters
 from hf_d3.factories import build_decoder, build_latent_store, build_net
@@ -95,7 +95,7 @@ def main() -> None:
     epochs = config.distillation.max_start_epoch + config.distillation.expert_epochs + 1
     trajectory = torch.stack([start + 0.01 * e * torch.randn_like(start) for e in range(epochs)])
     c, r = config.data.channels, config.data.resolution
-    data = SubtaskData(torch.rand(len(class_ids) * args.per_class, c, r, r, device=device),
+    data = RealImages(torch.rand(len(class_ids) * args.per_class, c, r, r, device=device),
                        torch.arange(len(class_ids), device=device).repeat_interleave(args.per_class), class_ids)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -21,19 +21,19 @@ from transformers import AutoModelForImageClassification
 from hf_d3 import D3Pipeline
 from hf_d3.baselines import split_held_out
 from hf_d3.config import D3Config
-from hf_d3.data import ImageTensors, load_images, load_split, load_test_split
+from hf_d3.data import RealImages, load_images, load_split, load_test_images
 from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 from hf_d3.stages import teacher_stage
 from hf_d3.teacher import relabel
 
 
-def held_out_images(config: D3Config) -> ImageTensors:
+def held_out_images(config: D3Config) -> RealImages:
     """The held-out tenth of the training split (the baselines' choice set), read like the test split."""
     data = config.data
     train = load_images(load_split(data, data.train_split), data.resolution, data.channels,
                         image_column=data.image_column, label_column=data.label_column)
     held_out, _ = split_held_out(len(train.labels), config.run.seed)
-    return ImageTensors(train.images[held_out], train.labels[held_out], train.class_names)
+    return train.subset(held_out)
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
     stage_dir = Path(config.run.stage_dir or args.run)  # a run's config.json names its own output_dir
     teacher = AutoModelForImageClassification.from_pretrained(
         config.relabel.teacher or teacher_stage(config, precision).folder(stage_dir))
-    test = held_out_images(config) if args.held_out else load_test_split(config.data)
+    test = held_out_images(config) if args.held_out else load_test_images(config.data)
     store = pipe.latent_store
     agree = (store.soft_labels.argmax(1) == store.component_class).float().mean().item()
     print(f"{args.run}: {store.num_components} Gaussians; the saved labels' largest entry is the Gaussian's class "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hf_d3.cached_images import to_float
-from hf_d3.data import SubtaskData
+from hf_d3.data import RealImages
 from hf_d3.distill.losses import real_per_class
 
 
@@ -36,7 +36,7 @@ def main():
     args = parser.parse_args()
     shuffle = torch.randperm(args.classes * args.per_class, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(args.classes).repeat_interleave(args.per_class)[shuffle]
-    data = SubtaskData(torch.empty(len(labels), 0), labels, list(range(args.classes)))
+    data = RealImages(torch.empty(len(labels), 0), labels, list(range(args.classes)))
 
     def timed(draw) -> tuple[list[float], torch.Tensor]:
         """Each call's seconds, and the first call's draw."""

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hf_d3 import D3Decoder, GaussianLatentStore, build_classifier
 from hf_d3.config import DistillationConfig
-from hf_d3.data import SubtaskData
+from hf_d3.data import RealImages
 from hf_d3.distill import distill_subtask
 from hf_d3.experts import flat_parameters
 
@@ -41,7 +41,7 @@ def reference_work() -> tuple[torch.nn.Module, torch.Tensor, GaussianLatentStore
     return expert, trajectory, store, decoder
 
 
-def count_flops(real: SubtaskData, config: DistillationConfig) -> dict[str, float]:
+def count_flops(real: RealImages, config: DistillationConfig) -> dict[str, float]:
     """GFLOP of one distillation iteration of the reference work, by operator (torch.utils.flop_counter)."""
     expert, trajectory, store, decoder = reference_work()
     with FlopCounterMode(display=False) as counter:
@@ -76,7 +76,7 @@ def main():
     args = parser.parse_args()
     torch.backends.mkldnn.enabled = not args.no_onednn
     expert, trajectory, store, decoder = reference_work()
-    real = SubtaskData(torch.rand(500, 3, 32, 32), torch.arange(10).repeat_interleave(50), list(range(10)))
+    real = RealImages(torch.rand(500, 3, 32, 32), torch.arange(10).repeat_interleave(50), list(range(10)))
     config = DistillationConfig(
         iterations=args.iterations, mtt_weight=1.0, mmd_weight=1.0 if args.mmd else 0.0, syn_steps=10,
         expert_epochs=2, max_start_epoch=2, syn_batch_size=None, lr_latents=1e-3, lr_decoder=1e-4, lr_lr=1e-6,

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from hf_d3 import D3Pipeline
 from hf_d3.config_parser import parse_config
-from hf_d3.data import load_test_split
+from hf_d3.data import load_test_images
 from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
 
 
@@ -45,7 +45,7 @@ def main():
                  f"{config.data.channels}, but the pipeline makes {decoder.out_channels}x{decoder.resolution}x"
                  f"{decoder.resolution} images: pass --resolution {decoder.resolution} --channels "
                  f"{decoder.out_channels}, or the run's config")
-    test, num_classes = load_test_split(config.data), pipe.latent_store.config.num_classes
+    test, num_classes = load_test_images(config.data), pipe.latent_store.config.num_classes
     if len(test.class_names) != num_classes:
         sys.exit(f"the pipeline has {num_classes} classes but the test split of dataset={config.data.dataset!r} has "
                  f"{len(test.class_names)}: pass the run's --dataset, or the run's config")

@@ -145,7 +145,7 @@ def fmnist4_folder(tmp_path_factory, fmnist4_splits) -> Path:
 
 @pytest.fixture(scope="session")
 def fmnist4_tensors(fmnist4_folder):
-    """The train split of `fmnist4_folder` at 16x16, grayscale, as `hf_d3.data.ImageTensors` (images read from the
+    """The train split of `fmnist4_folder` at 16x16, grayscale, as `hf_d3.data.RealImages` (images read from the
     image cache on demand)."""
     from hf_d3.data import load_image_dataset, load_images
 
@@ -230,9 +230,9 @@ def make_store_and_decoder(seed: int = 0, class_ids=(0, 1, 2, 3)):
 @pytest.fixture(scope="module")
 def data(fmnist4_tensors):
     """Real Fashion-MNIST images of the 4 classes, one subtask (local labels = global ids here)."""
-    from hf_d3.data import SubtaskData
+    from hf_d3.data import RealImages
 
-    return SubtaskData(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
+    return RealImages(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
 
 
 @pytest.fixture(scope="module")

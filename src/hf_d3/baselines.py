@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import DistillationConfig
-from .data import ImageTensors, SubtaskData
+from .data import RealImages
 from .distill.distiller import distill_loop
 from .distill.synthetic import PrototypeSet
 from .evaluation import EpochSampler
@@ -49,7 +49,7 @@ def random_real_sampler(
 
 def distill_prototypes(
     prototypes: torch.Tensor,
-    data: SubtaskData,
+    data: RealImages,
     trajectories: list[tuple[nn.Module, torch.Tensor]],
     config: DistillationConfig,
     generator: torch.Generator,
@@ -78,7 +78,7 @@ def split_held_out(num_images: int, seed: int, parts: int = 10) -> tuple[torch.T
 
 def choose_temperature(
     score: Callable[[EpochSampler], float],
-    pool: ImageTensors,
+    pool: RealImages,
     images_per_class: int,
     teacher: nn.Module,
     temperatures: Sequence[float],

@@ -1,14 +1,11 @@
 """The image cache, reading side: a split's images decoded once to uint8 on disk (`ImageCache`), and the images of
-a selection read on demand like a float tensor (`CachedImages`). Built by `hf_d3.cache_builder`, found or built by
-`hf_d3.data.image_cache`."""
+a selection read on demand like a float tensor (`CachedImages`): the storage behind `hf_d3.real_images.RealImages`.
+Built by `hf_d3.cache_builder`, found or built by `hf_d3.data.image_cache`."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,25 +109,6 @@ class ImageCache:
         """The images of `rows` as float32 [len(rows), C, H, W] in [0, 1] on `device`."""
         return to_float(self.read(rows), device)
 
-    def select(self, classes: Sequence[int] | None = None, max_per_class: int | None = None, seed: int = 0,
-               limit: int | None = None) -> ImageTensors:
-        """The images of `classes` (default: all) in the dataset's order, at most `max_per_class` of each (a
-        subset picked by `seed`), then the first `limit`: an `ImageTensors` whose images are read on demand."""
-        labels = self.labels
-        if classes is None:
-            keep = np.arange(len(labels))
-        else:
-            keep = np.sort(np.concatenate([self.class_indices(int(c)) for c in classes] or [np.empty(0, np.int64)]))
-        if max_per_class is not None:
-            # the same draw as before the cache existed (one permutation per class, classes in ascending order),
-            # so a seed keeps picking the same images
-            rng = np.random.default_rng(seed)
-            keep = np.concatenate([rng.permutation(keep[labels[keep] == c])[:max_per_class]
-                                   for c in np.unique(labels[keep])])
-            keep.sort()
-        keep = keep[:limit]
-        return ImageTensors(CachedImages(self, keep), torch.from_numpy(labels[keep]).long(), list(self.class_names))
-
 
 class CachedImages:
     """Some rows of an `ImageCache`, indexed like the float tensor [N, C, H, W] they stand for: `images[i]`,
@@ -171,35 +149,3 @@ class CachedImages:
 
     def __repr__(self) -> str:
         return f"CachedImages({len(self)} images of {self.cache.folder}, device={self.device})"
-
-
-# What a consumer of real images indexes: a tensor in memory (small data, tests) or images read from the cache.
-ImageSource = torch.Tensor | CachedImages
-
-
-@dataclass
-class SubtaskData:
-    """The real data of one subtask; `labels` are local (0..n-1), `class_ids` maps them to global ids."""
-
-    images: ImageSource
-    labels: torch.Tensor
-    class_ids: list[int]
-
-    @cached_property
-    def indices_by_class(self) -> list[torch.Tensor]:
-        """The indices (on the CPU, ascending) of each local class's images. Found once: the MMD term draws from
-        them every iteration, and one pass over the labels per class took 0.73-0.83 s at a subtask of 500 ImageNet
-        classes (benchmarks/mmd_draw.py)."""
-        labels = self.labels.cpu()
-        order = torch.argsort(labels, stable=True)
-        return list(order.split(torch.bincount(labels, minlength=len(self.class_ids)).tolist()))
-
-
-@dataclass
-class ImageTensors:
-    """Images [N, C, H, W] in [0, 1] (a tensor, or `CachedImages` read on demand) with their global class ids and
-    the dataset's class names."""
-
-    images: ImageSource
-    labels: torch.Tensor
-    class_names: list[str]

@@ -7,8 +7,13 @@ package `dataset-fashion-mnist` into a real `datasets.Dataset` (the offline defa
 The images of a split are decoded and resized once per (split, resolution, channels) into an `ImageCache`: a
 uint8 NumPy file `images.npy` [N, H, W, C] in the dataset's order, its labels and a per-class index, under
 `$HF_D3_CACHE/images` (default `~/.cache/hf_d3/images`). Runs, ranks and reruns share it. Everything that trains on
-real images (experts, MMD, warm start, teacher, students' test) indexes a `CachedImages` like a float tensor and gets
-only the images it asked for, read from the file, so a process holds its batch, not every image it owns.
+real images (experts, MMD, warm start, teacher, students' test) receives them as `RealImages`, whose images are a
+`CachedImages` indexed like a float tensor: it gets only the images it asked for, read from the file, so a process
+holds its batch, not every image it owns.
+
+The loaders: `load_image_dataset` (a dataset by name) and `load_split` (a run's split, streamed if asked) give the
+source; `load_images` (any selection of it), `load_subtask_images` (a subtask's block, local labels) and
+`load_test_images` (what students are scored on) give `RealImages`.
 """
 
 from __future__ import annotations
@@ -29,15 +34,9 @@ from filelock import FileLock
 import hf_d3.cache_builder as cache_builder  # the module, so tests can replace its builders
 
 from .atomic import staged
-from .cached_images import (  # noqa: F401  (re-exported: consumers import them from hf_d3.data)
-    CACHE_FORMAT,
-    CachedImages,
-    ImageCache,
-    ImageSource,
-    ImageTensors,
-    SubtaskData,
-)
+from .cached_images import CACHE_FORMAT, CachedImages, ImageCache  # noqa: F401  (consumers import them from here)
 from .config import DataConfig
+from .real_images import RealImages
 
 FASHION_MNIST = "builtin:fashion_mnist"
 FASHION_MNIST_DIR = Path(os.environ.get("HF_D3_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -103,7 +102,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist_offline(split: str) -> Dataset:
+def _fashion_mnist(split: str) -> Dataset:
     """Fashion-MNIST `split` ("train" or "test") from the Debian package, with Image/ClassLabel features."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
@@ -130,7 +129,7 @@ def fashion_mnist_offline(split: str) -> Dataset:
 def load_image_dataset(name: str, split: str, cache_dir: str | None = None) -> Dataset:
     """Load `split` of an image-classification dataset: a Hub id, a local folder, or `builtin:fashion_mnist`."""
     if name == FASHION_MNIST:
-        return fashion_mnist_offline(split)
+        return _fashion_mnist(split)
     dataset = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     if not isinstance(dataset, Dataset):
         raise ValueError(f"dataset {name!r} split {split!r} is not a map-style Dataset")
@@ -198,31 +197,33 @@ def load_images(
     max_per_class: int | None = None,
     seed: int = 0,
     limit: int | None = None,
-) -> ImageTensors:
+) -> RealImages:
     """The images of a dataset at `resolution` with `channels` (1 or 3), in [0, 1], read on demand from its
     `ImageCache` (built on first use): only `classes`, at most `max_per_class` of each (a seeded random subset), the
-    first `limit` of those. `dataset` may be the cache itself (what `load_split` gives for a stream)."""
+    first `limit` of those, labelled with the dataset's class ids. `dataset` may be the cache itself (what `load_split`
+    gives for a stream)."""
     if isinstance(dataset, ImageCache):
         if (dataset.resolution, dataset.channels) != (resolution, channels):
             raise ValueError(f"the image cache {dataset.folder} holds {dataset.resolution}x{dataset.resolution}x"
                              f"{dataset.channels} images, not resolution={resolution}, channels={channels}; valid: "
                              "its own resolution and channels, or the dataset instead of its cache")
-        return dataset.select(classes, max_per_class, seed, limit)
+        return RealImages.from_cache(dataset, classes, max_per_class, seed, limit)
     cache = image_cache(dataset, resolution, channels, image_column, label_column)
-    return cache.select(classes, max_per_class, seed, limit)
+    return RealImages.from_cache(cache, classes, max_per_class, seed, limit)
 
 
-def load_subtask_data(train: Dataset | ImageCache, data: DataConfig, class_ids: list[int], seed: int,
-                      device: torch.device | str = "cpu") -> SubtaskData:
-    """The real images of one subtask's classes only (at most `max_train_per_class` each, picked by `seed`), with
-    local labels 0..n-1; the images are read from the cache batch by batch, onto `device`."""
+def load_subtask_images(train: Dataset | ImageCache, data: DataConfig, class_ids: list[int], seed: int,
+                        device: torch.device | str = "cpu") -> RealImages:
+    """The real images of one subtask's classes only (`class_ids`, ascending; at most `max_train_per_class` each,
+    picked by `seed`), with local labels 0..n-1; the images are read from the cache batch by batch, onto `device`."""
     real = load_images(train, data.resolution, data.channels, classes=class_ids, image_column=data.image_column,
                        label_column=data.label_column, max_per_class=data.max_train_per_class, seed=seed)
     local = torch.searchsorted(torch.tensor(class_ids), real.labels)
-    return SubtaskData(real.images.to(device), local.to(device), class_ids)
+    return RealImages(real.images.to(device), local.to(device), list(class_ids),
+                      [real.class_names[c] for c in class_ids])
 
 
-def load_test_split(data: DataConfig) -> ImageTensors:
+def load_test_images(data: DataConfig) -> RealImages:
     """The real test split the students are scored on (its first `max_test_examples` images, if set)."""
     return load_images(load_split(data, data.test_split), data.resolution, data.channels,
                        image_column=data.image_column, label_column=data.label_column, limit=data.max_test_examples)

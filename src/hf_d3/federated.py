@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .data import load_subtask_data
+from .data import load_subtask_images
 from .experts import save_trajectory, train_expert
 from .factories import build_net
 from .models.decoder import D3Decoder
@@ -200,7 +200,7 @@ def train_expert_trajectories(config: D3Config, plan: RunPlan, train: Dataset, d
     def work() -> ExpertWork:
         start = time.perf_counter()
         for k in sorted({k for k, _ in mine}):
-            data = load_subtask_data(train, config.data, plan.subtasks[k], subtask_seed(config.run.seed, k), device)
+            data = load_subtask_images(train, config.data, plan.subtasks[k], subtask_seed(config.run.seed, k), device)
             for i in sorted(i for kk, i in mine if kk == k):
                 trained = train_expert(
                     partial(build_net, experts, config.data, len(plan.subtasks[k]), device), data.images, data.labels,

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import D3Config, RunConfig
-from .data import class_names_of, load_split, load_test_split
+from .data import class_names_of, load_split, load_test_images
 from .distill.distiller import LossCallback
 from .distill.subtask import distilled_subtask
 from .evaluation import accuracy, evaluate_with_config, pipeline_sampler
@@ -152,7 +152,7 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
     # Relabel with a global teacher, then train students on the distilled data and test them on real data.
     teacher = load_teacher(config, plan, train, device)
     relabel(store, decoder, teacher, config.relabel.relabel_temperature, plan.hard_label_weight)
-    test = load_test_split(data)
+    test = load_test_images(data)
     test_images, test_labels = test.images.to(device), test.labels.to(device)
     evaluation = evaluated(config, plan, pipe, test_images, test_labels)
 

@@ -23,7 +23,7 @@ from transformers.trainer_utils import set_seed
 from . import student_protocol as protocol
 from .atomic import write_json
 from .config import ARCHITECTURES, D3Config
-from .data import ImageTensors, load_test_split
+from .data import RealImages, load_test_images
 from .factories import net_kwargs
 from .models.classifiers import CLASSIFIERS, build_classifier
 from .pipelines.pipeline_d3 import D3Pipeline
@@ -240,7 +240,7 @@ class SoftLabelTrainer(Trainer):
 
 
 @torch.no_grad()
-def accuracy_on(model: nn.Module, test: ImageTensors, pixel_format: PixelFormat, batch_size: int = 256) -> float:
+def accuracy_on(model: nn.Module, test: RealImages, pixel_format: PixelFormat, batch_size: int = 256) -> float:
     """Top-1 accuracy on every image of `test`, in batches."""
     model.eval()
     device, correct = next(model.parameters()).device, 0
@@ -277,7 +277,7 @@ def run_student_training(config: D3Config, student: StudentTrainingConfig) -> St
     source = student.distilled or str(Path(config.run.output_dir) / "pipeline")
     output_dir = Path(student.student_output_dir or Path(config.run.output_dir) / "student")
     distilled = load_distilled(source, student.distilled_config_name, student.distilled_split, seed)
-    test = load_test_split(config.data)
+    test = load_test_images(config.data)
     if len(test.class_names) != len(distilled.class_names):
         raise ValueError(f"distilled={source!r} has {len(distilled.class_names)} classes but the test split of "
                          f"dataset={config.data.dataset!r} has {len(test.class_names)}")

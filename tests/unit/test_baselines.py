@@ -4,7 +4,7 @@ from conftest import TINY_RUN
 from hf_d3 import build_classifier
 from hf_d3.baselines import distill_prototypes, pick_per_class, random_real_sampler
 from hf_d3.config import D3Config
-from hf_d3.data import SubtaskData
+from hf_d3.data import RealImages
 from hf_d3.experts import train_classifier
 from hf_d3.storage import largest_ipc_within, prototype_storage
 
@@ -46,7 +46,7 @@ def test_prototype_storage_by_hand_at_a_d3_budget():
 
 
 def test_a_tiny_prototype_distillation(fmnist4_tensors):
-    data = SubtaskData(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
+    data = RealImages(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
     torch.manual_seed(0)
     net = build_classifier("convnet", 1, 16, 4, width=8, depth=2)
     trajectory = torch.stack(train_classifier(net, data.images, data.labels, epochs=2, lr=0.01, batch_size=32,

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import hf_d3.cache_builder
 import hf_d3.data
 from hf_d3.config import DataConfig
-from hf_d3.data import CachedImages, SubtaskData, cache_folder, image_cache, load_images, load_split
+from hf_d3.data import CachedImages, RealImages, cache_folder, image_cache, load_images, load_split
 from hf_d3.distill.losses import class_mmd_loss
 from hf_d3.distill.warm_start import warm_start
 from hf_d3.experts import train_classifier
@@ -245,7 +245,7 @@ def test_consumers_draw_the_same_from_the_cache_as_from_a_tensor(fmnist4_tensors
     in_memory = cached[:]
     results = []
     for images in (cached, in_memory):
-        data = SubtaskData(images, fmnist4_tensors.labels, [0, 1, 2, 3])
+        data = RealImages(images, fmnist4_tensors.labels, [0, 1, 2, 3])
         torch.manual_seed(0)
         net = build_classifier("convnet", 1, 16, 4, width=8, depth=2)
         trajectory = train_classifier(net, data.images, data.labels, 1, 0.01, 16, torch.Generator().manual_seed(1))

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hf_d3 import D3Decoder, GaussianLatentStore, build_classifier
 from hf_d3.config import D3Config, RunConfig
-from hf_d3.data import SubtaskData
+from hf_d3.data import RealImages
 from hf_d3.distill import distill_subtask
 from hf_d3.experts import train_classifier
 from hf_d3.run import run_distillation
@@ -134,7 +134,7 @@ def test_tqdm_disable_still_hides_the_main_process_bar():
 
 @pytest.fixture(scope="module")
 def data_and_trajectory(fmnist4_tensors):
-    data = SubtaskData(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
+    data = RealImages(fmnist4_tensors.images, fmnist4_tensors.labels, [0, 1, 2, 3])
     torch.manual_seed(0)
     net = build_classifier("convnet", num_channels=1, image_size=16, num_labels=4, width=8, depth=2)
     steps = train_classifier(net, data.images, data.labels, epochs=2, lr=0.01, batch_size=32,

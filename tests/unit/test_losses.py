@@ -12,7 +12,7 @@ from conftest import make_net, make_store_and_decoder
 from torch import nn
 
 from hf_d3 import D3Decoder, GaussianLatentStore
-from hf_d3.data import SubtaskData
+from hf_d3.data import RealImages
 from hf_d3.distill import FlatModel, class_mmd_loss, mmd2_unbiased, trajectory_matching_loss
 from hf_d3.distill.losses import real_per_class
 from hf_d3.experts import flat_parameters
@@ -53,7 +53,7 @@ def test_mmd_of_samples_of_one_distribution_is_zero_in_expectation():
 
 def test_real_images_for_the_mmd_are_drawn_from_each_class_in_turn():
     labels = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0])  # shuffled, classes of unequal size
-    data = SubtaskData(torch.arange(8.0)[:, None], labels, [10, 11, 12])
+    data = RealImages(torch.arange(8.0)[:, None], labels, [10, 11, 12])
     assert [x.tolist() for x in data.indices_by_class] == [[1, 3, 7], [2, 6], [0, 4, 5]]
     drawn = real_per_class(data, 5, torch.Generator().manual_seed(0))
     assert labels[drawn].tolist() == [0] * 5 + [1] * 5 + [2] * 5

@@ -15,7 +15,7 @@ from torch import nn
 from hf_d3 import D3Decoder, GaussianLatentStore, allocator, build_classifier
 from hf_d3.allocator import tune_malloc
 from hf_d3.config import D3Config, DistillationConfig, RunConfig
-from hf_d3.data import SubtaskData
+from hf_d3.data import RealImages
 from hf_d3.distill import FlatModel, distill_subtask, trajectory_matching_loss
 from hf_d3.distill.losses import compiled_sgd_step, sgd_step
 from hf_d3.distill.synthetic import draw_unroll
@@ -33,7 +33,7 @@ def tiny(seed: int = 0):
     net = build_classifier("convnet", num_channels=1, image_size=16, num_labels=4, width=8, depth=2)
     start = flat_parameters(net)
     trajectory = torch.stack([start + 0.05 * e * torch.randn_like(start) for e in range(4)])
-    data = SubtaskData(torch.rand(40, 1, 16, 16), torch.arange(4).repeat_interleave(10), [0, 1, 2, 3])
+    data = RealImages(torch.rand(40, 1, 16, 16), torch.arange(4).repeat_interleave(10), [0, 1, 2, 3])
     return store, decoder, data, [(net, trajectory)]
 
 

@@ -33,7 +33,7 @@ from transformers import (
 
 from hf_d3 import ConvNetForImageClassification, D3Pipeline, build_classifier
 from hf_d3.config import D3Config
-from hf_d3.data import load_test_split
+from hf_d3.data import load_test_images
 from hf_d3.run import run_distillation
 from hf_d3.student_protocol import LR_DECAY, WEIGHT_DECAY, student_optimizer
 from hf_d3.student_training import (
@@ -109,7 +109,7 @@ def test_a_vit_built_from_a_config_trains_on_the_streamed_pipeline(fmnist4_folde
     assert student.config.id2label == dict(enumerate(FMNIST4_CLASSES))
     check_trained(metrics, initial, student, steps=20)
     # The accuracy is that of the saved model on the real test split, the images prepared by hand.
-    test = load_test_split(config.data)
+    test = load_test_images(config.data)
     rgb = torch.nn.functional.interpolate(test.images[:].repeat(1, 3, 1, 1), size=(20, 20), mode="bilinear",
                                           antialias=True).clamp(0, 1)
     assert len(test.labels) == NUM_TEST and 0 <= metrics["accuracy"] <= 1
@@ -139,7 +139,7 @@ def test_a_checkpoint_trains_on_a_parquet_dataset(fmnist4_folder, run_dir, tmp_p
     student = AutoModelForImageClassification.from_pretrained(output_dir)
     assert isinstance(student, ResNetForImageClassification) and student.config.num_labels == 4
     check_trained(metrics, initial, student, steps=20)
-    test = load_test_split(config.data)
+    test = load_test_images(config.data)
     predictions = predict(student, (test.images[:] - 0.25) / 0.4)  # read from the cache
     assert len(predictions.unique()) > 1  # a student that learnt something: the accuracy depends on the inputs
     assert metrics["accuracy"] == (predictions == test.labels).sum().item() / NUM_TEST

@@ -9,7 +9,7 @@ import torch
 from conftest import make_store_and_decoder
 from torch import nn
 
-from hf_d3.data import SubtaskData
+from hf_d3.data import RealImages
 from hf_d3.distill import warm_start
 
 
@@ -38,7 +38,7 @@ def test_warm_start_fits_real_images(data):
     store, decoder = make_store_and_decoder()
     assert warm_start(store, decoder, data, steps=0, lr=1e-2, generator=torch.Generator().manual_seed(0)) is None
 
-    short = SubtaskData(data.images[:3], torch.tensor([0, 0, 1]), [0, 1])
+    short = RealImages(data.images[:3], torch.tensor([0, 0, 1]), [0, 1])
     store, decoder = make_store_and_decoder(class_ids=(0, 1))
     with pytest.raises(ValueError, match=r"init=real needs 2 real images per class; some class of \[0, 1\]"):
         warm_start(store, decoder, short, steps=1, lr=1e-2, generator=torch.Generator().manual_seed(0))

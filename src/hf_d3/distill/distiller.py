@@ -16,7 +16,7 @@ from torch import nn
 from ..allocator import tune_malloc
 from ..atomic import kill_point
 from ..config import DistillationConfig
-from ..data import SubtaskData
+from ..data import RealImages
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
 from ..precision import full_precision
@@ -95,7 +95,7 @@ def refresh_batchnorm(decoder: D3Decoder, store: GaussianLatentStore, passes: in
 
 def distill_loop(
     synthetic: SyntheticSet,
-    data: SubtaskData,
+    data: RealImages,
     trajectories: list[tuple[nn.Module, torch.Tensor]],
     config: DistillationConfig,
     generator: torch.Generator,
@@ -198,7 +198,7 @@ def distill_loop(
 def distill_subtask(
     store: GaussianLatentStore,
     decoder: D3Decoder,
-    data: SubtaskData,
+    data: RealImages,
     trajectories: list[tuple[nn.Module, torch.Tensor]],
     config: DistillationConfig,
     generator: torch.Generator,

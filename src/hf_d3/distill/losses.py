@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..data import SubtaskData
+from ..data import RealImages
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
 from ..precision import at_least_float32, full_precision
@@ -118,7 +118,7 @@ def per_class_mmd(real: torch.Tensor, fake: torch.Tensor, num_classes: int, band
     return sum(mmd2_unbiased(real[c * n:(c + 1) * n], fake[c * k:(c + 1) * k], bandwidths) for c in range(num_classes))
 
 
-def real_per_class(data: SubtaskData, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:
+def real_per_class(data: RealImages, samples_per_class: int, generator: torch.Generator) -> torch.Tensor:
     """Indices (on the CPU) of `samples_per_class` random real images (with replacement) of every class, class by
     class."""
     return torch.cat([indices[torch.randint(len(indices), (samples_per_class,), generator=generator)]
@@ -128,7 +128,7 @@ def real_per_class(data: SubtaskData, samples_per_class: int, generator: torch.G
 def class_mmd_loss(
     store: GaussianLatentStore,
     decoder: D3Decoder,
-    data: SubtaskData,
+    data: RealImages,
     embed: Callable[[torch.Tensor], torch.Tensor],
     samples_per_class: int,
     bandwidths: Sequence[float],

@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from ..atomic import staged, write_json
 from ..config import D3Config
-from ..data import load_subtask_data
+from ..data import load_subtask_images
 from ..experts import load_trajectory
 from ..factories import build_decoder, build_latent_store
 from ..models.decoder import D3Decoder
@@ -70,7 +70,7 @@ def distilled_subtask(config: D3Config, plan: RunPlan, subtask: int, train: Data
         torch.cuda.reset_peak_memory_stats(device)  # this subtask's peak, not the experts' or an earlier subtask's
     seed = subtask_seed(config.run.seed, subtask)
     generator = torch.Generator().manual_seed(seed)
-    data = load_subtask_data(train, config.data, class_ids, seed, device)
+    data = load_subtask_images(train, config.data, class_ids, seed, device)
     trajectories = [(model.to(device), trajectory.to(device)) for model, trajectory in
                     (load_trajectory(expert.folder(stage_dir)) for expert in plan.experts[subtask])]
 

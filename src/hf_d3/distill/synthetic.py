@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import DistillationConfig
-from ..data import SubtaskData
+from ..data import RealImages
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -43,7 +43,7 @@ class SyntheticSet(ABC):
         """(images, local labels) of `batch` random items for each of the `steps` unrolled student steps."""
 
     @abstractmethod
-    def mmd_loss(self, data: SubtaskData, embed: Embed, samples_per_class: int, bandwidths: Sequence[float],
+    def mmd_loss(self, data: RealImages, embed: Embed, samples_per_class: int, bandwidths: Sequence[float],
                  generator: torch.Generator) -> torch.Tensor:
         """The sum over classes of MMD^2 between embedded real images of `data` and this set's images."""
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..atomic import kill_point
-from ..data import SubtaskData
+from ..data import RealImages
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
 from ..progress import progress_bar
@@ -18,7 +18,7 @@ from ..progress import progress_bar
 logger = logging.getLogger(__name__)
 
 
-def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: SubtaskData, steps: int, lr: float,
+def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: RealImages, steps: int, lr: float,
                generator: torch.Generator, images_per_component: int = 1, batch_size: int = 256,
                prior_weight: float = 0.01) -> float | None:
     """Fit the decoder to reconstruct `images_per_component` real images per component.
