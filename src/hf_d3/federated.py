@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .data import load_subtask_images
+from .data import ImageCache, load_subtask_images
 from .experts import save_trajectory, train_expert
 from .factories import build_net
 from .models.decoder import D3Decoder
@@ -168,8 +168,8 @@ def aggregate(
     return store, decoder
 
 
-def train_expert_trajectories(config: D3Config, plan: RunPlan, train: Dataset, device: torch.device, rank: int = 0,
-                              world_size: int = 1) -> list[ExpertWork]:
+def train_expert_trajectories(config: D3Config, plan: RunPlan, train: Dataset | ImageCache, device: torch.device,
+                              rank: int = 0, world_size: int = 1) -> list[ExpertWork]:
     """Every expert trajectory of the run, shared over the ranks (`expert_rank`); each ends up as its stage
     (`plan.experts`) on the rank that distils its subtask, sent point to point when another rank trained it.
     Complete expert stages on the distilling rank's disk (and the experts of a finished subtask) are not trained

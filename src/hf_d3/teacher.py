@@ -15,7 +15,7 @@ from transformers import AutoModelForImageClassification
 
 from .atomic import staged
 from .config import D3Config
-from .data import load_images
+from .data import ImageCache, load_images
 from .experts import train_classifier
 from .factories import build_net
 from .models.decoder import D3Decoder
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 HARD_LABEL_SPAN = (1.0, 50.0)
 
 
-def load_teacher(config: D3Config, plan: RunPlan, train: Dataset, device: torch.device) -> nn.Module:
+def load_teacher(config: D3Config, plan: RunPlan, train: Dataset | ImageCache, device: torch.device) -> nn.Module:
     """The relabelling teacher: the given `teacher` checkpoint; else the one an earlier run trained under the same
     settings (its stage, `hf_d3.stages.teacher_stage`); else a global expert trained on all classes and all training
     images (`max_train_per_class` bounds only the experts and MMD) with momentum 0.9 for `teacher_epochs`, kept as

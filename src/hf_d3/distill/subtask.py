@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from ..atomic import staged, write_json
 from ..config import D3Config
-from ..data import load_subtask_images
+from ..data import ImageCache, load_subtask_images
 from ..experts import load_trajectory
 from ..factories import build_decoder, build_latent_store
 from ..models.decoder import D3Decoder
@@ -53,8 +53,8 @@ def load_subtask(folder: Path) -> tuple[GaussianLatentStore, D3Decoder]:
     return GaussianLatentStore.from_pretrained(folder / "latent_store"), D3Decoder.from_pretrained(folder / "decoder")
 
 
-def distilled_subtask(config: D3Config, plan: RunPlan, subtask: int, train: Dataset, device: torch.device,
-                      on_log: LossCallback | None = None) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
+def distilled_subtask(config: D3Config, plan: RunPlan, subtask: int, train: Dataset | ImageCache,
+                      device: torch.device, on_log: LossCallback | None = None) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
     """Subtask `subtask` of the plan, distilled from its experts' stages: reused when its stage is finished, continued
     from its last checkpoint when the config asks for more iterations or time than it ran
     (`hf_d3.stages.subtask_is_finished`), resumed when a run was interrupted (after the warm start, or at the last
