@@ -54,7 +54,8 @@ def load_subtask(folder: Path) -> tuple[GaussianLatentStore, D3Decoder]:
 
 
 def distilled_subtask(config: D3Config, plan: RunPlan, subtask: int, train: Dataset | ImageCache,
-                      device: torch.device, on_log: LossCallback | None = None) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
+                      device: torch.device, on_log: LossCallback | None = None
+                      ) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
     """Subtask `subtask` of the plan, distilled from its experts' stages: reused when its stage is finished, continued
     from its last checkpoint when the config asks for more iterations or time than it ran
     (`hf_d3.stages.subtask_is_finished`), resumed when a run was interrupted (after the warm start, or at the last
