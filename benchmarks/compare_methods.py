@@ -66,7 +66,7 @@ def teacher_of(config, stage_dir: Path) -> str:
     """The runs' relabelling teacher: the config's, else the one their shared teacher stage holds."""
     if config.relabel.teacher:
         return config.relabel.teacher
-    return str(teacher_stage(config, "no").folder(stage_dir))
+    return str(teacher_stage(config, config.run.mixed_precision or "no").folder(stage_dir))
 
 
 def d3_row(metrics: dict) -> dict:

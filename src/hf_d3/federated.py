@@ -20,7 +20,7 @@ from .factories import build_net
 from .models.decoder import D3Decoder
 from .models.latent_store import GaussianLatentStore
 from .results import ExpertWork, SubtaskStats
-from .stages import expert_seed, subtask_is_finished, subtask_seed
+from .stages import expert_seed, subtask_seed
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -178,8 +178,7 @@ def train_expert_trajectories(config: D3Config, plan: RunPlan, train: Dataset | 
     stage_dir = plan.stage_dir
 
     # No shared filesystem: only the distilling rank can see what is finished.
-    done = {k: subtask_is_finished(plan.subtask_stages[k], stage_dir, config.distillation)
-            for k in subtasks_of_rank(num_subtasks, rank, world_size)}
+    done = {k: plan.subtask_stages[k].is_complete(stage_dir) for k in subtasks_of_rank(num_subtasks, rank, world_size)}
     on_my_disk = [(k, i) for k in done for i in range(num_experts)
                   if done[k] or plan.experts[k][i].is_complete(stage_dir)]
     finished = {tuple(job) for jobs in gather_to_all(on_my_disk) for job in jobs}

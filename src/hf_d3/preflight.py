@@ -23,7 +23,6 @@ from .data import FASHION_MNIST, ImageCache, find_columns, load_split
 from .experts import TRAJECTORY_FILE
 from .federated import gather_to_all, subtasks_of_rank
 from .hub import RepoTakenError, check_pipeline_repo
-from .stages import subtask_is_finished
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -201,7 +200,7 @@ def check_earlier_experts(config: D3Config, plan: RunPlan, subtasks: list[int]) 
     from safetensors import safe_open
 
     for k in subtasks:
-        if subtask_is_finished(plan.subtask_stages[k], plan.stage_dir, config.distillation):
+        if plan.subtask_stages[k].is_complete(plan.stage_dir):
             continue  # its experts are not read again
         for expert in plan.experts[k]:
             if not expert.is_complete(plan.stage_dir):

@@ -4,9 +4,12 @@ Every long piece of a run is a stage: an expert trajectory, the relabelling teac
 students' evaluation. A stage declares the settings its result depends on (the functions below); its folder,
 `<stage_dir>/<kind>/<name>-<key>`, is named by a hash of them, as the image cache's is, and `stage.json`, written
 last, says it is complete. So a rerun reuses a stage whose folder is complete and makes a new folder for any other
-settings: nothing is refused, nothing of other settings is reused. Only the progress inside a subtask (iterations
-run and their time) lives in its checkpoint (`hf_d3.distill.checkpoint`), so a subtask continues when a config asks
-for more (`subtask_is_finished`). docs/method.md, Resuming.
+settings: nothing is refused, nothing of other settings is reused, and a complete stage never changes.
+
+A subtask's progress (`iterations`, `max_distill_time_s`) is in its key too, but it is the one stage that can start
+from another's work: a subtask of more iterations or time starts from the latest checkpoint of one that differs
+only in those (`continuable_checkpoint`), since distilling further from a checkpoint gives what an uninterrupted
+run gives. docs/method.md, Resuming.
 
 Settings that change no result (where files go, logging, checkpoint frequency, compiling the inner step) are in
 no key, so changing them reuses everything.
@@ -29,8 +32,11 @@ from .factories import net_kwargs
 logger = logging.getLogger(__name__)
 
 MARKER = "stage.json"
-# Settings of the distillation objective that say how far or how a subtask runs, not what it distils
-PROGRESS_SETTINGS = ("iterations", "max_distill_time_s", "checkpoint_every", "compile_inner_step")
+LINEAGE = "lineage.json"
+# Settings of the distillation objective that say how a subtask runs, not what it computes
+UNKEYED_SETTINGS = ("checkpoint_every", "compile_inner_step")
+# How far a subtask runs: in its key, and not in its lineage (`Stage.lineage`)
+PROGRESS_SETTINGS = ("iterations", "max_distill_time_s")
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,12 @@ class Stage:
     @property
     def key(self) -> str:
         """A hash of the kind and settings (JSON with sorted keys): equal settings, equal key, on any machine."""
-        text = json.dumps({"kind": self.kind, "settings": self.settings}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return _digest({"kind": self.kind, "settings": self.settings})
+
+    @property
+    def lineage(self) -> str:
+        """A hash of the settings but their "progress": the stages one may continue from (`continuable_checkpoint`)."""
+        return _digest({"kind": self.kind, "settings": {k: v for k, v in self.settings.items() if k != "progress"}})
 
     def folder(self, stage_dir: str | Path) -> Path:
         return Path(stage_dir) / self.kind / f"{self.name}-{self.key}"
@@ -56,11 +66,7 @@ class Stage:
     def complete(self, stage_dir: str | Path, result: dict[str, Any] | None = None) -> None:
         """Mark the stage complete, last, with its settings and a small `result` record (`read_result`)."""
         write_json(self.folder(stage_dir) / MARKER, {"kind": self.kind, "name": self.name, "settings": self.settings,
-                                                     "result": result})
-
-    def withdraw(self, stage_dir: str | Path) -> None:
-        """Unmark a complete stage that is about to be continued (a killed continuation must not look complete)."""
-        (self.folder(stage_dir) / MARKER).unlink(missing_ok=True)
+                                                     "lineage": self.lineage, "result": result})
 
     def read_result(self, stage_dir: str | Path) -> Any:
         return json.loads((self.folder(stage_dir) / MARKER).read_text())["result"]
@@ -70,6 +76,17 @@ class Stage:
         return sorted(p for p in (Path(stage_dir) / self.kind).glob(f"{self.name}-*")
                       if p != self.folder(stage_dir) and (p / MARKER).is_file())
 
+    def relatives(self, stage_dir: str | Path) -> list[Path]:
+        """Folders of the same name whose settings differ from these in their "progress" alone, complete or not
+        (their lineage is written when they start)."""
+        return sorted(p for p in (Path(stage_dir) / self.kind).glob(f"{self.name}-*")
+                      if p != self.folder(stage_dir) and (p / LINEAGE).is_file()
+                      and json.loads((p / LINEAGE).read_text()) == self.lineage)
+
+    def start(self, stage_dir: str | Path) -> None:
+        """Note the stage's lineage in its folder as its work starts, so a stage of more progress can find it."""
+        write_json(self.folder(stage_dir) / LINEAGE, self.lineage)
+
     def describe_reuse(self, stage_dir: str | Path) -> str:
         """"reused" or why the stage is (re)done, for the log."""
         if self.is_complete(stage_dir):
@@ -77,6 +94,10 @@ class Stage:
         if others := self.others(stage_dir):
             return f"new settings, made in {self.folder(stage_dir)} ({len(others)} of other settings kept beside it)"
         return f"made in {self.folder(stage_dir)}"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,12 +161,13 @@ def subtask_stage(config: D3Config, sizes: RepresentationConfig, class_names: li
                   subtask: int, experts: list[Stage], precision: str) -> Stage:
     """Subtask `subtask` distilled from `experts` into latents and a decoder of `sizes` (concrete)."""
     representation = {k: v for k, v in asdict(sizes).items() if k not in ("sizes", "storage_budget_ipc")}
-    objective = {k: v for k, v in asdict(config.distillation).items() if k not in PROGRESS_SETTINGS}
+    objective = asdict(config.distillation)
     return Stage("subtasks", f"subtask{subtask}", {
         "data": _subtask_data(config, classes, subtask), "class_names": class_names,
-        "experts": [expert.key for expert in experts],
-        "representation": representation, "objective": objective, "seed": subtask_seed(config.run.seed, subtask),
-        "precision": precision})
+        "experts": [expert.key for expert in experts], "representation": representation,
+        "objective": {k: v for k, v in objective.items() if k not in (*UNKEYED_SETTINGS, *PROGRESS_SETTINGS)},
+        "seed": subtask_seed(config.run.seed, subtask), "precision": precision,
+        "progress": {k: objective[k] for k in PROGRESS_SETTINGS}})
 
 
 def evaluation_stage(config: D3Config, subtasks: list[Stage], teacher: Stage | None, hard_label_weight: float,
@@ -162,15 +184,18 @@ def evaluation_stage(config: D3Config, subtasks: list[Stage], teacher: Stage | N
         "precision": precision})
 
 
-def subtask_is_finished(stage: Stage, stage_dir: str | Path, distillation: DistillationConfig) -> bool:
-    """Whether a subtask is done as far as `distillation` asks: complete, and its last checkpoint ran the iterations
-    (or the time) asked for. A config that asks for more continues it from that checkpoint."""
-    if not stage.is_complete(stage_dir):
-        return False
-    checkpoint = stage.folder(stage_dir) / "checkpoint"
-    if not has_checkpoint(checkpoint):  # no state to continue from
-        return True
-    progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
-    out_of_time = (distillation.max_distill_time_s is not None
-                   and progress["iterations_wall_time_s"] >= distillation.max_distill_time_s)
-    return progress["iterations_run"] >= distillation.iterations or out_of_time
+def continuable_checkpoint(stage: Stage, stage_dir: str | Path, distillation: DistillationConfig) -> Path | None:
+    """The checkpoint a subtask `stage` that has none of its own can start from: the one of most iterations among
+    its relatives (`Stage.relatives`: the same subtask, other iterations or time) that ran no more iterations and no
+    longer than `distillation` asks; None if there is none."""
+    usable = []
+    for folder in stage.relatives(stage_dir):
+        checkpoint = folder / "checkpoint"
+        if not has_checkpoint(checkpoint):
+            continue
+        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        if progress["iterations_run"] <= distillation.iterations and (
+                distillation.max_distill_time_s is None
+                or progress["iterations_wall_time_s"] <= distillation.max_distill_time_s):
+            usable.append((progress["iterations_run"], checkpoint))
+    return max(usable)[1] if usable else None

@@ -51,11 +51,12 @@ def load_teacher(config: D3Config, plan: RunPlan, train: Dataset | ImageCache, d
     train_classifier(teacher, real.images.to(device), real.labels.to(device), config.relabel.teacher_epochs,
                      experts.expert_lr, experts.expert_batch_size, torch.Generator().manual_seed(seed),
                      experts.expert_augment, desc="global teacher", momentum=0.9)
+    wall_time = time.perf_counter() - start
     logger.info("teacher: trained %d epochs on all %d training images in %.1f s", config.relabel.teacher_epochs,
-                len(real.images), time.perf_counter() - start)
+                len(real.images), wall_time)
     with staged(folder) as staging:
         teacher.save_pretrained(staging)
-    stage.complete(plan.stage_dir)
+    stage.complete(plan.stage_dir, {"training_images": len(real.images), "wall_time_s": wall_time})
     return teacher
 
 

@@ -97,11 +97,26 @@ def setting(default: Any = MISSING, *, help: str | None = None, valid: Constrain
 
 
 def check_fields(group: Any) -> None:
-    """Refuse the first field of a settings group whose value breaks the constraint stated beside it."""
+    """Refuse the first field of a frozen settings group whose value breaks the constraint stated beside it, after
+    storing a whole number given for a float field as a float (YAML reads `expert_lr: 1` as an int): equal
+    settings are then equal values, as the stage keys (`hf_d3.stages`) and `config.json` see them."""
+    hints = typing.get_type_hints(type(group))
     for item in fields(group):
         value, constraint = getattr(group, item.name), item.metadata.get("valid")
+        if _fits(value, hints[item.name], from_text=False) and value is not None and float in _floats(hints[item.name]):
+            value = [float(v) for v in value] if isinstance(value, list) else float(value)
+            object.__setattr__(group, item.name, value)
         if constraint is not None and value is not None:
             constraint.check(item.name, value)
+
+
+def _floats(hint: Any) -> set:
+    """The float types a field's annotation admits: float itself, or float inside a list."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return set().union(*(_floats(arg) for arg in typing.get_args(hint)))
+    if typing.get_origin(hint) is list:
+        return _floats(typing.get_args(hint)[0])
+    return {hint} if hint is float else set()
 
 
 def field_types(groups: Iterable[type]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from hf_d3 import D3Pipeline
 from hf_d3.config import D3Config
 from hf_d3.config_parser import parse_config
 from hf_d3.run import run_distillation
+from hf_d3.sizing import resolve_sizes
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes" / "configs").glob("*.yaml"))
 TINY = dict(num_experts=1, trajectory_epochs=3, max_start_epoch=1, expert_epochs=2, net_width=8, iterations=1,
@@ -39,8 +40,8 @@ def test_every_paper_recipe_is_covered():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_on_stand_in_data(recipe, tmp_path):
-    config = parse_config(["--config", str(recipe)])
-    num_classes = max(10, 2 * config.run.num_subtasks)
+    num_classes = max(10, 2 * parse_config(["--config", str(recipe)]).run.num_subtasks)
+    config = resolve_sizes(parse_config(["--config", str(recipe)]), num_classes)  # a budget's sizes, if it has one
     data, sizes = config.data, config.representation
     folder = stand_in_dataset(tmp_path, num_classes, data.resolution, data.channels,
                               per_class=max(4, sizes.latents_per_class))  # init: real fits one image per latent

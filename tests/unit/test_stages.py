@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import tiny_plan
 
-from hf_d3.stages import Stage
+from hf_d3.config import D3Config
+from hf_d3.stages import Stage, continuable_checkpoint
 
 
 @pytest.fixture
@@ -21,7 +24,10 @@ def keys(plan) -> dict[str, str]:
 @pytest.mark.parametrize("settings, changed", [
     ({"output_dir": "elsewhere", "stage_dir": "shared", "log_every": 1, "checkpoint_every": 1, "report_to": "none"},
      set()),
-    ({"iterations": 500, "max_distill_time_s": 60.0, "compile_inner_step": True}, set()),  # progress, in checkpoints
+    ({"compile_inner_step": True}, set()),
+    ({"iterations": 500}, {"subtask", "evaluation"}),  # a subtask of more iterations: another stage, continued
+    ({"max_distill_time_s": 60.0}, {"subtask", "evaluation"}),
+    ({"expert_lr": 1}, {"expert", "subtask", "teacher", "evaluation"}),
     ({"eval_steps": 5, "eval_seeds": 2}, {"evaluation"}),
     ({"relabel_temperature": 2.0}, {"evaluation"}),
     ({"teacher_epochs": 3}, {"teacher", "evaluation"}),
@@ -30,6 +36,7 @@ def keys(plan) -> dict[str, str]:
     ({"trajectory_epochs": 3}, {"expert", "subtask", "evaluation"}),
     ({"max_train_per_class": 10}, {"expert", "subtask", "evaluation"}),
     ({"expert_lr": 0.02}, {"expert", "subtask", "teacher", "evaluation"}),
+    ({"expert_lr": 0.01}, set()),  # the default, given
     ({"net_width": 16}, {"expert", "subtask", "teacher", "evaluation"}),
     ({"seed": 1}, {"expert", "subtask", "teacher", "evaluation"}),
 ], ids=lambda value: ",".join(value) if isinstance(value, dict) else None)
@@ -59,5 +66,26 @@ def test_a_stage_is_complete_once_marked_and_names_the_others_of_its_name(tmp_pa
     assert other.others(tmp_path) == [first.folder(tmp_path)]
     assert "1 of other settings kept" in other.describe_reuse(tmp_path)
     assert Stage("experts", "subtask0-expert1", {}).others(tmp_path) == []  # another name is not another setting
-    first.withdraw(tmp_path)
-    assert not first.is_complete(tmp_path)
+
+
+def test_whole_numbers_of_float_settings_key_as_floats(plan_of):
+    assert keys(plan_of(expert_lr=1)) == keys(plan_of(expert_lr=1.0))  # YAML reads `expert_lr: 1` as an int
+
+
+def test_a_subtask_continues_from_a_relative_of_fewer_iterations_or_less_time(plan_of, tmp_path):
+    """Relatives differ in their progress alone; only a checkpoint that ran no more than is asked can be continued."""
+    short, long = plan_of(iterations=1).subtask_stages[0], plan_of(iterations=3).subtask_stages[0]
+    timed = plan_of(iterations=3, max_distill_time_s=0.5).subtask_stages[0]
+    other = plan_of(iterations=1, lr_latents=0.5).subtask_stages[0]
+    assert short.key != long.key and short.lineage == long.lineage == timed.lineage != other.lineage
+    for stage, iterations, seconds in ((short, 1, 0.1), (other, 1, 0.1)):
+        stage.start(tmp_path)
+        (stage.folder(tmp_path) / "checkpoint").mkdir()
+        (stage.folder(tmp_path) / "checkpoint" / "progress.json").write_text(
+            json.dumps({"iterations_run": iterations, "iterations_wall_time_s": seconds}))
+    assert long.relatives(tmp_path) == [short.folder(tmp_path)]  # complete or not: a checkpoint is whole
+    assert continuable_checkpoint(long, tmp_path, D3Config.from_dict({"iterations": 3}).distillation) \
+        == short.folder(tmp_path) / "checkpoint"
+    assert continuable_checkpoint(long, tmp_path, D3Config.from_dict({"iterations": 0}).distillation) is None
+    assert continuable_checkpoint(timed, tmp_path, D3Config.from_dict(
+        {"iterations": 3, "max_distill_time_s": 0.05}).distillation) is None  # it ran longer than asked

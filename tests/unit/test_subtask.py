@@ -1,5 +1,5 @@
-"""A subtask's resumable distillation (`hf_d3.distill.subtask.distilled_subtask`): continued when the config asks
-for more iterations, and resumed after its warm start equal to an uninterrupted one."""
+"""A subtask's resumable distillation (`hf_d3.distill.subtask.distilled_subtask`): a subtask of more iterations
+continues from one of fewer, and one resumed after its warm start equals an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _assert_same_subtask(got: dict, expected: dict) -> None:
         assert torch.equal(got["decoder"].state_dict()[name], value), name
 
 
-def test_a_finished_subtask_is_continued_when_the_config_asks_for_more(fmnist4_folder, tmp_path):
+def test_a_subtask_of_more_iterations_continues_from_one_of_fewer(fmnist4_folder, tmp_path, caplog):
     fresh = _distill_subtask_1(fmnist4_folder, tmp_path / "fresh")
     first = _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=1)
     done = first["folder"] / "stage.json"
@@ -42,12 +42,18 @@ def test_a_finished_subtask_is_continued_when_the_config_asks_for_more(fmnist4_f
     again = done.stat().st_mtime_ns
     _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=1)
     assert done.stat().st_mtime_ns == again  # as much as asked: reused
-    _assert_same_subtask(_distill_subtask_1(fmnist4_folder, tmp_path / "more"), fresh)
+    with caplog.at_level("INFO", logger="hf_d3"):
+        more = _distill_subtask_1(fmnist4_folder, tmp_path / "more")
+    assert f"subtask 1: continues from {first['folder'] / 'checkpoint'}" in caplog.text
+    assert more["folder"] != first["folder"] and done.stat().st_mtime_ns == again  # a complete stage never changes
+    _assert_same_subtask(more, fresh)
+    fewer = _distill_subtask_1(fmnist4_folder, tmp_path / "more", iterations=0)  # none of fewer: afresh, not reused
+    assert fewer["stats"].iterations_run == 0
 
 
 def test_a_resumed_subtask_equals_an_uninterrupted_one(fmnist4_folder, tmp_path):
     fresh = _distill_subtask_1(fmnist4_folder, tmp_path / "fresh")
-    # its checkpoint holds the state after the warm start
+    # its checkpoint holds the state after the warm start; the run of more iterations starts from it
     subtask = _distill_subtask_1(fmnist4_folder, tmp_path / "resumed", iterations=0)["folder"]
     for name in ("stage.json", "latent_store", "decoder"):  # as if the job died after its warm start
         shutil.rmtree(subtask / name, ignore_errors=True)

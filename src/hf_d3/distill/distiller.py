@@ -113,8 +113,7 @@ def distill_loop(
 
     With `checkpoint_dir`, the starting state, every `checkpoint_every` iterations and the end state are saved
     there, and a checkpoint already there is resumed from: the iterations and time limit count the iterations
-    before it, and the run continues as it would have without the interruption. The learning rates are the
-    config's, so a run stopped by a NaN loss can resume with lower ones.
+    before it, and the run continues as it would have without the interruption.
 
     `on_log` (a `LossCallback`) is called every `log_every` iterations and after the last one.
     """
@@ -186,7 +185,8 @@ def distill_loop(
         checkpoint()
         where = "" if checkpoint_dir is None else f"; the last good state is saved in {checkpoint_dir}"
         raise FloatingPointError(f"{error}{where}. Lower the learning rates (lr_latents, lr_decoder, lr_lr) or "
-                                 "syn_lr_init, and rerun to resume.") from None
+                                 "syn_lr_init and rerun: a subtask of other settings is distilled afresh in a "
+                                 "folder of its own, from the finished experts.") from None
     report(logged)  # the last iterations, stopped by the iteration count or the time limit
     checkpoint()  # so that a rerun with more iterations continues from here
     iterations_wall_time = elapsed()

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from ..factories import build_decoder, build_latent_store
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
 from ..results import SubtaskStats
-from ..stages import subtask_is_finished, subtask_seed
+from ..stages import continuable_checkpoint, subtask_seed
 from .checkpoint import has_checkpoint
 from .distiller import LossCallback, distill_subtask
 from .warm_start import warm_start
@@ -56,17 +57,23 @@ def load_subtask(folder: Path) -> tuple[GaussianLatentStore, D3Decoder]:
 def distilled_subtask(config: D3Config, plan: RunPlan, subtask: int, train: Dataset | ImageCache,
                       device: torch.device, on_log: LossCallback | None = None
                       ) -> tuple[GaussianLatentStore, D3Decoder, SubtaskStats]:
-    """Subtask `subtask` of the plan, distilled from its experts' stages: reused when its stage is finished, continued
-    from its last checkpoint when the config asks for more iterations or time than it ran
-    (`hf_d3.stages.subtask_is_finished`), resumed when a run was interrupted (after the warm start, or at the last
-    `checkpoint_every`), else distilled afresh. Returns its latent store, decoder and `SubtaskStats`. `on_log`
-    receives the losses every `log_every` iterations (`distill_subtask`)."""
+    """Subtask `subtask` of the plan, distilled from its experts' stages: reused when its stage is complete; resumed
+    from its own checkpoint when a run of it was interrupted (after the warm start, or at the last
+    `checkpoint_every`); else started from the checkpoint of the same subtask distilled for fewer iterations or less
+    time (`hf_d3.stages.continuable_checkpoint`), or afresh. Returns its latent store, decoder and `SubtaskStats`.
+    `on_log` receives the losses every `log_every` iterations (`distill_subtask`)."""
     stage, stage_dir = plan.subtask_stages[subtask], plan.stage_dir
     folder, class_ids = stage.folder(stage_dir), plan.subtasks[subtask]
     logger.info("subtask %d: %s", subtask, stage.describe_reuse(stage_dir))
-    if subtask_is_finished(stage, stage_dir, config.distillation):
+    if stage.is_complete(stage_dir):
         return *load_subtask(folder), SubtaskStats.from_dict(stage.read_result(stage_dir))
-    stage.withdraw(stage_dir)  # continued: complete again only once it has run what is asked
+    stage.start(stage_dir)
+    if not has_checkpoint(folder / "checkpoint") and (
+            earlier := continuable_checkpoint(stage, stage_dir, config.distillation)) is not None:
+        logger.info("subtask %d: continues from %s", subtask, earlier)
+        shutil.copy2(earlier.parent / "warm_start.json", folder / "warm_start.json")
+        with staged(folder / "checkpoint") as staging:  # last: its presence skips the warm start
+            shutil.copytree(earlier, staging)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this subtask's peak, not the experts' or an earlier subtask's
     seed = subtask_seed(config.run.seed, subtask)
