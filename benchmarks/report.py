@@ -87,6 +87,21 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
     return lines
 
 
+def ceiling_table(results: dict, notes: Notes) -> list[str]:
+    """The protocol networks trained on every training image: what a distilled set's students could reach."""
+    rows = []
+    for record in results.get("ceiling", []):
+        s, figures = record["settings"], record["figures"]
+        rows.append([s["dataset"], f"{s['resolution']}x{s['resolution']}", f"{s['architecture']}, depth "
+                     f"{s['net_depth']}, width {s['net_width']}", str(s["epochs"]), f"{figures['test_accuracy']:.2f}",
+                     f"{figures['train_wall_time_s'] / 60:.0f}", record["machine"], notes(record)])
+    if not rows:
+        return []
+    return ["### Ceilings", "", "The protocol's network trained on every training image, as a run's relabelling "
+            "teacher is (`benchmarks/ceiling.py`): test accuracy (%) and training time (min, one thread).", "",
+            *table(["dataset", "images", "network", "epochs", "accuracy", "minutes", "machine", "note"], rows), ""]
+
+
 def speed_table(results: dict, notes: Notes) -> list[str]:
     mtt, demo, gpu = results["mtt_iteration"], results["demo"], results["gpu_smoke"]
     rows = []
@@ -156,7 +171,8 @@ def scale_tables(results: dict, notes: Notes) -> list[str]:
 def render(results_dir: Path = RESULTS) -> str:
     results = {path.stem: load_records(path) for path in sorted(results_dir.glob("*.json"))}
     notes = Notes()
-    body = [*accuracy_tables(results, notes), *speed_table(results, notes), *scale_tables(results, notes)]
+    body = [*accuracy_tables(results, notes), *ceiling_table(results, notes), *speed_table(results, notes),
+            *scale_tables(results, notes)]
     head = ["# Benchmarks", "",
             "<!-- Written by benchmarks/report.py from benchmarks/results/*.json: do not edit by hand. -->", "",
             "Every figure's record (per-seed accuracies, timings, memory, settings) is in "

@@ -93,15 +93,6 @@ def test_a_resumed_time_limit_counts_the_earlier_iterations(data, trajectory, tm
     assert stats.iterations_run == 2
 
 
-def test_a_checkpoint_of_other_sizes_is_refused(data, trajectory, tmp_path):
-    distill(data, trajectory, iterations=1, checkpoint_dir=tmp_path)
-    store = GaussianLatentStore([0, 1, 2, 3], num_classes=4, latents_per_class=3, latent_dim=8)
-    decoder = D3Decoder(latent_dim=8, resolution=16, out_channels=1, channels=[8, 8, 8])
-    with pytest.raises(ValueError, match=r"another GaussianLatentStore \(\['latents_per_class'\] differ"):
-        distill_subtask(store, decoder, data, [trajectory], CONFIG.distillation, torch.Generator(),
-                        checkpoint_dir=tmp_path)
-
-
 @pytest.mark.parametrize("weights, term", [({}, "trajectory matching"), ({"mtt_weight": 0.0}, "MMD")])
 def test_nan_loss_stops_with_a_checkpoint(data, trajectory, tmp_path, weights, term):
     store, decoder = make_store_and_decoder()
