@@ -7,6 +7,7 @@ does it) and, with `--report_to tensorboard` (or wandb, ...), to Accelerate's tr
 
 import logging
 
+from hf_d3.cli import run_recipe
 from hf_d3.config_parser import parse_config
 from hf_d3.run import make_accelerator, run_distillation
 
@@ -29,4 +30,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

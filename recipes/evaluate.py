@@ -17,6 +17,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from hf_d3 import D3Pipeline
+from hf_d3.cli import run_recipe
 from hf_d3.config_parser import parse_config
 from hf_d3.data import load_test_images
 from hf_d3.evaluation import evaluate_with_config, pipeline_sampler
@@ -56,4 +57,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -6,6 +6,7 @@ Takes the same config and overrides as `recipes/distill.py`; `--num_classes N` s
 
 import argparse
 
+from hf_d3.cli import run_recipe
 from hf_d3.config import PAPER_SIZES
 from hf_d3.config_parser import parse_config
 from hf_d3.data import class_names_of
@@ -40,4 +41,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

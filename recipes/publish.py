@@ -9,6 +9,7 @@ Settings are `D3Config`'s, parsed as `recipes/distill.py` parses them; `hub_mode
 import sys
 from pathlib import Path
 
+from hf_d3.cli import run_recipe
 from hf_d3.config_parser import parse_config
 from hf_d3.run_folder import publish_run
 
@@ -28,4 +29,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

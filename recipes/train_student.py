@@ -8,6 +8,7 @@ eval_steps, eval_batch_size, eval_lr, eval_augment, seed, dataset, ...) plus tho
 `metrics.json` to `student_output_dir` (default `<output_dir>/student`). Runs under `accelerate launch` too.
 """
 
+from hf_d3.cli import run_recipe
 from hf_d3.config_parser import parse_recipe_args
 from hf_d3.student_training import StudentTrainingConfig, run_student_training
 
@@ -22,4 +23,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)
