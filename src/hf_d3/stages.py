@@ -32,7 +32,6 @@ from .factories import net_kwargs
 logger = logging.getLogger(__name__)
 
 MARKER = "stage.json"
-LINEAGE = "lineage.json"
 # Settings of the distillation objective that say how a subtask runs, not what it computes
 UNKEYED_SETTINGS = ("checkpoint_every", "compile_inner_step")
 # How far a subtask runs: in its key, and not in its lineage (`Stage.lineage`)
@@ -77,15 +76,10 @@ class Stage:
                       if p != self.folder(stage_dir) and (p / MARKER).is_file())
 
     def relatives(self, stage_dir: str | Path) -> list[Path]:
-        """Folders of the same name whose settings differ from these in their "progress" alone, complete or not
-        (their lineage is written when they start)."""
-        return sorted(p for p in (Path(stage_dir) / self.kind).glob(f"{self.name}-*")
-                      if p != self.folder(stage_dir) and (p / LINEAGE).is_file()
-                      and json.loads((p / LINEAGE).read_text()) == self.lineage)
-
-    def start(self, stage_dir: str | Path) -> None:
-        """Note the stage's lineage in its folder as its work starts, so a stage of more progress can find it."""
-        write_json(self.folder(stage_dir) / LINEAGE, self.lineage)
+        """Complete folders of the same name whose settings differ from these in their "progress" alone (complete:
+        a folder still being written, or left by a killed or diverged run, holds no state to trust)."""
+        return sorted(p for p in self.others(stage_dir)
+                      if json.loads((p / MARKER).read_text()).get("lineage") == self.lineage)
 
     def describe_reuse(self, stage_dir: str | Path) -> str:
         """"reused" or why the stage is (re)done, for the log."""
@@ -185,9 +179,9 @@ def evaluation_stage(config: D3Config, subtasks: list[Stage], teacher: Stage | N
 
 
 def continuable_checkpoint(stage: Stage, stage_dir: str | Path, distillation: DistillationConfig) -> Path | None:
-    """The checkpoint a subtask `stage` that has none of its own can start from: the one of most iterations among
-    its relatives (`Stage.relatives`: the same subtask, other iterations or time) that ran no more iterations and no
-    longer than `distillation` asks; None if there is none."""
+    """The checkpoint a subtask `stage` that has none of its own can start from: the final one of most iterations
+    among its complete relatives (`Stage.relatives`: the same subtask, other iterations or time) that ran no more
+    iterations and no longer than `distillation` asks; None if there is none (it is then distilled afresh)."""
     usable = []
     for folder in stage.relatives(stage_dir):
         checkpoint = folder / "checkpoint"

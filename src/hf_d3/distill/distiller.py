@@ -181,8 +181,7 @@ def distill_loop(
             if (iteration + 1) % config.checkpoint_every == 0:
                 checkpoint()
             kill_point("iteration")
-    except FloatingPointError as error:
-        checkpoint()
+    except FloatingPointError as error:  # no checkpoint now: the iteration's draws and steps are half done
         where = "" if checkpoint_dir is None else f"; the last good state is saved in {checkpoint_dir}"
         raise FloatingPointError(f"{error}{where}. Lower the learning rates (lr_latents, lr_decoder, lr_lr) or "
                                  "syn_lr_init and rerun: a subtask of other settings is distilled afresh in a "

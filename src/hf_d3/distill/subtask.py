@@ -67,11 +67,10 @@ def distilled_subtask(config: D3Config, plan: RunPlan, subtask: int, train: Data
     logger.info("subtask %d: %s", subtask, stage.describe_reuse(stage_dir))
     if stage.is_complete(stage_dir):
         return *load_subtask(folder), SubtaskStats.from_dict(stage.read_result(stage_dir))
-    stage.start(stage_dir)
     if not has_checkpoint(folder / "checkpoint") and (
             earlier := continuable_checkpoint(stage, stage_dir, config.distillation)) is not None:
         logger.info("subtask %d: continues from %s", subtask, earlier)
-        shutil.copy2(earlier.parent / "warm_start.json", folder / "warm_start.json")
+        write_json(folder / "warm_start.json", json.loads((earlier.parent / "warm_start.json").read_text()))
         with staged(folder / "checkpoint") as staging:  # last: its presence skips the warm start
             shutil.copytree(earlier, staging)
     if device.type == "cuda":
