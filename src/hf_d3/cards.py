@@ -271,7 +271,8 @@ def extract_train_snippet(card_text: str) -> str:
 
 
 def sample_grid(pipe: D3Pipeline, per_class: int = 8, max_classes: int = 20, seed: int = 0) -> PIL.Image.Image:
-    """A grid of what the pipeline generates: one row per class, named, its mean images first, then samples; at
+    """A grid of what the pipeline generates: one row per class, named, its mean images first, then samples if
+    the row has room (its title says which); at
     most `max_classes` rows, spread evenly over the classes. Every image is drawn about 80 pixels wide."""
     import matplotlib
 
@@ -297,7 +298,9 @@ def sample_grid(pipe: D3Pipeline, per_class: int = 8, max_classes: int = 20, see
             ax.set_yticks([])
             if column == 0:
                 ax.set_ylabel(store.class_names[class_id], rotation=0, ha="right", va="center", fontsize=9)
-    figure.suptitle(f"each row: {means} mean image(s), then samples", fontsize=9)
+    gaussians = store.config.latents_per_class
+    figure.suptitle(f"each row: the mean images of {means} of its {gaussians} Gaussians" if means == per_class
+                    else f"each row: the mean images of its {means} Gaussian(s), then samples", fontsize=9)
     figure.tight_layout()
     figure.canvas.draw()
     grid = PIL.Image.frombuffer("RGBA", figure.canvas.get_width_height(), figure.canvas.buffer_rgba()).convert("RGB")

@@ -25,5 +25,4 @@ def run_recipe(main: Callable[[], Any]) -> Any:
         if debug:
             raise
         message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
-        print(f"error: {message} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {message} ({DEBUG_FLAG} shows the traceback)")  # on stderr, status 1

@@ -35,7 +35,9 @@ class DataConfig:
     label_column: str | None = None
     resolution: int = setting(28, valid=AtLeast(1))
     channels: int = setting(1, valid=OneOf((1, 3)))
-    max_train_per_class: int | None = setting(None, help="subsample real data per class", valid=AtLeast(1))
+    max_train_per_class: int | None = setting(None, valid=AtLeast(1), help=(
+        "real images per class the experts, the warm start and the MMD draw from (a seeded subset); the teacher "
+        "trains on every image"))
     max_test_examples: int | None = setting(None, valid=AtLeast(1))
     streaming: bool = setting(False, help="stream the splits into the image cache, rank by rank")
 

@@ -125,9 +125,12 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
     check_run_input(config, plan, folder.root, train, rank, world)
     if accelerator.is_main_process:
         folder.start()
-    logger.info("%d training images of %d classes in %d subtask(s), %d process(es); planned storage %d values = "
-                "%.2f IPC-equivalent; stage results in %s", len(train), len(plan.class_names), len(plan.subtasks),
-                world, plan.storage.total_values, plan.storage.ipc_equivalent, plan.stage_dir)
+    per_class = data.max_train_per_class
+    logger.info("%d training images of %d classes (%s), in %d subtask(s), %d process(es); planned storage %d "
+                "values = %.2f IPC-equivalent; stage results in %s", len(train), len(plan.class_names),
+                "all of them for experts and subtasks" if per_class is None else
+                f"experts and subtasks use at most {per_class} of each class, the teacher all",
+                len(plan.subtasks), world, plan.storage.total_values, plan.storage.ipc_equivalent, plan.stage_dir)
     if config.run.trackers and not accelerator.log_with:
         logger.warning("report_to=%r: the accelerator has no tracker (none installed, or made without log_with: "
                        "see make_accelerator)", config.run.report_to)
