@@ -79,6 +79,12 @@ def check_output_dir(root: Path) -> None:
 
 
 def _check_labels(labels: np.ndarray, class_names: list[str], split: str) -> None:
+    missing = np.flatnonzero(np.equal(labels, None))
+    if missing.size:  # an image folder whose images lie in the split folders: its "classes" are the splits' names
+        raise ValueError(f"{missing.size} image(s) of split {split!r} have no label (row {missing[0]}; the classes "
+                         f"read are {class_names}); valid: one sub-folder per class in every split folder "
+                         f"(<dataset>/{split}/<class name>/<image>.png), or a dataset with a ClassLabel column")
+    labels = labels.astype(np.int64)
     outside = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
     if outside.size:
         row = outside[0]
