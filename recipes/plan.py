@@ -26,12 +26,14 @@ def main():
     plan = make_plan(config, class_names, config.run.mixed_precision or "no")
 
     data, sizes, storage, budget = config.data, plan.sizes, plan.storage, config.representation.storage_budget_ipc
+    budget_text = "none" if budget is None else f"{budget:g}"
     print(f"{len(class_names)} classes of {data.channels}x{data.resolution}x{data.resolution}, {len(plan.subtasks)} "
           f"subtask(s); sizes {'chosen from the budget' if config.representation.chosen_by_budget else 'as given'}:")
     for name in PAPER_SIZES:
         print(f"  {name}: {getattr(sizes, name)}")
-    print(f"storage: {storage.total_values:,} values ({storage.total_bytes:,} bytes) = "
-          f"{storage.ipc_equivalent:.2f} IPC-equivalent (budget {budget})")
+    print(f"storage: {storage.total_values:,} values = {storage.ipc_equivalent:.2f} IPC-equivalent (budget "
+          f"{budget_text}); {storage.total_bytes:,} bytes = {storage.ipc_equivalent_bytes:.2f} IPC-equivalent in "
+          "bytes (uint8 images)")
     for part in ("decoder", "latent", "label"):
         values = getattr(storage, f"{part}_values")
         print(f"  {part}s: {values:,} values ({100 * values / storage.total_values:.1f} %)")

@@ -181,6 +181,7 @@ def render_pipeline_card(
         storage=storage,
         storage_bytes_text=_format_bytes(storage.total_bytes),
         ipc_text=f"{storage.ipc_equivalent:.2f}",
+        ipc_bytes_text=f"{storage.ipc_equivalent_bytes:.2f}",
         wall_time_text=f"{wall_time:.0f} s" if wall_time is not None else "not measured",
         peak_memory_text=_format_bytes(peak_memory) if peak_memory is not None else "not measured",
         extra_metrics=extra_metrics,

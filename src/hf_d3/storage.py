@@ -23,10 +23,11 @@ INTEGER_BYTES = 8
 
 @dataclass
 class StorageReport:
-    """Stored values by part, bytes at the stored dtype, and the images-per-class equivalent.
+    """Stored values and bytes (at the dtype each part is stored in) by part, and two images-per-class equivalents.
 
-    `label_values` are the soft labels plus each component's class id and subtask id;
-    `ipc_equivalent` = stored values / (classes x values in one image).
+    `label_values` are the soft labels plus each component's class id and subtask id. `ipc_equivalent` = stored
+    values / (classes x values in one image), the paper's convention; `ipc_equivalent_bytes` = stored bytes /
+    (classes x bytes of one uint8 image), what the same storage holds of real images as datasets store them.
     """
 
     latent_values: int
@@ -37,6 +38,10 @@ class StorageReport:
     values_per_image: int
     num_classes: int
     ipc_equivalent: float
+    latent_bytes: int
+    decoder_bytes: int
+    label_bytes: int
+    ipc_equivalent_bytes: float
 
     @property
     def decoder_share(self) -> float:
@@ -84,18 +89,21 @@ def storage_report(latent_store: Mapping, decoder: Mapping, latent_store_dtype: 
     components = len(class_ids) * latent_store["latents_per_class"]
     latents, soft_labels, ids = (components * n for n in component_values(latent_dim, logvar_dim, num_classes))
     floats, integers = decoder_values(decoder)
-    store_bytes, decoder_bytes = latent_store_dtype.itemsize, decoder_dtype.itemsize
-    values_per_image = decoder["out_channels"] * decoder["resolution"] ** 2
-    total = latents + soft_labels + ids + floats + integers
+    store_itemsize, decoder_itemsize = latent_store_dtype.itemsize, decoder_dtype.itemsize
+    values_per_image = decoder["out_channels"] * decoder["resolution"] ** 2  # a uint8 image's bytes too
+    parts = {"latent": (latents, latents * store_itemsize),
+             "decoder": (floats + integers, floats * decoder_itemsize + integers * INTEGER_BYTES),
+             "label": (soft_labels + ids, soft_labels * store_itemsize + ids * INTEGER_BYTES)}
+    total_values, total_bytes = (sum(part[i] for part in parts.values()) for i in (0, 1))
     return StorageReport(
-        latent_values=latents,
-        decoder_values=floats + integers,
-        label_values=soft_labels + ids,
-        total_values=total,
-        total_bytes=(latents + soft_labels) * store_bytes + floats * decoder_bytes + (ids + integers) * INTEGER_BYTES,
+        **{f"{name}_values": values for name, (values, _) in parts.items()},
+        **{f"{name}_bytes": size for name, (_, size) in parts.items()},
+        total_values=total_values,
+        total_bytes=total_bytes,
         values_per_image=values_per_image,
         num_classes=len(class_ids),
-        ipc_equivalent=total / (len(class_ids) * values_per_image),
+        ipc_equivalent=total_values / (len(class_ids) * values_per_image),
+        ipc_equivalent_bytes=total_bytes / (len(class_ids) * values_per_image),
     )
 
 

@@ -186,6 +186,13 @@ def test_storage_counts_by_hand(pipe, tmp_path):
                 stored_values += tensor.numel()
                 stored_bytes += tensor.numel() * tensor.element_size()
     assert (stored_values, stored_bytes) == (report.total_values, report.total_bytes)
+    # and the files' sizes, their headers aside: 8 bytes of header length, then the JSON header
+    on_disk = sum(file.stat().st_size - 8 - int.from_bytes(file.read_bytes()[:8], "little")
+                  for file in tmp_path.glob("*/*.safetensors"))
+    assert on_disk == report.total_bytes
+    assert report.latent_bytes + report.decoder_bytes + report.label_bytes == report.total_bytes
+    assert (report.latent_bytes, report.label_bytes) == (latent_values * 4, 6 * 3 * 4 + 2 * 6 * 8)
+    assert report.ipc_equivalent_bytes == pytest.approx(14336 / (3 * 64))  # against uint8 images of 64 bytes
 
 
 def test_shared_log_variances_are_stored_once(tmp_path):
