@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+import typing
 from dataclasses import fields
 from pathlib import Path
 from types import MappingProxyType
@@ -11,7 +13,7 @@ from types import MappingProxyType
 import yaml
 from transformers import HfArgumentParser
 
-from .config import FIELD_GROUP, FIELD_TYPES, D3Config
+from .config import FIELD_GROUP, FIELD_TYPES, PAPER_SIZES, D3Config
 from .validation import check_types
 
 
@@ -42,16 +44,35 @@ def parse_recipe_args(args: list[str] | None = None, *extra: type) -> tuple:
     """
     groups = D3Config.groups()
     parser = SettingsParser([*groups.values(), *extra], allow_abbrev=False)
-    parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config settings (flat keys)")
+    parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config settings (flat keys); "
+                        "`--<setting> none` unsets one of its settings, and `--sizes auto` drops its sizes so that "
+                        "storage_budget_ipc chooses them")
+    args, unset = _unsets(sys.argv[1:] if args is None else list(args))
     known, unknown = parser.parse_known_args(args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if known.config:
         extra_fields = {f.name for cls in extra for f in fields(cls)}
-        parser.set_defaults(**load_yaml(known.config, extra_fields))
+        values = load_yaml(known.config, extra_fields)
+        if known.sizes == "auto":  # the command line lets the budget choose: the file's sizes would win over it
+            values = {name: value for name, value in values.items() if name not in PAPER_SIZES}
+        parser.set_defaults(**values)
+    parser.set_defaults(**dict.fromkeys(unset))
     *parsed, _ = parser.parse_args_into_dataclasses(args, look_for_args_file=False)
     config = D3Config(**dict(zip(groups, parsed[: len(groups)], strict=True)))
     return (config, *parsed[len(groups):])
+
+
+def _unsets(args: list[str]) -> tuple[list[str], list[str]]:
+    """The arguments without the `--<setting> none` pairs of settings that may be None, and those settings' names."""
+    kept, unset = [], []
+    for arg in args:
+        name = kept[-1][2:] if kept and kept[-1].startswith("--") else None
+        if arg.lower() in ("none", "null") and name in FIELD_TYPES and type(None) in typing.get_args(FIELD_TYPES[name]):
+            unset.append(kept.pop()[2:])
+        else:
+            kept.append(arg)
+    return kept, unset
 
 
 def load_yaml(path: str | Path, extra_keys: set[str] = frozenset()) -> dict:

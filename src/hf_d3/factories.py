@@ -79,6 +79,6 @@ def planned_storage(config: D3Config, plan: list[list[int]]) -> StorageReport:
             f"these sizes store {report.total_values:,} values = {report.ipc_equivalent:.2f} IPC-equivalent, over "
             f"storage_budget_ipc={sizes.storage_budget_ipc} (decoder {report.decoder_values:,}, latents "
             f"{report.latent_values:,}, labels {report.label_values:,}); shrink latents_per_class, latent_dim "
-            "or decoder_channels"
+            "or decoder_channels, or let the budget choose them: --sizes auto (which drops a config file's sizes)"
         )
     return report

@@ -182,3 +182,27 @@ def test_shipped_configs_parse_and_fit_their_budget(path):
     config = resolve_sizes(config, num_classes)
     report = planned_storage(config, plan_subtasks(list(range(num_classes)), config.run.num_subtasks))  # raises over
     assert 0 < report.ipc_equivalent <= (config.representation.storage_budget_ipc or math.inf)
+
+
+def test_sizes_auto_on_the_command_line_lets_the_budget_choose_over_a_files_sizes():
+    shipped = str(RECIPES / "fashion_mnist.yaml")  # explicit sizes, budget 10
+    as_given = parse_config(["--config", shipped])
+    assert not as_given.representation.chosen_by_budget and as_given.representation.latents_per_class == 31
+    chosen = parse_config(["--config", shipped, "--sizes", "auto"])
+    assert chosen.representation.chosen_by_budget and chosen.representation.latents_per_class is None
+    assert chosen.distillation.iterations == as_given.distillation.iterations  # the rest of the file holds
+    given = parse_config(["--config", shipped, "--sizes", "auto", "--latents_per_class", "20"])
+    assert given.representation.latents_per_class == 20  # a size on the command line still wins
+
+
+def test_a_files_setting_is_unset_from_the_command_line():
+    shipped = str(RECIPES / "fashion_mnist.yaml")  # max_train_per_class 1000, logvar_dim 4
+    config = parse_config(["--config", shipped, "--max_train_per_class", "none", "--logvar_dim", "None"])
+    assert config.data.max_train_per_class is None and config.representation.logvar_dim is None  # one per dimension
+    assert parse_config(["--report_to", "none"]).run.report_to == "none"  # not a setting that may be None: a value
+
+
+def test_an_over_budget_message_names_the_way_out():
+    with pytest.raises(ValueError, match=r"over storage_budget_ipc=2.0 .* or let the budget choose them: --sizes auto"):
+        planned_storage(parse_config(["--config", str(RECIPES / "fashion_mnist.yaml"), "--storage_budget_ipc", "2"]),
+                        plan_subtasks(list(range(10)), 1))
