@@ -7,11 +7,10 @@ import math
 import re
 from collections.abc import Mapping
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-import PIL.Image
-import torch
 import yaml
 
 from .results import CARD_METRICS
@@ -35,6 +34,10 @@ DATASET_CARD_TEMPLATE = "dataset_card.md.jinja"
 CURVE_FILENAME = "accuracy_vs_storage.png"
 TRAIN_SNIPPET_MARKERS = ("<!-- hf_d3:train-snippet:start -->", "<!-- hf_d3:train-snippet:end -->")
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
+# The datasets hf_d3 reads from local files, by the Hub id a card names them with
+BUILTIN_HUB_IDS = {"builtin:fashion_mnist": "zalando-datasets/fashion_mnist"}
+# Settings that are places on the machine that ran: a card shows none of them
+MACHINE_PATHS = ("output_dir", "stage_dir")
 
 
 def _render(template_name: str, **values) -> str:
@@ -46,11 +49,16 @@ def _render(template_name: str, **values) -> str:
 
 
 def _public_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The settings without any secret-looking entry (tokens, passwords), recursively."""
+    """The settings without any secret-looking entry (tokens, passwords), recursively, nor a path of the machine
+    (`MACHINE_PATHS`; a local dataset or teacher by its folder's name: `dataset_reference`)."""
     if settings is None:
         return {}
     if not isinstance(settings, Mapping):
         raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
+    settings = {k: v for k, v in settings.items() if k not in MACHINE_PATHS}
+    for name in ("dataset", "teacher"):
+        if isinstance(settings.get(name), str):
+            settings[name] = dataset_reference(settings[name])
 
     def clean(value):
         if isinstance(value, Mapping):
@@ -62,6 +70,17 @@ def _public_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
         return str(value)
 
     return clean(settings)
+
+
+def dataset_reference(name: str) -> str:
+    """How a card names a dataset (or checkpoint): a Hub id as it is, a builtin by its Hub id, and a local folder by
+    its name alone (a path of the machine that ran means nothing elsewhere, and may say more than meant)."""
+    if name in BUILTIN_HUB_IDS:
+        return BUILTIN_HUB_IDS[name]
+    path = Path(name).expanduser()
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists():
+        return path.resolve().name
+    return name
 
 
 def _format_bytes(num_bytes: float) -> str:
@@ -115,7 +134,7 @@ def render_pipeline_card(
         raise ValueError(f"metrics must be a dict (keys: hf_d3.results.CARD_METRICS), got {type(metrics).__name__}")
     metrics = dict(metrics or {})
     settings = _public_settings(settings)
-    source_dataset = source_dataset or settings.get("dataset")
+    source_dataset = dataset_reference(source_dataset) if source_dataset else settings.get("dataset")
     accuracy, accuracy_std = _fraction(metrics, "accuracy_mean"), _fraction(metrics, "accuracy_std")
     wall_time = _non_negative(metrics, "distill_wall_time_s")
     peak_memory = _non_negative(metrics, "distill_peak_memory_bytes")
@@ -229,6 +248,7 @@ def render_dataset_card(
     metadata = dict(card_metadata)
     tags = list(dict.fromkeys([*(metadata.get("tags") or []), "dataset-distillation", "d3", "hf_d3", "synthetic"]))
     if source_dataset:
+        source_dataset = dataset_reference(source_dataset)
         tags = list(dict.fromkeys([*tags, str(source_dataset)]))
         metadata["source_datasets"] = [str(source_dataset)]
     metadata.update(
@@ -269,41 +289,3 @@ def extract_train_snippet(card_text: str) -> str:
     if match is None:
         raise ValueError("this card has no hf_d3 training snippet")
     return match.group(1)
-
-
-def sample_grid(pipe: D3Pipeline, per_class: int = 8, max_classes: int = 20, seed: int = 0) -> PIL.Image.Image:
-    """A grid of what the pipeline generates: one row per class, named, its mean images first, then samples if
-    the row has room (its title says which); at
-    most `max_classes` rows, spread evenly over the classes. Every image is drawn about 80 pixels wide."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    store = pipe.latent_store
-    class_ids = list(store.config.class_ids)
-    class_ids = [class_ids[round(i * (len(class_ids) - 1) / max(max_classes - 1, 1))]
-                 for i in range(max_classes)] if len(class_ids) > max_classes else class_ids
-    means = min(store.config.latents_per_class, per_class)
-    figure, axes = plt.subplots(len(class_ids), per_class, squeeze=False,
-                                figsize=(1.6 + 0.8 * per_class, 0.3 + 0.8 * len(class_ids)), dpi=100)
-    for row, class_id in zip(axes, class_ids):
-        out = pipe(class_labels=[class_id], include_means=True, output_type="np",
-                   num_samples_per_component=-(-(per_class - means) // store.config.latents_per_class),
-                   generator=torch.Generator().manual_seed(seed))
-        images = [*out.images[:means], *out.images[store.config.latents_per_class:][:per_class - means]]
-        for column, (ax, image) in enumerate(zip(row, images)):
-            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if column == 0:
-                ax.set_ylabel(store.class_names[class_id], rotation=0, ha="right", va="center", fontsize=9)
-    gaussians = store.config.latents_per_class
-    figure.suptitle(f"each row: the mean images of {means} of its {gaussians} Gaussians" if means == per_class
-                    else f"each row: the mean images of its {means} Gaussian(s), then samples", fontsize=9)
-    figure.tight_layout()
-    figure.canvas.draw()
-    grid = PIL.Image.frombuffer("RGBA", figure.canvas.get_width_height(), figure.canvas.buffer_rgba()).convert("RGB")
-    plt.close(figure)
-    return grid

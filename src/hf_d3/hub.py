@@ -27,9 +27,9 @@ from .cards import (
     TEMPLATES_PACKAGE,
     render_dataset_card,
     render_pipeline_card,
-    sample_grid,
 )
 from .remote_code import add_remote_code
+from .sample_grid import sample_grid
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def push_pipeline_to_hub(
         metrics: measured results; keys in `hf_d3.results.CARD_METRICS` (fractions for accuracies).
         settings: the distillation settings, shown on the card (keys that look like secrets are dropped).
         samples_png: a PNG sample grid, uploaded as `samples.png` and shown on the card; default: one drawn from
-            `pipe` (`hf_d3.cards.sample_grid`).
+            `pipe` (`hf_d3.sample_grid.sample_grid`).
         token: a Hub token with write access; defaults to `HF_TOKEN` / the saved login.
         private: create the repo as private (an existing repo keeps its visibility).
         revision: branch to commit to (created from `main` if missing); default `main`.

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import staged, write_json
-from .cards import sample_grid
 from .hub import push_dataset_to_hub
 from .pipelines.pipeline_d3 import D3Pipeline
 from .results import RunMetrics
+from .sample_grid import sample_grid
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo

@@ -348,7 +348,7 @@ def test_stream_needs_a_shard(pipe):
 
 
 def test_sample_grid_names_a_row_per_class_at_a_readable_size(pipe):
-    from hf_d3.cards import sample_grid
+    from hf_d3.sample_grid import sample_grid
 
     grid = sample_grid(pipe, per_class=5)
     assert grid.width >= 5 * 60 and 3 * 60 <= grid.height < 3 * 120  # 3 classes, each image drawn ~80 px

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import PIL.Image
 import torch
@@ -22,6 +21,7 @@ from ..models.latent_store import GaussianLatentStore
 from ..storage import StorageReport, storage_report
 
 if TYPE_CHECKING:
+    import datasets
     from huggingface_hub import CommitInfo
 
 # Images decoded per decoder call: a slice's activations stay in the CPU's cache, where one call on a whole
@@ -124,6 +124,8 @@ class D3Pipeline(DiffusionPipeline):
         """
         output = self(num_samples_per_component=num_samples_per_component, include_means=include_means,
                       generator=torch.Generator().manual_seed(seed), output_type="pil")
+        import datasets  # here, not at the top: loading and drawing (remote code too) need no `datasets`
+
         return datasets.Dataset.from_dict(
             {
                 "image": list(output.images),
@@ -151,6 +153,8 @@ class D3Pipeline(DiffusionPipeline):
         """
         if num_shards < 1:
             raise ValueError(f"num_shards={num_shards} must be >= 1")
+        import datasets
+
         return datasets.IterableDataset.from_generator(
             _endless_passes,
             features=dataset_features(self.latent_store.class_names),
@@ -215,6 +219,8 @@ class D3Pipeline(DiffusionPipeline):
 
 def dataset_features(class_names: list[str]) -> datasets.Features:
     """The columns of a materialised D3 dataset: `image`, `label` (ClassLabel) and `soft_label` (float32 list)."""
+    import datasets
+
     float_list = getattr(datasets, "List", None) or datasets.Sequence  # `List` is datasets >= 4; we allow 3
     return datasets.Features(
         {
