@@ -252,6 +252,7 @@ def test_dataset_card_snippet_trains_a_model(local_hub, new_repo_id):
     push_dataset_to_hub(make_pipe(8), repo_id, "ipc1")
     snippet = extract_train_snippet(readme(local_hub, repo_id, "dataset"))
     assert f'load_dataset("{repo_id}", "ipc1", split="train")' in snippet
+    assert "hf_d3" not in snippet  # no package index serves it: the card's reader has torch, transformers, datasets
     namespace: dict = {}
     exec(compile(snippet, "dataset-card-snippet", "exec"), namespace)
     assert namespace["model"].config.num_labels == 3
