@@ -130,10 +130,13 @@ def send_point_to_point(objects: dict[Hashable, Any], routes: list[tuple[Hashabl
 
 def run_and_gather(work: Callable[[], Any]) -> list[Any]:
     """Run `work()` on every rank and gather the results; if any rank failed, every rank raises with
-    the failing ranks' tracebacks (so the job exits non-zero everywhere and nothing is aggregated)."""
+    the failing ranks' tracebacks (so the job exits non-zero everywhere and nothing is aggregated). A process alone
+    raises its own error as it is (a mistake in the input then reaches the recipe as one line: `hf_d3.cli`)."""
     try:
         outcome = {"result": work(), "error": None}
     except Exception:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            raise
         outcome = {"result": None, "error": traceback.format_exc()}
     gathered = gather_to_all(outcome)
     failures = [(rank, o["error"]) for rank, o in enumerate(gathered) if o["error"] is not None]

@@ -183,3 +183,16 @@ def test_a_teacher_checkpoint_labels_the_components(runs, fmnist4_folder, tmp_pa
         soft = teacher(decoder.eval()(store.mean, store.component_subtask)).logits.softmax(1)
     expected = weight * nn.functional.one_hot(store.component_class, 4) + (1 - weight) * soft
     assert torch.allclose(store.soft_labels, expected, atol=1e-5)
+
+
+def test_the_remedy_a_diverged_run_prints_finishes_it(tiny_run, tmp_path):
+    """Followed as printed (lower learning rates, the same command otherwise), a run that diverged finishes: the
+    subtask of the new rates is distilled afresh in a folder of its own, from the experts already trained."""
+    with pytest.raises(FloatingPointError) as error:
+        run_distillation(tiny_run(output_dir=str(tmp_path), syn_lr_init=1e12))
+    assert "Lower the learning rates (lr_latents, lr_decoder, lr_lr) or syn_lr_init and rerun" in str(error.value)
+    (expert,) = stage_folders(tmp_path, "experts")
+    trained = (expert / "trajectory.safetensors").stat().st_mtime_ns
+    result = run_distillation(tiny_run(output_dir=str(tmp_path), syn_lr_init=1e-2))
+    assert result.metrics.subtasks[0].iterations_run == TINY_RUN["iterations"]
+    assert (expert / "trajectory.safetensors").stat().st_mtime_ns == trained  # the experts were reused
