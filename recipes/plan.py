@@ -37,7 +37,7 @@ def main():
     for part in ("decoder", "latent", "label"):
         values = getattr(storage, f"{part}_values")
         print(f"  {part}s: {values:,} values ({100 * values / storage.total_values:.1f} %)")
-    chosen_from = f"the budget of {budget}" if budget else "the storage"
+    chosen_from = f"the budget of {budget_text}" if budget else "the storage"
     print(f"labels: hard_label_weight {plan.hard_label_weight:.2f} "
           f"({'as given' if config.relabel.hard_label_weight is not None else 'chosen from ' + chosen_from})")
 

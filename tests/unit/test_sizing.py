@@ -212,8 +212,8 @@ def test_the_plan_recipe_prints_the_sizes_and_the_storage():
     assert "sizes chosen from the budget" in run.stdout
     assert f"latents_per_class: {sizes.latents_per_class}" in run.stdout
     assert f"decoder_channels: {sizes.decoder_channels}" in run.stdout
-    assert f"= {sizes.storage(10, 32, 3).ipc_equivalent:.2f} IPC-equivalent (budget 2.0)" in run.stdout
-    assert f"hard_label_weight {hard_label_weight_for(2):.2f} (chosen from the budget of 2.0)" in run.stdout
+    assert f"= {sizes.storage(10, 32, 3).ipc_equivalent:.2f} IPC-equivalent (budget 2)" in run.stdout
+    assert f"hard_label_weight {hard_label_weight_for(2):.2f} (chosen from the budget of 2)" in run.stdout
 
 
 def test_a_run_given_only_a_budget(fmnist4_folder, tmp_path):
