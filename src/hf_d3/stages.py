@@ -7,9 +7,9 @@ last, says it is complete. So a rerun reuses a stage whose folder is complete an
 settings: nothing is refused, nothing of other settings is reused, and a complete stage never changes.
 
 A subtask's progress (`iterations`, `max_distill_time_s`) is in its key too, but it is the one stage that can start
-from another's work: a subtask of more iterations or time starts from the latest checkpoint of one that differs
-only in those (`continuable_checkpoint`), since distilling further from a checkpoint gives what an uninterrupted
-run gives. docs/method.md, Resuming.
+from another's work: a subtask of more iterations or time starts from the final checkpoint of a complete one that
+differs only in those (`continuable_checkpoint`), since distilling further from a checkpoint gives what an
+uninterrupted run gives. docs/method.md, Resuming.
 
 Settings that change no result (where files go, logging, checkpoint frequency, compiling the inner step) are in
 no key, so changing them reuses everything.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from .atomic import write_json
 from .config import D3Config, DistillationConfig, RepresentationConfig
 from .distill.checkpoint import PROGRESS_FILE, has_checkpoint
 from .factories import net_kwargs
-
-logger = logging.getLogger(__name__)
 
 MARKER = "stage.json"
 # Settings of the distillation objective that say how a subtask runs, not what it computes
