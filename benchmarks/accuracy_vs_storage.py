@@ -5,8 +5,9 @@ explicit prototypes distilled with D3's objective, and random real images with h
         --output_dir outputs/curve [--seeds 3] [any D3Config override, e.g. --iterations 60]
     python benchmarks/accuracy_vs_storage.py --plot_only --output_dir outputs/curve
 
-`--dataset` is `fashion_mnist` (`recipes/configs/fashion_mnist.yaml`: the offline data) or `cifar10`
-(`recipes/configs/cifar10_ipc10.yaml` on `--cifar10_path`, default ../shared/data/cifar10-subset); the shipped
+`--dataset` is `fashion_mnist` (`recipes/configs/fashion_mnist.yaml`: the offline data), `cifar10`
+(`recipes/configs/cifar10_ipc10.yaml`) or `tiny_imagenet` (`recipes/configs/tinyimagenet_cpu.yaml`), the last two
+on `--data_path` (default: their folders in ../shared/data, test split `test`); the shipped
 config's data, networks and phase lengths are kept and its sizes dropped, so `storage_budget_ipc` chooses them.
 Per dataset, the experts and the relabelling teacher are trained once, as stages (`hf_d3.stages`) in
 `<out>/<dataset>/shared`, which every D3 run uses as its `stage_dir`, so every budget and method shares them.
@@ -71,21 +72,28 @@ from hf_d3.teacher import hard_label_weight_for, load_teacher, teacher_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"fashion_mnist": ROOT / "recipes/configs/fashion_mnist.yaml",
-           "cifar10": ROOT / "recipes/configs/cifar10_ipc10.yaml"}
+           "cifar10": ROOT / "recipes/configs/cifar10_ipc10.yaml",
+           "tiny_imagenet": ROOT / "recipes/configs/tinyimagenet_cpu.yaml"}
+# the local copies of the benchmark-only datasets: (path, test split)
+LOCAL_DATA = {"cifar10": (ROOT.parent / "shared/data/cifar10-subset", "test"),
+              "tiny_imagenet": (ROOT.parent / "shared/data/tiny-imagenet-200", "test")}
 METHODS = ("D3", "D3-hand", "prototypes", "R+H", "R+S")
 # D3-hand: D3 with the sizes of the shipped config for that budget (its phases are the curve's, like every method's)
 HAND_SIZED = {("fashion_mnist", 10): "fashion_mnist.yaml", ("fashion_mnist", 50): "fashion_mnist_ipc50.yaml",
               ("cifar10", 10): "cifar10_ipc10.yaml", ("cifar10", 50): "cifar10_ipc50.yaml"}
-TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 train / 1,017 test)"}
+TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 train / 1,017 test)",
+          "tiny_imagenet": "Tiny ImageNet at 32x32 (CPU protocol)"}
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 
 
-def base_config(dataset: str, cifar10_path: Path, out: Path) -> Path:
-    """The shipped config without its sizes or budget, written to `out`."""
+def base_config(dataset: str, data_path: Path | None, out: Path) -> Path:
+    """The shipped config without its sizes or budget, written to `out`; a benchmark-only dataset read from
+    `data_path` (default: its `LOCAL_DATA` folder)."""
     values = yaml.safe_load(CONFIGS[dataset].read_text())
     values = {k: v for k, v in values.items() if k not in PAPER_SIZES and k != "storage_budget_ipc"}
-    if dataset == "cifar10":
-        values["dataset"] = str(cifar10_path.resolve())
+    if dataset in LOCAL_DATA:
+        default_path, test_split = LOCAL_DATA[dataset]
+        values["dataset"], values["test_split"] = str((data_path or default_path).resolve()), test_split
     path = out / "base.yaml"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values))
@@ -362,7 +370,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--dataset", choices=sorted(CONFIGS), default="fashion_mnist")
-    parser.add_argument("--cifar10_path", type=Path, default=ROOT.parent / "shared/data/cifar10-subset")
+    parser.add_argument("--data_path", type=Path, default=None, help="where a benchmark-only dataset (cifar10, "
+                        "tiny_imagenet) is; default: its folder in ../shared/data")
     parser.add_argument("--budgets", type=float, nargs="+", default=[1, 2, 5, 10, 20, 50])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
@@ -378,7 +387,7 @@ def main():
         return
 
     out = args.output_dir / args.dataset
-    config_path = base_config(args.dataset, args.cifar10_path, out)
+    config_path = base_config(args.dataset, args.data_path, out)
     base = parse_config(["--config", str(config_path), *overrides, "--output_dir", str(out / "shared")])
     base_settings = {**base.to_dict(), "seeds": args.seeds, "num_threads": torch.get_num_threads()}
     config, data = base, base.data
