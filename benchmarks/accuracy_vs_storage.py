@@ -19,6 +19,10 @@ Per budget, in `<out>/<dataset>/ipc<B>/`:
    by the same teacher at the config's temperature.
 3. R+H / R+S: the most real images per class that fit with a class id / a soft label (at least one), R+S at the
    temperature whose student scores best on held-out training images.
+4. R+S-low: R+S with its images stored 1, 2 or 4 times smaller per side (`hf_d3.baselines.stored_smaller`), so up
+   to 16x as many fit, upsampled to the training side for the teacher and the students; the factor and temperature
+   are chosen together on the held-out images, at the hard-label weight R+S chose (factor 1 is R+S: its scores are
+   reused).
 D3's soft labels mix the class in at the `hard_label_weight` of its budget (`hf_d3.teacher.hard_label_weight_for`
 unless the command line sets one). The prototypes and R+S choose on the held-out images between that mix and the
 teacher's labels alone (weight 0), R+S jointly with its temperature; R+H's are class ids.
@@ -77,13 +81,15 @@ CONFIGS = {"fashion_mnist": ROOT / "recipes/configs/fashion_mnist.yaml",
 # the local copies of the benchmark-only datasets: (path, test split)
 LOCAL_DATA = {"cifar10": (ROOT.parent / "shared/data/cifar10-subset", "test"),
               "tiny_imagenet": (ROOT.parent / "shared/data/tiny-imagenet-200", "test")}
-METHODS = ("D3", "D3-hand", "prototypes", "R+H", "R+S")
+METHODS = ("D3", "D3-hand", "prototypes", "R+H", "R+S", "R+S-low")
 # D3-hand: D3 with the sizes of the shipped config for that budget (its phases are the curve's, like every method's)
 HAND_SIZED = {("fashion_mnist", 10): "fashion_mnist.yaml", ("fashion_mnist", 50): "fashion_mnist_ipc50.yaml",
               ("cifar10", 10): "cifar10_ipc10.yaml", ("cifar10", 50): "cifar10_ipc50.yaml"}
 TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 train / 1,017 test)",
           "tiny_imagenet": "Tiny ImageNet at 32x32 (CPU protocol)"}
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+# R+S-low stores its images this many times smaller per side (1: R+S itself, whose held-out scores it reuses)
+DOWNSAMPLE_FACTORS = (1, 2, 4)
 
 
 def base_config(dataset: str, data_path: Path | None, out: Path) -> Path:
@@ -177,10 +183,12 @@ def baseline_label_weights(hard_label_weight: float) -> list[float]:
 
 
 def real_sampler(config, pool: RealImages, teacher, ipc: int, temperature: float | None,
-                 hard_label_weight: float = 0.0):
-    """R+H (`temperature` None) or R+S: the same random real images every time, from the non-held-out pool."""
+                 hard_label_weight: float = 0.0, downsample: int = 1):
+    """R+H (`temperature` None), R+S or R+S-low (`downsample` > 1): the same random real images every time, from
+    the non-held-out pool."""
     return random_real_sampler(pool.images, pool.labels, len(pool.class_names), ipc, config.run.seed,
-                               None if temperature is None else teacher, temperature or 1.0, hard_label_weight)
+                               None if temperature is None else teacher, temperature or 1.0, hard_label_weight,
+                               downsample)
 
 
 def held_out_and_pool(train_tensors: RealImages, seed: int) -> tuple[torch.Tensor, RealImages]:
@@ -197,30 +205,47 @@ def held_out_scorer(config, train_tensors: RealImages, num_classes: int):
                                                 num_classes, seeds=1).accuracy_mean
 
 
+def downsample_factors(side: int) -> list[int]:
+    return [f for f in DOWNSAMPLE_FACTORS if side % f == 0]
+
+
 def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budget_values: int,
-              seeds: int, methods: list[str]) -> dict:
+              seeds: int, methods: list[str], r_plus_s: dict | None = None) -> dict:
+    """The rows of R+H, R+S and R+S-low (in that order, R+S-low after R+S: it reuses its choices, from this call or
+    `r_plus_s`, R+S's saved row)."""
     n, per_image, seed = len(test.class_names), test.images[0].numel(), config.run.seed
     _, pool = held_out_and_pool(train_tensors, seed)
     score = held_out_scorer(config, train_tensors, n)
     rows = {}
-    for method in methods:
-        soft = method == "R+S"
+    for method in sorted(methods, key=METHODS.index):
+        soft, downsample = method != "R+H", 1
         ipc, over = images_within(budget_values, n, per_image, soft)
         temperature, weight, held_out_scores = None, None, None
-        if soft:  # the temperature and hard-label weight whose student scores best on held-out images
+        if method == "R+S":  # the temperature and hard-label weight whose student scores best on held-out images
             held_out_scores = {str(w): choose_temperature(score, pool, ipc, teacher, TEMPERATURES, seed,
                                                             hard_label_weight=w)[1]
                                for w in baseline_label_weights(config.relabel.hard_label_weight)}
             best = max(((w, t) for w, scores in held_out_scores.items() for t in scores),
                        key=lambda k: held_out_scores[k[0]][k[1]])
             weight, temperature = float(best[0]), float(best[1])
-        values = prototype_storage(n, ipc, per_image, soft_labels=soft)
-        sampler = real_sampler(config, pool, teacher, ipc, temperature, weight or 0.0)
+        if method == "R+S-low":  # the factor and temperature, at R+S's hard-label weight
+            r_plus_s = rows.get("R+S", r_plus_s)
+            weight = r_plus_s["hard_label_weight"]
+            held_out_scores = {str(f): choose_temperature(
+                score, pool, images_within(budget_values, n, per_image // f**2, soft=True)[0], teacher,
+                TEMPERATURES, seed, known=r_plus_s["held_out_accuracy"][str(weight)] if f == 1 else None,
+                hard_label_weight=weight, downsample=f)[1] for f in downsample_factors(test.images.shape[-1])}
+            best = max(((f, t) for f, scores in held_out_scores.items() for t in scores),
+                       key=lambda k: held_out_scores[k[0]][k[1]])
+            downsample, temperature = int(best[0]), float(best[1])
+            ipc, over = images_within(budget_values, n, per_image // downsample**2, soft=True)
+        values = prototype_storage(n, ipc, per_image // downsample**2, soft_labels=soft)
+        sampler = real_sampler(config, pool, teacher, ipc, temperature, weight or 0.0, downsample)
         rows[method] = {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
                         "accuracies": evaluate_with_config(config.evaluation, config.experts, sampler, test.images,
                                                            test.labels, n, seeds=seeds).accuracies,
                         "images_per_class": ipc, "temperature": temperature, "hard_label_weight": weight,
-                        "held_out_accuracy": held_out_scores}
+                        "downsample": downsample, "held_out_accuracy": held_out_scores}
     return rows
 
 
@@ -261,7 +286,7 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan
         return prototype_sampler(config, prototypes, teacher, len(test.class_names), row["hard_label_weight"]), config
     _, pool = held_out_and_pool(train_tensors, config.run.seed)
     return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"],
-                        row["hard_label_weight"] or 0.0), config
+                        row["hard_label_weight"] or 0.0, row.get("downsample", 1)), config
 
 
 # settings whose default changed what is computed when they were added: the value rows saved before them used
@@ -289,7 +314,7 @@ def row_settings(method: str, settings: dict) -> dict:
     and the prototypes choose their labels' hard-label weight on held-out images."""
     if method == "R+H":
         return {k: v for k, v in settings.items() if k != "hard_label_weight"}
-    if method in ("R+S", "prototypes"):
+    if method in ("R+S", "R+S-low", "prototypes"):
         return {**settings, "baseline_label_weights": baseline_label_weights(settings["hard_label_weight"])}
     return settings
 
@@ -420,23 +445,25 @@ def main():
                                                     args.seeds))
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         budget_values = int(budget * len(test.class_names) * test.images[0].numel())
-        baselines = [m for m in ("prototypes", "R+H", "R+S")
-                     if m in args.methods and not is_done(folder, m, row_settings(m, settings))]
+        baselines = [m for m in ("prototypes", "R+H", "R+S", "R+S-low")
+                     if (m in args.methods or m == "R+S" and "R+S-low" in args.methods)  # R+S-low needs R+S's row
+                     and not is_done(folder, m, row_settings(m, settings))]
         if baselines:
             train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
         if "prototypes" in baselines:
             row = prototype_row(config, shared, train, train_tensors, test, teacher, budget_values, args.seeds)
             save_row(folder, "prototypes", {**key, "settings": row_settings("prototypes", settings)}, row)
         if real := [m for m in baselines if m != "prototypes"]:
-            for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds,
-                                         real).items():
+            r_plus_s = saved_row(folder, "R+S") if "R+S" not in real else None
+            for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds, real,
+                                         r_plus_s and r_plus_s["row"]).items():
                 save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
         # methods within 2 std of another get students with the next seeds, until no close pair has too few
         rows = {m: saved_row(folder, m)["row"] for m in args.methods
                 if is_done(folder, m, row_settings(m, settings))}
         while todo := sorted(m for m in close_methods(rows) if len(rows[m]["accuracies"]) < args.close_seeds):
             method, row = todo[0], rows[todo[0]]
-            if method in ("R+H", "R+S"):
+            if method in ("R+H", "R+S", "R+S-low"):
                 train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
             sampler, run_config = top_up_sampler(method, row, config, folder, shared, train, test, teacher,
                                                  budget_values, train_tensors)

@@ -1,5 +1,6 @@
 """Baselines at equal storage (docs/method.md, Storage): random real images with hard labels (R+H) or a teacher's
-soft labels (R+S), and explicit prototypes distilled with D3's own objective."""
+soft labels (R+S), the same stored at a lower resolution so more of them fit (R+S-low), and explicit prototypes
+distilled with D3's own objective."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ def pick_per_class(labels: torch.Tensor, num_classes: int, images_per_class: int
     ])
 
 
+def stored_smaller(images: torch.Tensor, downsample: int) -> torch.Tensor:
+    """`images` [N, C, H, W] in [0, 1] as R+S-low stores them: `downsample` times smaller on each side (area
+    averaging) and rounded to uint8 levels, as an image dataset keeps its pixels."""
+    if downsample < 1 or images.shape[-1] % downsample or images.shape[-2] % downsample:
+        raise ValueError(f"downsample={downsample} must be a whole divisor of the image side {images.shape[-1]}")
+    smaller = nn.functional.interpolate(images, scale_factor=1 / downsample, mode="area") if downsample > 1 else images
+    return (smaller * 255).round() / 255
+
+
+def shown_at(stored: torch.Tensor, side: int) -> torch.Tensor:
+    """Stored images upsampled (bilinearly) to the `side` the students train at."""
+    if stored.shape[-1] == side:
+        return stored
+    return nn.functional.interpolate(stored, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
 def random_real_sampler(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -34,12 +51,17 @@ def random_real_sampler(
     teacher: torch.nn.Module | None = None,
     temperature: float = 1.0,
     hard_label_weight: float = 0.0,
+    downsample: int = 1,
 ) -> EpochSampler:
     """A fixed random subset of `images_per_class` real images per class, the same every epoch, labelled
     one-hot (R+H) or by the teacher (R+S: `hf_d3.teacher.teacher_labels` at `temperature` and
-    `hard_label_weight`, the labels D3's Gaussians get)."""
+    `hard_label_weight`, the labels D3's Gaussians get). With `downsample` > 1 (R+S-low) the images are stored that
+    many times smaller per side (`stored_smaller`) and shown to students and teacher upsampled to the training side
+    (`shown_at`)."""
     picked = pick_per_class(labels, num_classes, images_per_class, seed)
     subset = images[picked]
+    if downsample > 1:
+        subset = shown_at(stored_smaller(subset, downsample), images.shape[-1])
     if teacher is None:
         targets = nn.functional.one_hot(labels[picked], num_classes).float()
     else:
@@ -85,12 +107,14 @@ def choose_temperature(
     seed: int = 0,
     known: Mapping[str, float] | None = None,
     hard_label_weight: float = 0.0,
+    downsample: int = 1,
 ) -> tuple[float, dict[str, float]]:
-    """The R+S temperature whose student scores best by `score` (a student trained on `images_per_class` pool
-    images labelled at that temperature and `hard_label_weight`, tested on held-out images). `known` holds scores
-    already measured, by `str(temperature)`; returns the best temperature and every score."""
+    """The R+S (or, with `downsample`, R+S-low) temperature whose student scores best by `score` (a student trained
+    on `images_per_class` pool images labelled at that temperature and `hard_label_weight`, tested on held-out
+    images). `known` holds scores already measured, by `str(temperature)`; returns the best temperature and every
+    score."""
     known = dict(known or {})
     scores = {str(t): known[str(t)] if str(t) in known else score(random_real_sampler(
-        pool.images, pool.labels, len(pool.class_names), images_per_class, seed, teacher, t, hard_label_weight))
-        for t in temperatures}
+        pool.images, pool.labels, len(pool.class_names), images_per_class, seed, teacher, t, hard_label_weight,
+        downsample)) for t in temperatures}
     return float(max(scores, key=scores.get)), scores

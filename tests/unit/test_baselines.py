@@ -1,8 +1,9 @@
+import pytest
 import torch
 from conftest import TINY_RUN
 
 from hf_d3 import build_classifier
-from hf_d3.baselines import distill_prototypes, pick_per_class, random_real_sampler
+from hf_d3.baselines import distill_prototypes, pick_per_class, random_real_sampler, stored_smaller
 from hf_d3.config import D3Config
 from hf_d3.data import RealImages
 from hf_d3.experts import train_classifier
@@ -43,6 +44,33 @@ def test_prototype_storage_by_hand_at_a_d3_budget():
     assert largest_ipc_within(76_699, 10, 784, soft_labels=True) == 9
     assert prototype_storage(10, 9, 784, soft_labels=True) == 10 * 9 * (784 + 10) == 71_460
     assert prototype_storage(10, 9, 784, soft_labels=False) == 10 * 9 * (784 + 1) == 70_650
+
+
+def test_r_plus_s_low_stores_smaller_uint8_images_and_trains_on_them_upsampled():
+    images = torch.rand(60, 3, 8, 8)
+    labels = torch.arange(3).repeat(20)
+    stored = stored_smaller(images, 2)
+    assert stored.shape == (60, 3, 4, 4)
+    assert torch.allclose(stored[0, 0, 0, 0], (images[0, 0, :2, :2].mean() * 255).round() / 255)  # area, uint8 levels
+    assert torch.equal(stored_smaller(images, 1), (images * 255).round() / 255)
+    teacher = build_classifier("convnet", 3, 8, 3, width=4, depth=1)
+    shown, soft = random_real_sampler(images, labels, 3, 4, seed=1, teacher=teacher, downsample=2)(None)
+    assert shown.shape == (12, 3, 8, 8)  # the training side
+    picked = images[pick_per_class(labels, 3, 4, seed=1)]
+    upsampled = torch.nn.functional.interpolate(stored_smaller(picked, 2), size=(8, 8), mode="bilinear")
+    assert torch.allclose(shown, upsampled.clamp(0, 1)) and not torch.allclose(shown, picked, atol=0.05)
+    assert torch.allclose(soft.sum(1), torch.ones(12))
+    with pytest.raises(ValueError, match="downsample=3 must be a whole divisor of the image side 8"):
+        stored_smaller(images, 3)
+
+
+def test_r_plus_s_low_storage_by_hand():
+    # 200 classes of 32x32x3 at 2 IPC-equivalent: 2 * 200 * 3,072 = 1,228,800 values. Full size with a 200-way soft
+    # label, 3,272 values a picture: 1 per class (654,400); at half the side 768 + 200 = 968: 6 per class
+    # (1,161,600); at a quarter 192 + 200 = 392: 15 per class (1,176,000)
+    budget = 2 * 200 * 3 * 32 * 32
+    assert [largest_ipc_within(budget, 200, 3 * 32 * 32 // f**2, soft_labels=True) for f in (1, 2, 4)] == [1, 6, 15]
+    assert prototype_storage(200, 15, 3 * 8 * 8, soft_labels=True) == 200 * 15 * (192 + 200) == 1_176_000
 
 
 def test_a_tiny_prototype_distillation(fmnist4_tensors):
