@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -291,9 +292,10 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan
 
 # settings whose default changed what is computed when they were added: the value rows saved before them used
 BEFORE_IT_EXISTED = {"hard_label_weight": 0.0}
-# settings that say where and how a run reports, not what it computes
+# settings that say where and how a run reports, not what it computes (and where the data is read from: a row's
+# key names its dataset)
 BOOKKEEPING = {"output_dir", "stage_dir", "log_every", "report_to", "collective_timeout_s", "checkpoint_every",
-               "push_to_hub", "hub_model_id", "hub_dataset_id", "hub_private"}
+               "push_to_hub", "hub_model_id", "hub_dataset_id", "hub_private", "dataset"}
 
 
 def setting_defaults() -> dict:
@@ -331,8 +333,15 @@ def is_done(folder: Path, method: str, settings: dict) -> bool:
 
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
     (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
+    config = {**key["settings"], "dataset": portable(key["settings"]["dataset"])}
     save_record("accuracy_vs_storage", {"dataset": key["dataset"], "budget_ipc": float(key["budget"]),
-                                        "method": method, "config": key["settings"]}, row)
+                                        "method": method, "config": config}, row)
+
+
+def portable(dataset: str) -> str:
+    """A local dataset folder relative to the repository (a record names no path of the machine it ran on)."""
+    path = Path(dataset)
+    return os.path.relpath(path, ROOT) if path.is_absolute() else dataset
 
 
 def merge_and_plot(out: Path, figure: Path) -> dict:

@@ -32,6 +32,7 @@ def test_a_row_saved_before_a_setting_existed_counts_at_the_value_it_was_compute
     assert not bench.same_settings(old, settings)
     assert bench.same_settings(old, {**settings, "hard_label_weight": 0.0})
     assert bench.same_settings({**settings, "output_dir": "elsewhere", "log_every": 1}, settings)  # bookkeeping
+    assert bench.same_settings({**settings, "dataset": "/elsewhere/tiny-imagenet-200"}, settings)  # a key names it
     assert not bench.same_settings({**settings, "iterations": 61}, settings)
 
 
@@ -68,3 +69,9 @@ def test_rows_within_2_std_of_another_get_more_seeds(bench):
     rows = {"D3": {"accuracies": [0.70, 0.72, 0.71]}, "R+S": {"accuracies": [0.715, 0.705, 0.725]},
             "R+H": {"accuracies": [0.50, 0.51, 0.49]}}
     assert bench.close_methods(rows) == {"D3", "R+S"}
+
+
+def test_records_name_local_datasets_relative_to_the_repository(bench):
+    local = bench.ROOT.parent / "shared/data/tiny-imagenet-200"
+    assert bench.portable(str(local)) == "../shared/data/tiny-imagenet-200"
+    assert bench.portable("fashion_mnist") == "fashion_mnist"
