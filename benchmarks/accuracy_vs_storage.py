@@ -83,6 +83,8 @@ CONFIGS = {"fashion_mnist": ROOT / "recipes/configs/fashion_mnist.yaml",
 LOCAL_DATA = {"cifar10": (ROOT.parent / "shared/data/cifar10-subset", "test"),
               "tiny_imagenet": (ROOT.parent / "shared/data/tiny-imagenet-200", "test")}
 METHODS = ("D3", "D3-hand", "prototypes", "R+H", "R+S", "R+S-low")
+# the rows the table and figure show: these and the prototypes distilled to convergence (benchmarks/converged.py)
+SHOWN = (*METHODS, "prototypes-converged")
 # D3-hand: D3 with the sizes of the shipped config for that budget (its phases are the curve's, like every method's)
 HAND_SIZED = {("fashion_mnist", 10): "fashion_mnist.yaml", ("fashion_mnist", 50): "fashion_mnist_ipc50.yaml",
               ("cifar10", 10): "cifar10_ipc10.yaml", ("cifar10", 50): "cifar10_ipc50.yaml"}
@@ -354,10 +356,10 @@ def merge_and_plot(out: Path, figure: Path) -> dict:
         plot(results, figure)
     for dataset, budgets in results.items():
         print(f"\n{dataset}: test accuracy (%), mean +- std over seeds, at the stored IPC-equivalent")
-        print("| budget | " + " | ".join(METHODS) + " |\n|---|" + "---|" * len(METHODS))
+        print("| budget | " + " | ".join(SHOWN) + " |\n|---|" + "---|" * len(SHOWN))
         for budget in sorted(budgets, key=float):
             cells = []
-            for method in METHODS:
+            for method in SHOWN:
                 row = budgets[budget].get(method)
                 if row is None:
                     cells.append("-")
@@ -379,13 +381,13 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, (dataset, budgets) in zip(axes[0], sorted(results.items())):
-        for method in METHODS:
+        for method in SHOWN:
             points = sorted(((row["ipc_equivalent"], 100 * torch.tensor(row["accuracies"]))
                              for b in budgets.values() if (row := b.get(method))), key=lambda point: point[0])
             if points:
                 ax.errorbar([x for x, _ in points], [a.mean().item() for _, a in points],
                             yerr=[a.std().item() if len(a) > 1 else 0.0 for _, a in points],
-                            marker="o", capsize=3, label=method, color=f"C{METHODS.index(method)}",
+                            marker="o", capsize=3, label=method, color=f"C{SHOWN.index(method)}",
                             linestyle="none" if method == "D3-hand" else "-")  # a yardstick at two budgets
         ax.set_xscale("log")
         ticks = sorted({float(b) for b in budgets})
