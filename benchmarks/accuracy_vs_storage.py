@@ -112,7 +112,9 @@ def base_config(dataset: str, data_path: Path | None, out: Path) -> Path:
 def prepare_shared(config, train) -> RunPlan:
     """Experts and teacher of the dataset, trained once as the stages of `config` (its `output_dir`), which every
     D3 run of the curve shares as its `stage_dir` (the first process to get here trains, the others wait)."""
-    plan = make_plan(config, class_names_of(config.data), "no")
+    # experts and teacher depend on no size, but a plan needs sizes that fit the resolution: the budget's
+    budgeted = dataclasses.replace(config.representation, storage_budget_ipc=10.0)
+    plan = make_plan(dataclasses.replace(config, representation=budgeted), class_names_of(config.data), "no")
     plan.stage_dir.mkdir(parents=True, exist_ok=True)
     with open(plan.stage_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
