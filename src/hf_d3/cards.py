@@ -14,6 +14,7 @@ import jinja2
 import yaml
 
 from .results import CARD_METRICS
+from .sample_grid import grid_classes
 
 if TYPE_CHECKING:
     from .pipelines.pipeline_d3 import D3Pipeline
@@ -186,6 +187,9 @@ def render_pipeline_card(
     extra_metrics = [(k, v) for k, v in sorted(metrics.items())
                      if k not in known and isinstance(v, int | float | str) and not _SECRET_KEY.search(k)]
     store_config = pipe.latent_store.config
+    shown = len(grid_classes(list(store_config.class_ids)))  # the rows of the sample grid (`sample_grid`)
+    grid_rows = ("one row per class" if shown == len(store_config.class_ids) else
+                 f"one row for each of {shown} of the {len(store_config.class_ids)} classes, evenly spaced")
     text = _render(
         PIPELINE_CARD_TEMPLATE,
         card_data=card_data.to_yaml(),
@@ -195,6 +199,7 @@ def render_pipeline_card(
         latents_per_class=store_config.latents_per_class,
         num_subtasks=pipe.decoder.config.num_subtasks,
         samples_file=samples_file,
+        grid_rows=grid_rows,
         curve_file=curve_file,
         accuracy_text=accuracy_text,
         storage=storage,

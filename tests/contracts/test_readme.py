@@ -54,7 +54,8 @@ def write_image_folder(folder: Path) -> None:
 def test_every_readme_block_is_a_tested_snippet():
     blocks = re.findall(r"(<!-- snippet: \w+ -->\n)?```\w+\n", README.read_text())
     assert blocks and all(blocks), "a code block in README.md has no <!-- snippet: NAME --> mark, so no test runs it"
-    assert set(snippets()) == {"setup", "load", "distill", "push", "publish", "stream", "train_student"}
+    assert set(snippets()) == {"setup", "load", "distill", "push", "publish", "stream", "train_student",
+                              "two_machines"}
 
 
 def test_the_setup_commands_are_the_makefiles():

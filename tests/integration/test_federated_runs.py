@@ -1,5 +1,5 @@
 """Federated distillation in real multi-process runs of recipes/distill.py (`accelerate launch --multi_gpu
---num_processes 2` on CPU, gloo)."""
+--num_processes 2` on CPU, gloo), and on two machines as docs/federated.md starts them."""
 
 from __future__ import annotations
 
@@ -14,13 +14,26 @@ import torch
 import yaml
 from conftest import FMNIST4_CLASSES, TINY_RUN, tiny_plan, write_parquet_dataset
 from hub_server import free_port
+from snippets import shell_commands
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
 from hf_d3.config import D3Config
+from hf_d3.config_parser import parse_config
 from hf_d3.experts import load_trajectory
 from hf_d3.run import run_distillation
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "distill.py"
+LAUNCH_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def assert_same_pipelines(one: Path, other: Path, atol: float = 1e-5) -> None:
+    """The pipelines saved under two runs' output_dirs hold the same tensors (to `atol`)."""
+    one, other = D3Pipeline.from_pretrained(one / "pipeline"), D3Pipeline.from_pretrained(other / "pipeline")
+    for part in ("latent_store", "decoder"):
+        a, b = getattr(one, part).state_dict(), getattr(other, part).state_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.allclose(a[name].float(), b[name].float(), atol=atol, rtol=0), (part, name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -33,8 +46,7 @@ def launch_processes(config: dict, tmp_path: Path, num_processes: int = 2) -> su
    ; returns the finished process with stdout and stderr together."""
     config_file = tmp_path / "launch.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **LAUNCH_ENV, "ACCELERATE_USE_CPU": "true"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port("127.0.0.1")), str(RECIPE), "--config", str(config_file)]
@@ -93,13 +105,7 @@ def test_one_and_two_processes_give_the_same_pipeline(two_process_run, tiny_run,
     output_dir, _ = two_process_run
     assert torch.get_num_threads() == 1  # as in each launched rank (conftest sets OMP_NUM_THREADS=1)
     run_distillation(tiny_run(num_subtasks=2, output_dir=str(tmp_path / "one")))
-    one = D3Pipeline.from_pretrained(tmp_path / "one" / "pipeline")
-    two = D3Pipeline.from_pretrained(output_dir / "pipeline")
-    for part in ("latent_store", "decoder"):
-        a, b = getattr(one, part).state_dict(), getattr(two, part).state_dict()
-        assert a.keys() == b.keys()
-        for name in a:
-            assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5, rtol=0), (part, name)
+    assert_same_pipelines(tmp_path / "one", output_dir)
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((output_dir / "metrics.json").read_text())
     def losses(metrics):
@@ -209,9 +215,60 @@ def test_a_spare_rank_trains_experts_that_reach_the_distilling_rank(fmnist4_fold
             sent, trained_here = (load_trajectory(plan.experts[k][i].folder(tmp_path / run))[1]
                                   for run in ("three", "one"))
             assert torch.equal(sent, trained_here)
-    one = D3Pipeline.from_pretrained(tmp_path / "one" / "pipeline")
-    three = D3Pipeline.from_pretrained(tmp_path / "three" / "pipeline")
-    for part in ("latent_store", "decoder"):
-        a, b = getattr(one, part).state_dict(), getattr(three, part).state_dict()
-        for name in a:
-            assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5, rtol=0), (part, name)
+    assert_same_pipelines(tmp_path / "one", tmp_path / "three")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two machines of one process each, started by the commands of docs/federated.md
+# ----------------------------------------------------------------------------------------------------------
+
+
+def machine_launch(command: list[str], config_file: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """A command of the `two_machines` snippet as it runs here: `accelerate` from this interpreter, machine 0 at
+    127.0.0.1:`port`, this repo's recipe and `config_file`. Returns the argument list and the snippet's variables."""
+    variables = dict(arg.split("=", 1) for arg in command[:command.index("accelerate")])
+    args = command[command.index("accelerate") + 1:]
+    assert args[0] == "launch" and args.count("--config") == 1, command
+    replace = {"10.0.0.1": "127.0.0.1", "29500": str(port), "recipes/distill.py": str(RECIPE),
+               args[args.index("--config") + 1]: str(config_file)}
+    assert set(replace) <= set(args), f"the snippet no longer has {set(replace) - set(args)}: update this test"
+    return [sys.executable, "-m", "accelerate.commands.launch", *(replace.get(a, a) for a in args[1:])], variables
+
+
+@pytest.fixture(scope="module")
+def two_machine_run(fmnist4_folder, tmp_path_factory):
+    """Both commands of the `two_machines` snippet, here at once: each "machine" with its own output_dir and image
+    cache, as two machines that share no filesystem. Returns the machines' folders and outputs, and the settings the
+    snippet gives (its config with its command-line overrides)."""
+    tmp = tmp_path_factory.mktemp("two_machines")
+    port, launches = free_port("127.0.0.1"), []
+    for machine, command in enumerate(shell_commands("two_machines")):
+        config_file = tmp / f"machine{machine}.yaml"
+        config_file.write_text(yaml.safe_dump({**TINY_RUN, "dataset": str(fmnist4_folder),
+                                               "output_dir": str(tmp / f"machine{machine}")}))
+        args, variables = machine_launch(command, config_file, port)
+        env = {**os.environ, **LAUNCH_ENV, **variables, "HF_D3_CACHE": str(tmp / f"cache{machine}")}
+        with open(tmp / f"machine{machine}.log", "w") as log:
+            launches.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), log.name))
+    outputs = []
+    for process, log in launches:
+        returncode = process.wait(timeout=420)
+        outputs.append(Path(log).read_text())
+        assert returncode == 0, outputs[-1][-5000:]
+    settings = parse_config(args[args.index(str(RECIPE)) + 1:])  # the last machine's: the same but for paths
+    return [tmp / "machine0", tmp / "machine1"], outputs, settings
+
+
+def test_two_machines_give_the_pipeline_one_process_gives(two_machine_run, tmp_path):
+    (main, other), (main_output, other_output), settings = two_machine_run
+    metrics = json.loads((main / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and [s["classes"] for s in metrics["subtasks"]] == [[0, 1], [2, 3]]
+    assert "test accuracy" in main_output and "test accuracy" not in other_output
+    # machine 1 keeps its own rank's stages on its own disk and writes nothing of the result
+    plan = tiny_plan(settings)
+    assert plan.subtask_stages[1].is_complete(other) and not plan.subtask_stages[1].is_complete(main)
+    assert plan.subtask_stages[0].is_complete(main) and not plan.subtask_stages[0].is_complete(other)
+    assert sorted(p.name for p in other.iterdir()) == ["experts", "subtasks"]
+    # one process, the same settings: the same pipeline (one thread each, the same reduction order)
+    run_distillation(D3Config.from_dict({**settings.to_dict(), "output_dir": str(tmp_path / "one")}))
+    assert_same_pipelines(tmp_path / "one", main, atol=0)

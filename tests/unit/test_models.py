@@ -182,6 +182,17 @@ def test_store_layout_by_class_then_component():
         store.components_of([2, 3])
 
 
+def test_class_ids_are_shown_with_their_runs_folded():
+    from hf_d3.models.latent_store import folded_ids
+
+    assert folded_ids(range(150, 200)) == "[150-199]"  # a subtask of Tiny ImageNet's 200 classes in 4
+    assert folded_ids([0, 1, 2, 3, 5, 7, 8, 10, 11, 12]) == "[0-3, 5, 7, 8, 10-12]"
+    assert folded_ids([2, 3]) == "[2, 3]" and folded_ids([4, 0]) == "[4, 0]"
+    store = GaussianLatentStore(class_ids=list(range(200)), num_classes=201, latents_per_class=1, latent_dim=2)
+    with pytest.raises(ValueError, match=r"class_labels \[200\] are not in this store; valid: \[0-199\]$"):
+        store.components_of([200])
+
+
 def test_store_samples_are_mean_plus_scaled_noise():
     torch.manual_seed(0)
     store = GaussianLatentStore(class_ids=[0, 1], num_classes=2, latents_per_class=3, latent_dim=5)

@@ -20,7 +20,7 @@ from ..data import ImageCache, load_subtask_images
 from ..experts import load_trajectory
 from ..factories import build_decoder, build_latent_store
 from ..models.decoder import D3Decoder
-from ..models.latent_store import GaussianLatentStore
+from ..models.latent_store import GaussianLatentStore, folded_ids
 from ..results import SubtaskStats
 from ..stages import continuable_checkpoint, subtask_seed
 from .checkpoint import has_checkpoint
@@ -103,6 +103,6 @@ def distilled_subtask(config: D3Config, plan: RunPlan, subtask: int, train: Data
                          peak_memory_bytes=peak_memory_bytes(device))
     save_subtask(folder, store, decoder)
     stage.complete(stage_dir, dataclasses.asdict(stats))
-    logger.info("subtask %d finished: classes %s, %d iterations, %.1f s (warm start %.1f s)", subtask, class_ids,
-                stats.iterations_run, stats.distill_wall_time_s, stats.warm_start_wall_time_s)
+    logger.info("subtask %d finished: classes %s, %d iterations, %.1f s (warm start %.1f s)", subtask,
+                folded_ids(class_ids), stats.iterations_run, stats.distill_wall_time_s, stats.warm_start_wall_time_s)
     return *load_subtask(folder), stats

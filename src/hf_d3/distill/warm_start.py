@@ -12,7 +12,7 @@ from torch import nn
 from ..atomic import kill_point
 from ..data import RealImages
 from ..models.decoder import D3Decoder
-from ..models.latent_store import GaussianLatentStore
+from ..models.latent_store import GaussianLatentStore, folded_ids
 from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: RealImages,
     targets = data.images[torch.cat([x[torch.randperm(len(x), generator=generator)[:m * r]]
                                      for x in data.indices_by_class])]
     if len(targets) != store.num_components * r:
-        raise ValueError(f"init=real needs {m * r} real images per class; some class of {data.class_ids} has fewer "
-                         f"({m} latents x {r} images per component)")
+        raise ValueError(f"init=real needs {m * r} real images per class; some class of {folded_ids(data.class_ids)} "
+                         f"has fewer ({m} latents x {r} images per component)")
     component = torch.arange(store.num_components, device=targets.device).repeat_interleave(r)
     latents = nn.Parameter(store.mean.detach()[component] + 0.1 * torch.randn(
         len(targets), store.config.latent_dim, generator=generator).to(targets.device))

@@ -10,6 +10,18 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 
+def folded_ids(class_ids: Sequence[int]) -> str:
+    """Class ids as logs and errors show them: a list with each run of three or more consecutive ids folded, so
+    the 50 classes of one of Tiny ImageNet's subtasks read `[0-49]`, and `[2, 3]` stays as it is."""
+    runs: list[list[int]] = []
+    for c in class_ids:
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return "[" + ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs) + "]"
+
+
 def store_sizes(class_ids: Sequence[int], num_classes: int, latents_per_class: int, latent_dim: int,
                 class_names: Sequence[str] | None = None, subtask_sizes: Sequence[int] | None = None,
                 logvar_dim: int | None = None) -> tuple[list[int], int]:
@@ -22,7 +34,7 @@ def store_sizes(class_ids: Sequence[int], num_classes: int, latents_per_class: i
             f"latents_per_class={latents_per_class} and latent_dim={latent_dim} must both be >= 1"
         )
     if not class_ids or min(class_ids) < 0 or max(class_ids) >= num_classes:
-        raise ValueError(f"class_ids={class_ids} must be non-empty ids in [0, {num_classes})")
+        raise ValueError(f"class_ids={folded_ids(class_ids)} must be non-empty ids in [0, {num_classes})")
     if sum(subtask_sizes) != len(class_ids) or min(subtask_sizes) < 1:
         raise ValueError(
             f"subtask_sizes={subtask_sizes} must be positive and sum to the {len(class_ids)} classes"
@@ -115,7 +127,8 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
             return torch.arange(self.num_components, device=self.mean.device)
         unknown = sorted(set(int(c) for c in class_labels) - set(self.config.class_ids))
         if unknown:
-            raise ValueError(f"class_labels {unknown} are not in this store; valid: {self.config.class_ids}")
+            raise ValueError(f"class_labels {folded_ids(unknown)} are not in this store; valid: "
+                             f"{folded_ids(self.config.class_ids)}")
         wanted = torch.as_tensor(list(class_labels), device=self.component_class.device)
         return torch.nonzero(torch.isin(self.component_class, wanted)).flatten()
 
