@@ -127,6 +127,9 @@ class RepresentationConfig:
         "transpose (the paper's) or nearest / bilinear (resize + 3x3 conv, no checkerboard)"))
     storage_budget_ipc: float | None = setting(None, valid=AboveZero(), help=(
         "the storage budget in IPC-equivalents: the sizes are chosen to use it, or checked against it"))
+    decoder_max_width: int = setting(64, valid=AtLeast(8), help=(
+        "the widest last decoder stage the budget may choose (earlier stages double it): decoding costs about "
+        "width^2 per pixel, so a CPU run of many classes caps it"))
 
     def __post_init__(self):
         check_fields(self)

@@ -23,7 +23,8 @@ small all-conv decoder with nearest-neighbour upsampling. The rule for what is l
   4 in [8, 64]. All K generators together target 0.4 / sqrt(budget) of the budget, at most 1/2: about 13 % at 10
   (between the measured winners' 8 and 14 %), 6 % at 50, 28-40 % at 1-2 where ten classes cannot amortise a
   decoder (the paper's own 1 IPC decoders take a similar share, docs/method.md, Reference settings of the paper).
-  w >= 8 is a floor; w <= 64 caps the cost of decoding when many classes share a decoder.
+  w >= 8 is a floor; w <= 64 (`decoder_max_width`) caps the cost of decoding when many classes share a decoder:
+  decoding costs about w^2 per pixel, so a CPU protocol of many classes caps it lower (tinyimagenet_cpu.yaml).
 - **Gaussians per class M**: as many as the rest of the budget allows, at least 1.
 
 Among all (C, w) whose largest M fits and fills at least 90 % of the budget, the solver takes the one closest to
@@ -141,8 +142,9 @@ def _check_inputs(storage_budget_ipc: float, num_classes: int, resolution: int, 
 
 
 def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, channels: int,
-                num_subtasks: int = 1) -> RepresentationSizes:
-    """Sizes that use the storage budget by the rule of this module's docstring.
+                num_subtasks: int = 1, max_decoder_width: int = MAX_DECODER_WIDTH) -> RepresentationSizes:
+    """Sizes that use the storage budget by the rule of this module's docstring, the decoder's last stage at most
+    `max_decoder_width` wide (`decoder_max_width`).
 
     Deterministic and pure; the result never exceeds `storage_budget_ipc` and fills at least 90 % of it
     whenever any size can. Raises ValueError, naming the smallest budget that works, when even one Gaussian
@@ -184,7 +186,7 @@ def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, ch
         best_key, best = None, None
         for latent_channels in channel_counts:
             per_class = gaussian_values(latent_channels)
-            for width in range(MIN_DECODER_WIDTH, MAX_DECODER_WIDTH + 1, DECODER_WIDTH_STEP):
+            for width in range(MIN_DECODER_WIDTH, max_decoder_width + 1, DECODER_WIDTH_STEP):
                 decoder = decoder_size(latent_channels, width)
                 latents_per_class = (max_total - decoder) // (num_classes * per_class)
                 if latents_per_class < 1:
@@ -227,7 +229,7 @@ def resolve_sizes(config: D3Config, num_classes: int) -> D3Config:
     if not sizes.chosen_by_budget:
         return config
     solved = solve_sizes(sizes.storage_budget_ipc, num_classes, config.data.resolution, config.data.channels,
-                         config.run.num_subtasks).to_config()
+                         config.run.num_subtasks, sizes.decoder_max_width).to_config()
     given = {name: value for name, value in asdict(sizes).items() if name in PAPER_SIZES and value is not None}
     chosen = RepresentationConfig(**{**asdict(sizes), **solved, **given, "sizes": "explicit"})
     try:  # a size given beside the chosen ones may not fit them (a latent_dim the chosen decoder cannot reshape)

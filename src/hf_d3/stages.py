@@ -31,6 +31,8 @@ from .factories import net_kwargs
 MARKER = "stage.json"
 # Settings of the distillation objective that say how a subtask runs, not what it computes
 UNKEYED_SETTINGS = ("checkpoint_every", "compile_inner_step")
+# What chooses the sizes, not what they are: a subtask's key holds the sizes chosen
+BUDGET_SETTINGS = ("sizes", "storage_budget_ipc", "decoder_max_width")
 # How far a subtask runs: in its key, and not in its lineage (`Stage.lineage`)
 PROGRESS_SETTINGS = ("iterations", "max_distill_time_s")
 
@@ -151,7 +153,7 @@ def teacher_stage(config: D3Config, precision: str) -> Stage:
 def subtask_stage(config: D3Config, sizes: RepresentationConfig, class_names: list[str], classes: list[int],
                   subtask: int, experts: list[Stage], precision: str) -> Stage:
     """Subtask `subtask` distilled from `experts` into latents and a decoder of `sizes` (concrete)."""
-    representation = {k: v for k, v in asdict(sizes).items() if k not in ("sizes", "storage_budget_ipc")}
+    representation = {k: v for k, v in asdict(sizes).items() if k not in BUDGET_SETTINGS}
     objective = asdict(config.distillation)
     return Stage("subtasks", f"subtask{subtask}", {
         "data": _subtask_data(config, classes, subtask), "class_names": class_names,
