@@ -57,7 +57,7 @@ from hf_d3.baselines import (
     random_real_sampler,
     split_held_out,
 )
-from hf_d3.config import PAPER_SIZES, D3Config
+from hf_d3.config import PAPER_SIZES, D3Config, RepresentationConfig
 from hf_d3.config_parser import parse_config
 from hf_d3.data import (
     RealImages,
@@ -113,8 +113,8 @@ def prepare_shared(config, train) -> RunPlan:
     """Experts and teacher of the dataset, trained once as the stages of `config` (its `output_dir`), which every
     D3 run of the curve shares as its `stage_dir` (the first process to get here trains, the others wait)."""
     # experts and teacher depend on no size, but a plan needs sizes that fit the resolution: the budget's
-    budgeted = dataclasses.replace(config.representation, storage_budget_ipc=10.0)
-    plan = make_plan(dataclasses.replace(config, representation=budgeted), class_names_of(config.data), "no")
+    budgeted = dataclasses.replace(config, representation=RepresentationConfig(storage_budget_ipc=10.0))
+    plan = make_plan(budgeted, class_names_of(config.data), "no")
     plan.stage_dir.mkdir(parents=True, exist_ok=True)
     with open(plan.stage_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
