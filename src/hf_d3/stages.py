@@ -151,7 +151,9 @@ def teacher_stage(config: D3Config, precision: str) -> Stage:
 def subtask_stage(config: D3Config, sizes: RepresentationConfig, class_names: list[str], classes: list[int],
                   subtask: int, experts: list[Stage], precision: str) -> Stage:
     """Subtask `subtask` distilled from `experts` into latents and a decoder of `sizes` (concrete)."""
-    representation = {k: v for k, v in asdict(sizes).items() if k not in ("sizes", "storage_budget_ipc")}
+    # how the sizes were chosen, and how the result is stored at the end of the run, change nothing distilled
+    representation = {k: v for k, v in asdict(sizes).items()
+                      if k not in ("sizes", "storage_budget_ipc", "budget_unit", "storage_dtype")}
     objective = asdict(config.distillation)
     return Stage("subtasks", f"subtask{subtask}", {
         "data": _subtask_data(config, classes, subtask), "class_names": class_names,
@@ -165,14 +167,19 @@ def evaluation_stage(config: D3Config, subtasks: list[Stage], teacher: Stage | N
                      precision: str) -> Stage:
     """The students trained on the relabelled pipeline of `subtasks` and tested on the real test split."""
     evaluation = config.evaluation
-    return Stage("evaluations", "evaluation", {
+    settings = {
         "subtasks": [s.key for s in subtasks], "teacher": teacher.key if teacher else config.relabel.teacher,
         "relabel_temperature": config.relabel.relabel_temperature, "hard_label_weight": hard_label_weight,
         "test": {"dataset": config.data.dataset, "test_split": config.data.test_split,
                  "max_test_examples": config.data.max_test_examples},
         "students": {**asdict(evaluation), **net_kwargs(evaluation.eval_architecture, config.experts.net_width,
                                                         config.experts.net_depth)},
-        "precision": precision})
+        "precision": precision}
+    # The students learn from the pipeline as stored; float32 stores it as distilled, so it stays out of the key
+    # (and the evaluations of runs from before `storage_dtype` stay valid).
+    if config.representation.storage_dtype != "float32":
+        settings["storage_dtype"] = config.representation.storage_dtype
+    return Stage("evaluations", "evaluation", settings)
 
 
 def continuable_checkpoint(stage: Stage, stage_dir: str | Path, distillation: DistillationConfig) -> Path | None:
