@@ -25,6 +25,7 @@ from huggingface_hub import DatasetCard, HfApi, ModelCard
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
 from hf_d3.cards import CURVE_FILENAME, extract_train_snippet, render_pipeline_card
 from hf_d3.hub import HubPublishError, push_dataset_to_hub, push_pipeline_to_hub
+from hf_d3.quantization import STORAGE_DTYPES
 from hf_d3.results import CARD_METRICS
 from hf_d3.run_folder import budget_config_name
 
@@ -75,11 +76,13 @@ def samples_png(tmp_path):
     return path
 
 
-@pytest.fixture(scope="module")
-def published(local_hub):
-    """A pipeline published once for the read-side tests: (repo_id, pipeline, CommitInfo)."""
+@pytest.fixture(scope="module", params=STORAGE_DTYPES)
+def published(local_hub, request):
+    """A pipeline published once in each storage dtype for the read-side tests: (repo_id, pipeline, CommitInfo);
+    the pipeline holds what its stored files give back."""
     pipe = make_pipe(0)
-    repo_id = f"{local_hub.user}/d3-published-{uuid.uuid4().hex[:8]}"
+    pipe.set_storage_dtype(request.param)
+    repo_id = f"{local_hub.user}/d3-published-{request.param}-{uuid.uuid4().hex[:8]}"
     info = push_pipeline_to_hub(pipe, repo_id, metrics=METRICS, settings=SETTINGS)
     return repo_id, pipe, info
 
