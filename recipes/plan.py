@@ -32,9 +32,9 @@ def main():
           f"subtask(s); sizes {'chosen from the budget' if config.representation.chosen_by_budget else 'as given'}:")
     for name in PAPER_SIZES:
         print(f"  {name}: {getattr(sizes, name)}")
-    print(f"storage in {sizes.storage_dtype}: {storage.total_values:,} values = {storage.ipc_equivalent:.2f} IPC-equivalent (budget "
-          f"{budget_text}); {storage.total_bytes:,} bytes = {storage.ipc_equivalent_bytes:.2f} IPC-equivalent in "
-          "bytes (uint8 images)")
+    print(f"storage in {sizes.storage_dtype}: {storage.total_values:,} values = {storage.ipc_equivalent:.2f} "
+          f"IPC-equivalent (budget {budget_text}); {storage.total_bytes:,} bytes = "
+          f"{storage.ipc_equivalent_bytes:.2f} IPC-equivalent in bytes (uint8 images)")
     for part in ("decoder", "latent", "label"):
         values = getattr(storage, f"{part}_values")
         print(f"  {part}s: {values:,} values ({100 * values / storage.total_values:.1f} %)")

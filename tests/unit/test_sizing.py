@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_RUN
 
+from hf_d3 import D3Pipeline
 from hf_d3.config import PAPER_SIZES, D3Config
 from hf_d3.config_parser import parse_config
 from hf_d3.factories import build_decoder, planned_storage
@@ -250,7 +252,8 @@ def test_the_plan_recipe_prints_a_budget_in_bytes_and_both_ipc_equivalents():
     assert (f"storage in int8: {report.total_values:,} values = {report.ipc_equivalent:.2f} IPC-equivalent (budget "
             f"10 in bytes); {report.total_bytes:,} bytes = {report.ipc_equivalent_bytes:.2f} IPC-equivalent in bytes"
             in run.stdout)
-    assert f"hard_label_weight {hard_label_weight_for(report.ipc_equivalent):.2f} (chosen from the storage)" in run.stdout
+    weight = hard_label_weight_for(report.ipc_equivalent)
+    assert f"hard_label_weight {weight:.2f} (chosen from the storage)" in run.stdout
 
 
 def test_explicit_sizes_over_a_budget_in_bytes_say_how_to_let_the_budget_choose():
@@ -275,3 +278,18 @@ def test_a_run_given_only_a_budget(fmnist4_folder, tmp_path):
     assert saved["hard_label_weight"] == hard_label_weight_for(4) > 0
     store = result.pipeline.latent_store
     assert (store.soft_labels.gather(1, store.component_class[:, None]) >= hard_label_weight_for(4) - 1e-6).all()
+
+
+def test_a_run_given_a_budget_in_bytes_saves_its_pipeline_in_the_storage_dtype(fmnist4_folder, tmp_path):
+    settings = {k: v for k, v in TINY_RUN.items() if k not in PAPER_SIZES}
+    config = D3Config.from_dict({**settings, "dataset": str(fmnist4_folder), "output_dir": str(tmp_path),
+                                 "storage_budget_ipc": 4, "budget_unit": "bytes", "storage_dtype": "int8"})
+    result = run_distillation(config)
+    sizes = solve_sizes(4, 4, 16, 1, storage_dtype="int8", budget_unit="bytes")
+    assert result.metrics.storage == sizes.storage(4, 16, 1, 1, "int8").to_dict()
+    assert 0.9 * 4 <= result.metrics.storage["ipc_equivalent_bytes"] <= 4
+    saved = D3Pipeline.from_pretrained(tmp_path / "pipeline")
+    assert saved.decoder.config.storage_dtype == "int8" and saved.storage_report() == result.pipeline.storage_report()
+    drawn = [pipe(generator=torch.Generator().manual_seed(0), output_type="pt").images
+             for pipe in (saved, result.pipeline)]
+    assert torch.equal(*drawn)  # the students learnt from what was saved
