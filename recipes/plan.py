@@ -26,18 +26,19 @@ def main():
     plan = make_plan(config, class_names, config.run.mixed_precision or "no")
 
     data, sizes, storage, budget = config.data, plan.sizes, plan.storage, config.representation.storage_budget_ipc
-    budget_text = "none" if budget is None else f"{budget:g}"
+    in_bytes = sizes.budget_unit == "bytes"
+    budget_text = "none" if budget is None else f"{budget:g}" + (" in bytes" if in_bytes else "")
     print(f"{len(class_names)} classes of {data.channels}x{data.resolution}x{data.resolution}, {len(plan.subtasks)} "
           f"subtask(s); sizes {'chosen from the budget' if config.representation.chosen_by_budget else 'as given'}:")
     for name in PAPER_SIZES:
         print(f"  {name}: {getattr(sizes, name)}")
-    print(f"storage: {storage.total_values:,} values = {storage.ipc_equivalent:.2f} IPC-equivalent (budget "
-          f"{budget_text}); {storage.total_bytes:,} bytes = {storage.ipc_equivalent_bytes:.2f} IPC-equivalent in "
-          "bytes (uint8 images)")
+    print(f"storage in {sizes.storage_dtype}: {storage.total_values:,} values = {storage.ipc_equivalent:.2f} "
+          f"IPC-equivalent (budget {budget_text}); {storage.total_bytes:,} bytes = "
+          f"{storage.ipc_equivalent_bytes:.2f} IPC-equivalent in bytes (uint8 images)")
     for part in ("decoder", "latent", "label"):
         values = getattr(storage, f"{part}_values")
         print(f"  {part}s: {values:,} values ({100 * values / storage.total_values:.1f} %)")
-    chosen_from = f"the budget of {budget_text}" if budget else "the storage"
+    chosen_from = f"the budget of {budget_text}" if budget and not in_bytes else "the storage"
     print(f"labels: hard_label_weight {plan.hard_label_weight:.2f} "
           f"({'as given' if config.relabel.hard_label_weight is not None else 'chosen from ' + chosen_from})")
 

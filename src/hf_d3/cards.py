@@ -204,6 +204,7 @@ def render_pipeline_card(
         accuracy_text=accuracy_text,
         storage=storage,
         storage_bytes_text=_format_bytes(storage.total_bytes),
+        storage_dtype=pipe.latent_store.config.storage_dtype,
         ipc_text=f"{storage.ipc_equivalent:.2f}",
         ipc_bytes_text=f"{storage.ipc_equivalent_bytes:.2f}",
         wall_time_text=f"{wall_time:.0f} s" if wall_time is not None else "not measured",

@@ -18,6 +18,7 @@ from typing import Any
 from accelerate.utils import LoggerType
 
 from .models.decoder import PRESETS, UPSAMPLE_MODES
+from .quantization import STORAGE_DTYPES
 from .validation import AboveZero, AtLeast, Between, HubRepoId, OneOf, check_fields, check_types, field_types, setting
 
 ARCHITECTURES = ("convnet", "resnet18_ap")
@@ -126,7 +127,14 @@ class RepresentationConfig:
     decoder_upsample: str | None = setting(None, valid=OneOf(UPSAMPLE_MODES), help=(
         "transpose (the paper's) or nearest / bilinear (resize + 3x3 conv, no checkerboard)"))
     storage_budget_ipc: float | None = setting(None, valid=AboveZero(), help=(
-        "the storage budget in IPC-equivalents: the sizes are chosen to use it, or checked against it"))
+        "the storage budget in IPC-equivalents (of budget_unit): the sizes are chosen to use it, or checked against "
+        "it"))
+    budget_unit: str = setting("values", valid=OneOf(("values", "bytes")), help=(
+        "values: the budget counts stored values against an image's values (the paper's); bytes: stored bytes "
+        "(at storage_dtype) against a uint8 image's bytes"))
+    storage_dtype: str = setting("float32", valid=OneOf(STORAGE_DTYPES), help=(
+        "how the distilled pipeline is stored, quantised at the end of the run: float32, float16, bfloat16 or int8 "
+        "(a float32 scale per channel)"))
     decoder_max_width: int = setting(64, valid=AtLeast(8), help=(
         "the widest last decoder stage the budget may choose (earlier stages double it): decoding costs about "
         "width^2 per pixel, so a CPU run of many classes caps it"))

@@ -68,17 +68,24 @@ def build_net(experts: ExpertConfig, data: DataConfig, num_labels: int, device: 
 
 
 def planned_storage(config: D3Config, plan: list[list[int]]) -> StorageReport:
-    """The storage of the whole pipeline these sizes give for this subtask plan; fails before any work if it
-    exceeds `storage_budget_ipc`."""
+    """The storage of the whole pipeline these sizes give for this subtask plan, stored in `storage_dtype`; fails
+    before any work if it exceeds `storage_budget_ipc` (in `budget_unit`)."""
     sizes = config.representation
     class_ids = [c for block in plan for c in block]
     store = latent_store_arguments(sizes, class_ids, [str(c) for c in class_ids], [len(block) for block in plan])
-    report = storage_report(store, decoder_arguments(sizes, config.data, len(plan)))
-    if sizes.storage_budget_ipc is not None and report.ipc_equivalent > sizes.storage_budget_ipc:
+    report = storage_report({**store, "storage_dtype": sizes.storage_dtype},
+                            {**decoder_arguments(sizes, config.data, len(plan)), "storage_dtype": sizes.storage_dtype})
+    in_bytes = sizes.budget_unit == "bytes"
+    used = report.ipc_equivalent_bytes if in_bytes else report.ipc_equivalent
+    if sizes.storage_budget_ipc is not None and used > sizes.storage_budget_ipc:
+        unit = "bytes" if in_bytes else "values"
+        stored = (f"{report.total_bytes:,} bytes in {sizes.storage_dtype} = {used:.2f} IPC-equivalent in bytes"
+                  if in_bytes else f"{report.total_values:,} values = {used:.2f} IPC-equivalent")
+        detail = ", ".join(f"{name} {getattr(report, f'{part}_{unit}'):,}"
+                           for name, part in (("decoder", "decoder"), ("latents", "latent"), ("labels", "label")))
         raise ValueError(
-            f"these sizes store {report.total_values:,} values = {report.ipc_equivalent:.2f} IPC-equivalent, over "
-            f"storage_budget_ipc={sizes.storage_budget_ipc} (decoder {report.decoder_values:,}, latents "
-            f"{report.latent_values:,}, labels {report.label_values:,}); shrink latents_per_class, latent_dim "
-            "or decoder_channels, or let the budget choose them: --sizes auto (which drops a config file's sizes)"
+            f"these sizes store {stored}, over storage_budget_ipc={sizes.storage_budget_ipc} ({detail}); shrink "
+            "latents_per_class, latent_dim or decoder_channels, or let the budget choose them: --sizes auto (which "
+            "drops a config file's sizes)"
         )
     return report

@@ -19,9 +19,9 @@ from pathlib import Path
 PIPELINE_MODULE = "pipeline_d3"
 PIPELINE_CLASS = "D3Pipeline"
 # component -> (class, hf_d3 module files that define it), in an order where every name is defined before use
-COMPONENTS = {"latent_store": ("GaussianLatentStore", ["models/latent_store.py"]),
-              "decoder": ("D3Decoder", ["precision.py", "models/decoder.py"])}
-PIPELINE_SOURCES = ["models/latent_store.py", "precision.py", "models/decoder.py", "storage.py",
+COMPONENTS = {"latent_store": ("GaussianLatentStore", ["quantization.py", "models/latent_store.py"]),
+              "decoder": ("D3Decoder", ["precision.py", "quantization.py", "models/decoder.py"])}
+PIPELINE_SOURCES = ["quantization.py", "models/latent_store.py", "precision.py", "models/decoder.py", "storage.py",
                     "pipelines/pipeline_d3.py"]
 
 # diffusers checks each loaded component against the pipeline's annotations, but loads the components from their own

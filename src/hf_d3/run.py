@@ -155,6 +155,7 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
     # Relabel with a global teacher, then train students on the distilled data and test them on real data.
     teacher = load_teacher(config, plan, train, device)
     relabel(store, decoder, teacher, config.relabel.relabel_temperature, plan.hard_label_weight)
+    pipe.set_storage_dtype(config.representation.storage_dtype)  # the students learn from what is saved
     test = load_test_images(data)
     test_images, test_labels = test.images.to(device), test.labels.to(device)
     evaluation = evaluated(config, plan, pipe, test_images, test_labels)

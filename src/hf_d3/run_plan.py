@@ -74,8 +74,10 @@ def make_plan(config: D3Config, class_names: list[str], precision: str) -> RunPl
     sized = resolve_sizes(config, len(class_names))
     storage = planned_storage(sized, subtasks)
     weight = config.relabel.hard_label_weight
-    if weight is None:
-        weight = hard_label_weight_for(config.representation.storage_budget_ipc or storage.ipc_equivalent)
+    if weight is None:  # its rule is in IPC-equivalents of values
+        sizes = config.representation
+        budget = sizes.storage_budget_ipc if sizes.budget_unit == "values" else None
+        weight = hard_label_weight_for(budget or storage.ipc_equivalent)
     experts = [[expert_stage(config, classes, k, i, precision) for i in range(config.experts.num_experts)]
                for k, classes in enumerate(subtasks)]
     subtask_stages = [subtask_stage(config, sized.representation, class_names, classes, k, experts[k], precision)

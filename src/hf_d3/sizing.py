@@ -27,6 +27,10 @@ small all-conv decoder with nearest-neighbour upsampling. The rule for what is l
   decoding costs about w^2 per pixel, so a CPU protocol of many classes caps it lower (tinyimagenet_cpu.yaml).
 - **Gaussians per class M**: as many as the rest of the budget allows, at least 1.
 
+A budget in bytes (`budget_unit: bytes`) counts the bytes stored at `storage_dtype` against a uint8 image's bytes
+(`hf_d3.storage`), so an int8 D3 gets about four times the values of a float32 one; the targets above are then
+those of the budget in values that many bytes hold (`bytes / VALUE_BYTES[storage_dtype]`).
+
 Among all (C, w) whose largest M fits and fills at least 90 % of the budget, the solver takes the one closest to
 the two targets, counted in doublings (`|log2(C / C_target)| + |log2(D / D_target)| / 2`: quadrupling the
 decoder's values is about one doubling of its width); only when none fills 90 % (a budget just above the smallest
@@ -41,7 +45,8 @@ from dataclasses import asdict, dataclass, field, replace
 from .config import PAPER_SIZES, D3Config, RepresentationConfig
 from .factories import build_decoder
 from .models.decoder import upsampling_stages
-from .storage import StorageReport, component_values, decoder_values, storage_report
+from .quantization import VALUE_BYTES
+from .storage import StorageReport, component_bytes, component_values, decoder_bytes, decoder_values, storage_report
 
 # Fraction of one image's values that a Gaussian's mean holds at 10 IPC-equivalent, by image channels:
 # 4 x 7 x 7 of 28 x 28 (Fashion-MNIST) and 8 x 8 x 8 of 3 x 32 x 32 (CIFAR-10), the measured optima.
@@ -83,14 +88,16 @@ class RepresentationSizes:
         """The flat config settings these sizes are (`latents_per_class: 31`, `decoder_channels: [4, 32, 32]` ...)."""
         return asdict(self)
 
-    def storage(self, num_classes: int, resolution: int, channels: int, num_subtasks: int = 1) -> StorageReport:
+    def storage(self, num_classes: int, resolution: int, channels: int, num_subtasks: int = 1,
+                storage_dtype: str = "float32") -> StorageReport:
         """The storage these sizes take for `num_classes` classes of `channels x resolution x resolution` images
-        split into `num_subtasks` subtasks (one decoder generator each)."""
+        split into `num_subtasks` subtasks (one decoder generator each), stored in `storage_dtype`."""
         store = {"class_ids": list(range(num_classes)), "num_classes": num_classes, "latent_dim": self.latent_dim,
-                 "latents_per_class": self.latents_per_class, "logvar_dim": self.logvar_dim}
+                 "latents_per_class": self.latents_per_class, "logvar_dim": self.logvar_dim,
+                 "storage_dtype": storage_dtype}
         decoder = _decoder_arguments(self.decoder_channels, self.latent_dim, self.decoder_latent_projection,
                                      self.decoder_upsample, resolution, channels, num_subtasks)
-        return storage_report(store, decoder)
+        return storage_report(store, {**decoder, "storage_dtype": storage_dtype})
 
 
 def _decoder_arguments(decoder_channels: list[int], latent_dim: int, latent_projection: bool, upsample: str,
@@ -107,7 +114,7 @@ def decoder_widths(last_width: int, stages: int) -> list[int]:
 
 
 def _max_total(storage_budget_ipc: float, values_per_class: int) -> int:
-    """The most values whose IPC-equivalent, computed as storage_report computes it, is within the budget."""
+    """The most values (or bytes) whose IPC-equivalent, computed as storage_report computes it, is within the budget."""
     total = math.floor(storage_budget_ipc * values_per_class)
     while total / values_per_class > storage_budget_ipc:  # floating point can put the floor one over or under
         total -= 1
@@ -117,7 +124,7 @@ def _max_total(storage_budget_ipc: float, values_per_class: int) -> int:
 
 
 def _budget_text(values: int, values_per_class: int) -> str:
-    """The smallest round budget, shown to 2 significant figures, that holds `values` stored values."""
+    """The smallest round budget, shown to 2 significant figures, that holds `values` stored values (or bytes)."""
     needed = values / values_per_class
     step = 10.0 ** (math.floor(math.log10(needed)) - 1)
     units = math.ceil(needed / step)
@@ -129,7 +136,7 @@ def _budget_text(values: int, values_per_class: int) -> str:
 
 
 def _check_inputs(storage_budget_ipc: float, num_classes: int, resolution: int, channels: int,
-                  num_subtasks: int) -> None:
+                  num_subtasks: int, storage_dtype: str, budget_unit: str) -> None:
     if not (isinstance(storage_budget_ipc, int | float) and math.isfinite(storage_budget_ipc)
             and storage_budget_ipc > 0):
         raise ValueError(f"storage_budget_ipc={storage_budget_ipc!r} must be a positive number of IPC-equivalents")
@@ -139,45 +146,54 @@ def _check_inputs(storage_budget_ipc: float, num_classes: int, resolution: int, 
         raise ValueError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
     if not 1 <= num_subtasks <= num_classes:
         raise ValueError(f"num_subtasks={num_subtasks} must be between 1 and the {num_classes} classes")
+    if storage_dtype not in VALUE_BYTES:
+        raise ValueError(f"storage_dtype={storage_dtype!r} is not valid; choose one of {list(VALUE_BYTES)}")
+    if budget_unit not in ("values", "bytes"):
+        raise ValueError(f"budget_unit={budget_unit!r} is not valid; choose values or bytes")
 
 
 def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, channels: int,
-                num_subtasks: int = 1, max_decoder_width: int = MAX_DECODER_WIDTH) -> RepresentationSizes:
-    """Sizes that use the storage budget by the rule of this module's docstring, the decoder's last stage at most
-    `max_decoder_width` wide (`decoder_max_width`).
+                num_subtasks: int = 1, storage_dtype: str = "float32", budget_unit: str = "values",
+                max_decoder_width: int = MAX_DECODER_WIDTH) -> RepresentationSizes:
+    """Sizes that use the storage budget by the rule of this module's docstring, counted in `budget_unit`
+    ("values", or "bytes" stored in `storage_dtype`), the decoder's last stage at most `max_decoder_width` wide
+    (`decoder_max_width`).
 
     Deterministic and pure; the result never exceeds `storage_budget_ipc` and fills at least 90 % of it
     whenever any size can. Raises ValueError, naming the smallest budget that works, when even one Gaussian
     of one latent channel per class and the narrowest decoder do not fit.
     """
-    _check_inputs(storage_budget_ipc, num_classes, resolution, channels, num_subtasks)
+    _check_inputs(storage_budget_ipc, num_classes, resolution, channels, num_subtasks, storage_dtype, budget_unit)
+    in_bytes = budget_unit == "bytes"
     stages = upsampling_stages(resolution, TARGET_START_SIDE)
     side = resolution // 2**stages
-    values_per_image = channels * resolution**2
+    values_per_image = channels * resolution**2  # a uint8 image's bytes too
     values_per_class = num_classes * values_per_image  # storage_report's IPC divisor (classes x image values)
     max_total = _max_total(storage_budget_ipc, values_per_class)
-    budget_values = storage_budget_ipc * values_per_class
+    budget_values = storage_budget_ipc * values_per_class  # in budget_unit
+    values_ipc = storage_budget_ipc / VALUE_BYTES[storage_dtype] if in_bytes else storage_budget_ipc
 
-    latent_target = values_per_image * LATENT_FRACTION_AT_10_IPC[channels] * math.sqrt(storage_budget_ipc / 10)
+    latent_target = values_per_image * LATENT_FRACTION_AT_10_IPC[channels] * math.sqrt(values_ipc / 10)
     channel_target = latent_target / side**2
-    decoder_share = min(MAX_DECODER_SHARE, DECODER_SHARE_AT_1_IPC / math.sqrt(storage_budget_ipc))
+    decoder_share = min(MAX_DECODER_SHARE, DECODER_SHARE_AT_1_IPC / math.sqrt(values_ipc))
     decoder_target = decoder_share * budget_values  # all K generators together
 
     def gaussian_values(latent_channels: int) -> int:
-        return sum(component_values(latent_channels * side**2, latent_channels, num_classes))
+        sizes = (latent_channels * side**2, latent_channels, num_classes)
+        return sum(component_bytes(*sizes, storage_dtype) if in_bytes else component_values(*sizes))
 
     def decoder_size(latent_channels: int, width: int) -> int:
-        return sum(decoder_values(_decoder_arguments([latent_channels, *decoder_widths(width, stages)],
-                                                     latent_channels * side**2, False, "nearest", resolution,
-                                                     channels, num_subtasks)))
+        decoder = _decoder_arguments([latent_channels, *decoder_widths(width, stages)], latent_channels * side**2,
+                                     False, "nearest", resolution, channels, num_subtasks)
+        return decoder_bytes(decoder, storage_dtype) if in_bytes else sum(decoder_values(decoder))
 
     smallest = decoder_size(1, MIN_DECODER_WIDTH) + num_classes * gaussian_values(1)
     if smallest > max_total:
         raise ValueError(
             f"storage_budget_ipc={storage_budget_ipc} is too small for {num_classes} classes at "
             f"{resolution}x{resolution}x{channels} with {num_subtasks} subtask(s): the smallest budget that works "
-            f"is {_budget_text(smallest, values_per_class)} IPC-equivalent ({smallest:,} values: one Gaussian of "
-            f"1 x {side} x {side} per class with its {num_classes}-way soft label, and "
+            f"is {_budget_text(smallest, values_per_class)} IPC-equivalent ({smallest:,} {budget_unit}: one "
+            f"Gaussian of 1 x {side} x {side} per class with its {num_classes}-way soft label, and "
             f"{num_subtasks} decoder(s) of width {decoder_widths(MIN_DECODER_WIDTH, stages)})"
         )
 
@@ -229,7 +245,8 @@ def resolve_sizes(config: D3Config, num_classes: int) -> D3Config:
     if not sizes.chosen_by_budget:
         return config
     solved = solve_sizes(sizes.storage_budget_ipc, num_classes, config.data.resolution, config.data.channels,
-                         config.run.num_subtasks, sizes.decoder_max_width).to_config()
+                         config.run.num_subtasks, sizes.storage_dtype, sizes.budget_unit,
+                         sizes.decoder_max_width).to_config()
     given = {name: value for name, value in asdict(sizes).items() if name in PAPER_SIZES and value is not None}
     chosen = RepresentationConfig(**{**asdict(sizes), **solved, **given, "sizes": "explicit"})
     try:  # a size given beside the chosen ones may not fit them (a latent_dim the chosen decoder cannot reshape)

@@ -31,8 +31,8 @@ from .factories import net_kwargs
 MARKER = "stage.json"
 # Settings of the distillation objective that say how a subtask runs, not what it computes
 UNKEYED_SETTINGS = ("checkpoint_every", "compile_inner_step")
-# What chooses the sizes, not what they are: a subtask's key holds the sizes chosen
-BUDGET_SETTINGS = ("sizes", "storage_budget_ipc", "decoder_max_width")
+# What chooses the sizes (a subtask's key holds the sizes chosen) and how the run stores its result at the end
+BUDGET_SETTINGS = ("sizes", "storage_budget_ipc", "decoder_max_width", "budget_unit", "storage_dtype")
 # How far a subtask runs: in its key, and not in its lineage (`Stage.lineage`)
 PROGRESS_SETTINGS = ("iterations", "max_distill_time_s")
 
@@ -167,14 +167,19 @@ def evaluation_stage(config: D3Config, subtasks: list[Stage], teacher: Stage | N
                      precision: str) -> Stage:
     """The students trained on the relabelled pipeline of `subtasks` and tested on the real test split."""
     evaluation = config.evaluation
-    return Stage("evaluations", "evaluation", {
+    settings = {
         "subtasks": [s.key for s in subtasks], "teacher": teacher.key if teacher else config.relabel.teacher,
         "relabel_temperature": config.relabel.relabel_temperature, "hard_label_weight": hard_label_weight,
         "test": {"dataset": config.data.dataset, "test_split": config.data.test_split,
                  "max_test_examples": config.data.max_test_examples},
         "students": {**asdict(evaluation), **net_kwargs(evaluation.eval_architecture, config.experts.net_width,
                                                         config.experts.net_depth)},
-        "precision": precision})
+        "precision": precision}
+    # The students learn from the pipeline as stored; float32 stores it as distilled, so it stays out of the key
+    # (and the evaluations of runs from before `storage_dtype` stay valid).
+    if config.representation.storage_dtype != "float32":
+        settings["storage_dtype"] = config.representation.storage_dtype
+    return Stage("evaluations", "evaluation", settings)
 
 
 def continuable_checkpoint(stage: Stage, stage_dir: str | Path, distillation: DistillationConfig) -> Path | None:

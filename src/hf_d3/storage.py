@@ -9,6 +9,7 @@ built modules).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -16,6 +17,7 @@ import torch
 
 from .models.decoder import start_side
 from .models.latent_store import store_sizes
+from .quantization import stored_bytes
 
 # The components' class and subtask ids and BatchNorm's batch counts are int64, whatever the modules' dtype.
 INTEGER_BYTES = 8
@@ -57,30 +59,59 @@ def component_values(latent_dim: int, logvar_dim: int, num_classes: int) -> tupl
     return latent_dim + logvar_dim, num_classes, 2
 
 
-def decoder_values(decoder: Mapping) -> tuple[int, int]:
-    """The floating-point and the integer values of a `D3Decoder` of these arguments (or its `.config`).
+def component_bytes(latent_dim: int, logvar_dim: int, num_classes: int, storage_dtype: str = "float32",
+                    held_itemsize: int = 4) -> tuple[int, int, int]:
+    """The bytes of what one Gaussian component stores (`component_values`) in `storage_dtype`, held in floats of
+    `held_itemsize` bytes: its mean and log-variances, its soft label, its two integer ids."""
+    latents = sum(stored_bytes([1, n], storage_dtype, held_itemsize) for n in (latent_dim, logvar_dim))
+    return latents, stored_bytes([1, num_classes], storage_dtype, held_itemsize), 2 * INTEGER_BYTES
 
-    Each of its `num_subtasks` generators holds a Linear projection of the latent to the first feature map (with
-    `latent_projection`); per upsampling stage a convolution (a transposed one of `upsample_kernel_size`, or a 3x3
-    one after a resize) with its bias, then a BatchNorm: affine weight and bias, running mean and variance, and an
-    integer batch count; last, a 3x3 convolution to the image."""
+
+def generator_tensors(decoder: Mapping) -> tuple[list[tuple[tuple[int, ...], int]], int]:
+    """The floating tensors of one generator of a `D3Decoder` of these arguments (or its `.config`), each as
+    (shape, the channel axis of its int8 scales), and its integer values.
+
+    A generator holds a Linear projection of the latent to the first feature map (with `latent_projection`); per
+    upsampling stage a convolution (a transposed one of `upsample_kernel_size`, or a 3x3 one after a resize) with
+    its bias, then a BatchNorm: affine weight and bias, running mean and variance, and an integer batch count; last,
+    a 3x3 convolution to the image."""
     latent_dim, out_channels, channels = decoder["latent_dim"], decoder["out_channels"], list(decoder["channels"])
     side = start_side(latent_dim, decoder["resolution"], out_channels, channels, decoder["latent_projection"],
                       decoder["upsample_kernel_size"], decoder["upsample_mode"])
     feature_values = channels[0] * side**2
-    floats = latent_dim * feature_values + feature_values if decoder["latent_projection"] else 0
-    kernel_values = decoder["upsample_kernel_size"] ** 2 if decoder["upsample_mode"] == "transpose" else 3 * 3
+    tensors = [((feature_values, latent_dim), 0), ((feature_values,), 0)] if decoder["latent_projection"] else []
+    kernel = decoder["upsample_kernel_size"]
     for c_in, c_out in zip(channels[:-1], channels[1:]):
-        floats += kernel_values * c_in * c_out + c_out + 4 * c_out  # the convolution, then the BatchNorm
-    floats += 3 * 3 * channels[-1] * out_channels + out_channels
-    return decoder["num_subtasks"] * floats, decoder["num_subtasks"] * (len(channels) - 1)
+        if decoder["upsample_mode"] == "transpose":  # a transposed convolution's weight is [in, out, k, k]
+            tensors.append(((c_in, c_out, kernel, kernel), 1))
+        else:
+            tensors.append(((c_out, c_in, 3, 3), 0))
+        tensors += [((c_out,), 0)] * 5  # the convolution's bias, then the BatchNorm's four vectors
+    tensors += [((out_channels, channels[-1], 3, 3), 0), ((out_channels,), 0)]
+    return tensors, len(channels) - 1
+
+
+def decoder_values(decoder: Mapping) -> tuple[int, int]:
+    """The floating-point and the integer values of a `D3Decoder` of these arguments (or its `.config`): its
+    `num_subtasks` generators (`generator_tensors`)."""
+    tensors, integers = generator_tensors(decoder)
+    return decoder["num_subtasks"] * sum(math.prod(shape) for shape, _ in tensors), decoder["num_subtasks"] * integers
+
+
+def decoder_bytes(decoder: Mapping, storage_dtype: str = "float32", held_itemsize: int = 4) -> int:
+    """The bytes of a `D3Decoder` of these arguments in `storage_dtype`, held in floats of `held_itemsize` bytes."""
+    tensors, integers = generator_tensors(decoder)
+    floats = sum(stored_bytes(shape, storage_dtype, held_itemsize, axis) for shape, axis in tensors)
+    return decoder["num_subtasks"] * (floats + integers * INTEGER_BYTES)
 
 
 def storage_report(latent_store: Mapping, decoder: Mapping, latent_store_dtype: torch.dtype = torch.float32,
                    decoder_dtype: torch.dtype = torch.float32) -> StorageReport:
     """The storage of a `GaussianLatentStore` and a `D3Decoder` of these configs (their `.config`, or the
-    arguments they are built with), their floating-point tensors in these dtypes: every Gaussian's mean and
-    log-variances, its soft label, class id and subtask id, and every decoder parameter and buffer."""
+    arguments they are built with), their floating-point tensors held in these dtypes and stored in each config's
+    `storage_dtype` (default float32: as held; `hf_d3.quantization`): every Gaussian's mean and log-variances, its
+    soft label, class id and subtask id, and every decoder parameter and buffer. Values count what the modules
+    hold; bytes count the files, int8 scales included."""
     class_ids, num_classes = latent_store["class_ids"], latent_store["num_classes"]
     latent_dim = latent_store["latent_dim"]
     _, logvar_dim = store_sizes(class_ids, num_classes, latent_store["latents_per_class"], latent_dim,
@@ -88,12 +119,15 @@ def storage_report(latent_store: Mapping, decoder: Mapping, latent_store_dtype: 
                                 latent_store.get("logvar_dim"))
     components = len(class_ids) * latent_store["latents_per_class"]
     latents, soft_labels, ids = (components * n for n in component_values(latent_dim, logvar_dim, num_classes))
+    latent_bytes, soft_label_bytes, id_bytes = (components * n for n in component_bytes(
+        latent_dim, logvar_dim, num_classes, latent_store.get("storage_dtype", "float32"),
+        latent_store_dtype.itemsize))
     floats, integers = decoder_values(decoder)
-    store_itemsize, decoder_itemsize = latent_store_dtype.itemsize, decoder_dtype.itemsize
     values_per_image = decoder["out_channels"] * decoder["resolution"] ** 2  # a uint8 image's bytes too
-    parts = {"latent": (latents, latents * store_itemsize),
-             "decoder": (floats + integers, floats * decoder_itemsize + integers * INTEGER_BYTES),
-             "label": (soft_labels + ids, soft_labels * store_itemsize + ids * INTEGER_BYTES)}
+    parts = {"latent": (latents, latent_bytes),
+             "decoder": (floats + integers, decoder_bytes(decoder, decoder.get("storage_dtype", "float32"),
+                                                          decoder_dtype.itemsize)),
+             "label": (soft_labels + ids, soft_label_bytes + id_bytes)}
     total_values, total_bytes = (sum(part[i] for part in parts.values()) for i in (0, 1))
     return StorageReport(
         **{f"{name}_values": values for name, (values, _) in parts.items()},

@@ -21,8 +21,8 @@ MAX_LINES = 320
 # dataset needs nothing of the training half (run, distill, data, experts, preflight, sizing, ...), so these import
 # none of it, not even inside a function.
 USER_FACING_PACKAGES = ("hf_d3.models", "hf_d3.pipelines")
-USER_FACING_MODULES = {"hf_d3", "hf_d3.cards", "hf_d3.hub", "hf_d3.precision", "hf_d3.remote_code", "hf_d3.results",
-                       "hf_d3.sample_grid", "hf_d3.storage", "hf_d3.version"}
+USER_FACING_MODULES = {"hf_d3", "hf_d3.cards", "hf_d3.hub", "hf_d3.precision", "hf_d3.quantization",
+                       "hf_d3.remote_code", "hf_d3.results", "hf_d3.sample_grid", "hf_d3.storage", "hf_d3.version"}
 
 
 def user_facing(name: str) -> bool:

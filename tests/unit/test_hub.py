@@ -25,6 +25,7 @@ from huggingface_hub import DatasetCard, HfApi, ModelCard
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
 from hf_d3.cards import CURVE_FILENAME, extract_train_snippet, render_pipeline_card
 from hf_d3.hub import HubPublishError, push_dataset_to_hub, push_pipeline_to_hub
+from hf_d3.quantization import STORAGE_DTYPES
 from hf_d3.results import CARD_METRICS
 from hf_d3.run_folder import budget_config_name
 
@@ -75,11 +76,13 @@ def samples_png(tmp_path):
     return path
 
 
-@pytest.fixture(scope="module")
-def published(local_hub):
-    """A pipeline published once for the read-side tests: (repo_id, pipeline, CommitInfo)."""
+@pytest.fixture(scope="module", params=STORAGE_DTYPES)
+def published(local_hub, request):
+    """A pipeline published once in each storage dtype for the read-side tests: (repo_id, pipeline, CommitInfo);
+    the pipeline holds what its stored files give back."""
     pipe = make_pipe(0)
-    repo_id = f"{local_hub.user}/d3-published-{uuid.uuid4().hex[:8]}"
+    pipe.set_storage_dtype(request.param)
+    repo_id = f"{local_hub.user}/d3-published-{request.param}-{uuid.uuid4().hex[:8]}"
     info = push_pipeline_to_hub(pipe, repo_id, metrics=METRICS, settings=SETTINGS)
     return repo_id, pipe, info
 
@@ -131,6 +134,7 @@ def test_pipeline_card(local_hub, published):
     assert "87.31 ± 0.42%" in text
     assert f"{storage.ipc_equivalent:.2f} images per class equivalent** in values; " \
            f"{storage.ipc_equivalent_bytes:.2f} in bytes" in text
+    assert f"{storage.total_values} values (" in text and f" in {pipe.decoder.config.storage_dtype}), **" in text
     assert "812 s wall time, 3.00 GiB peak memory" in text
     assert f'D3Pipeline.from_pretrained("{repo_id}")' in text and "pipe.to_dataset(" in text
     assert "arXiv:2403.00999" in text and "Alvarez-Melis" in text and "@article{" in text

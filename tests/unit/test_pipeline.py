@@ -53,6 +53,39 @@ def test_save_and_load_gives_identical_outputs(pipe, tmp_path):
     assert loaded.storage_report() == pipe.storage_report()
 
 
+# How far a stored pipeline's images may be from float32's: a relative error e per stored value moves a pixel of the
+# (tanh + 1) / 2 output by about e per layer it passes through, and these pipelines are 3 layers deep (projection,
+# transposed convolution, convolution): 3 e, with e = 2**-11 (float16), 2**-8 (bfloat16), 1 / 254 of a channel's
+# largest value (int8, rounding to one of 127 steps).
+PIXEL_TOLERANCE = {"float16": 3 * 2**-11, "bfloat16": 3 * 2**-8, "int8": 3 / 254}
+
+
+@pytest.mark.parametrize("storage_dtype", PIXEL_TOLERANCE)
+def test_a_pipeline_stored_in_fewer_bits_loads_as_it_draws_within_the_rounding_of_float32(storage_dtype, tmp_path):
+    pipe = make_pipe()
+    float32 = draw(pipe, seed=3)
+    pipe.set_storage_dtype(storage_dtype)
+    stored = draw(pipe, seed=3)
+    difference = (stored.images - float32.images).abs().max().item()
+    assert 0 < difference <= PIXEL_TOLERANCE[storage_dtype]
+    assert (stored.soft_labels - float32.soft_labels).abs().max() <= 1 / 254  # per component, of its largest
+    pipe.save_pretrained(tmp_path)
+    loaded = D3Pipeline.from_pretrained(tmp_path)
+    assert loaded.latent_store.dtype == loaded.decoder.dtype == torch.float32
+    assert loaded.latent_store.config.storage_dtype == loaded.decoder.config.storage_dtype == storage_dtype
+    again = draw(loaded, seed=3)
+    assert torch.equal(again.images, stored.images) and torch.equal(again.soft_labels, stored.soft_labels)
+    assert loaded.storage_report() == pipe.storage_report()
+    assert pipe.storage_report().total_bytes < make_pipe().storage_report().total_bytes / 1.9
+    loaded.save_pretrained(tmp_path / "again")  # stored again, it is the same
+    assert torch.equal(draw(D3Pipeline.from_pretrained(tmp_path / "again"), seed=3).images, stored.images)
+
+
+def test_a_storage_dtype_no_file_can_have_is_refused(pipe):
+    with pytest.raises(ValueError, match=r"storage_dtype='int4' is not valid; choose one of \['float32', 'float16'"):
+        pipe.set_storage_dtype("int4")
+
+
 def test_same_generator_seed_same_images(pipe):
     assert torch.equal(draw(pipe, seed=1).images, draw(pipe, seed=1).images)
     assert not torch.equal(draw(pipe, seed=1).images, draw(pipe, seed=2).images)

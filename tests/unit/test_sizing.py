@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_RUN
 
+from hf_d3 import D3Pipeline
 from hf_d3.config import PAPER_SIZES, D3Config
 from hf_d3.config_parser import parse_config
 from hf_d3.factories import build_decoder, planned_storage
 from hf_d3.models.decoder import upsampling_stages
+from hf_d3.quantization import STORAGE_DTYPES, VALUE_BYTES
 from hf_d3.run import run_distillation
 from hf_d3.run_plan import plan_subtasks
 from hf_d3.sizing import TARGET_START_SIDE, decoder_widths, resolve_sizes, solve_sizes
@@ -52,6 +55,30 @@ def test_the_solver_never_exceeds_the_budget_and_fills_at_least_90_percent_of_it
         assert sizes.logvar_dim == sizes.decoder_channels[0]  # one log-variance per latent channel
         assert (sizes.decoder_latent_projection, sizes.decoder_upsample) == (False, "nearest")
     assert too_small == TOO_SMALL
+
+
+@pytest.mark.parametrize("storage_dtype", STORAGE_DTYPES)
+def test_in_bytes_the_solver_never_exceeds_the_budget_and_fills_at_least_90_percent_of_it(storage_dtype):
+    # the grid's budgets in the bytes that hold as many values as they do (4 bytes per float32 value)
+    for values_budget, num_classes, resolution, channels, k in GRID:
+        budget = values_budget * VALUE_BYTES[storage_dtype]
+        try:
+            sizes = solve_sizes(budget, num_classes, resolution, channels, k, storage_dtype, "bytes")
+        except ValueError as error:
+            smallest = float(SMALLEST_BUDGET.search(str(error)).group(1))
+            assert smallest > budget and " bytes: one Gaussian" in str(error)
+            continue
+        report = sizes.storage(num_classes, resolution, channels, k, storage_dtype)
+        assert 0.9 * budget <= report.ipc_equivalent_bytes <= budget, (budget, num_classes, resolution, channels, k)
+        assert sizes.latents_per_class >= 1
+
+
+def test_in_bytes_an_int8_d3_gets_about_four_times_the_values_of_a_float32_one():
+    float32, int8 = (solve_sizes(10, 10, 28, 1, storage_dtype=dtype, budget_unit="bytes").storage(10, 28, 1)
+                     for dtype in ("float32", "int8"))
+    assert 3.5 < int8.total_values / float32.total_values < 4.2
+    # and a budget in bytes at float32 holds a quarter of the values of the same budget in values
+    assert solve_sizes(10, 10, 28, 1, budget_unit="bytes") == solve_sizes(2.5, 10, 28, 1)
 
 
 def test_the_solver_is_deterministic_and_pure():
@@ -212,8 +239,29 @@ def test_the_plan_recipe_prints_the_sizes_and_the_storage():
     assert "sizes chosen from the budget" in run.stdout
     assert f"latents_per_class: {sizes.latents_per_class}" in run.stdout
     assert f"decoder_channels: {sizes.decoder_channels}" in run.stdout
-    assert f"= {sizes.storage(10, 32, 3).ipc_equivalent:.2f} IPC-equivalent (budget 2)" in run.stdout
+    assert f"= {sizes.storage(10, 32, 3).ipc_equivalent:.2f} IPC-equivalent (budget 2);" in run.stdout
     assert f"hard_label_weight {hard_label_weight_for(2):.2f} (chosen from the budget of 2)" in run.stdout
+
+
+def test_the_plan_recipe_prints_a_budget_in_bytes_and_both_ipc_equivalents():
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "plan.py"
+    run = subprocess.run([sys.executable, str(recipe), "--resolution", "28", "--channels", "1", "--num_classes", "10",
+                          "--storage_budget_ipc", "10", "--budget_unit", "bytes", "--storage_dtype", "int8"],
+                         capture_output=True, text=True, check=True)
+    report = solve_sizes(10, 10, 28, 1, storage_dtype="int8", budget_unit="bytes").storage(10, 28, 1, 1, "int8")
+    assert (f"storage in int8: {report.total_values:,} values = {report.ipc_equivalent:.2f} IPC-equivalent (budget "
+            f"10 in bytes); {report.total_bytes:,} bytes = {report.ipc_equivalent_bytes:.2f} IPC-equivalent in bytes"
+            in run.stdout)
+    weight = hard_label_weight_for(report.ipc_equivalent)
+    assert f"hard_label_weight {weight:.2f} (chosen from the storage)" in run.stdout
+
+
+def test_explicit_sizes_over_a_budget_in_bytes_say_how_to_let_the_budget_choose():
+    config = parse_config(["--resolution", "28", "--channels", "1", "--storage_budget_ipc", "1", "--budget_unit",
+                           "bytes", "--storage_dtype", "float16", "--decoder_preset", "small"])
+    with pytest.raises(ValueError, match=r"these sizes store [0-9,]+ bytes in float16 = [0-9.]+ IPC-equivalent in "
+                                         r"bytes, over storage_budget_ipc=1\.0 .*--sizes auto"):
+        planned_storage(config, plan_subtasks(list(range(10)), 1))
 
 
 def test_a_run_given_only_a_budget(fmnist4_folder, tmp_path):
@@ -230,3 +278,18 @@ def test_a_run_given_only_a_budget(fmnist4_folder, tmp_path):
     assert saved["hard_label_weight"] == hard_label_weight_for(4) > 0
     store = result.pipeline.latent_store
     assert (store.soft_labels.gather(1, store.component_class[:, None]) >= hard_label_weight_for(4) - 1e-6).all()
+
+
+def test_a_run_given_a_budget_in_bytes_saves_its_pipeline_in_the_storage_dtype(fmnist4_folder, tmp_path):
+    settings = {k: v for k, v in TINY_RUN.items() if k not in PAPER_SIZES}
+    config = D3Config.from_dict({**settings, "dataset": str(fmnist4_folder), "output_dir": str(tmp_path),
+                                 "storage_budget_ipc": 4, "budget_unit": "bytes", "storage_dtype": "int8"})
+    result = run_distillation(config)
+    sizes = solve_sizes(4, 4, 16, 1, storage_dtype="int8", budget_unit="bytes")
+    assert result.metrics.storage == sizes.storage(4, 16, 1, 1, "int8").to_dict()
+    assert 0.9 * 4 <= result.metrics.storage["ipc_equivalent_bytes"] <= 4
+    saved = D3Pipeline.from_pretrained(tmp_path / "pipeline")
+    assert saved.decoder.config.storage_dtype == "int8" and saved.storage_report() == result.pipeline.storage_report()
+    drawn = [pipe(generator=torch.Generator().manual_seed(0), output_type="pt").images
+             for pipe in (saved, result.pipeline)]
+    assert torch.equal(*drawn)  # the students learnt from what was saved

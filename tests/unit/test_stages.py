@@ -25,6 +25,8 @@ def keys(plan) -> dict[str, str]:
     ({"output_dir": "elsewhere", "stage_dir": "shared", "log_every": 1, "checkpoint_every": 1, "report_to": "none"},
      set()),
     ({"compile_inner_step": True}, set()),
+    ({"storage_dtype": "int8"}, {"evaluation"}),  # stored at the end of the run: the students see it
+    ({"storage_dtype": "float32"}, set()),  # the default, given
     ({"iterations": 500}, {"subtask", "evaluation"}),  # a subtask of more iterations: another stage, continued
     ({"max_distill_time_s": 60.0}, {"subtask", "evaluation"}),
     ({"expert_lr": 1}, {"expert", "subtask", "teacher", "evaluation"}),

@@ -4,11 +4,15 @@ decoder a D3Decoder can be."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from hf_d3 import D3Decoder, GaussianLatentStore
 from hf_d3.models.decoder import PRESETS
+from hf_d3.quantization import STORAGE_DTYPES
 from hf_d3.storage import storage_report
 
 # (resolution, channels): one, two and three x2 stages, start sides 4, 4 and 7; odd and even widths
@@ -48,6 +52,46 @@ def test_the_count_equals_the_tensors_of_the_built_modules(arguments):
     assert report.values_per_image == arguments["out_channels"] * arguments["resolution"] ** 2
     assert report.ipc_equivalent == everything[0] / (4 * report.values_per_image)
     assert storage_report(store.config, arguments, store.dtype, decoder.dtype) == report  # as the planner counts
+
+
+def file_bytes(folder: Path) -> int:
+    """The bytes of the tensors in a component folder's safetensors file, its header aside (8 bytes of header
+    length, then the JSON header)."""
+    file = folder / "diffusion_pytorch_model.safetensors"
+    return file.stat().st_size - 8 - int.from_bytes(file.read_bytes()[:8], "little")
+
+
+@pytest.mark.parametrize("storage_dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("arguments", DECODERS[::3], ids=lambda a: "-".join(str(a[k]) for k in (
+    "resolution", "upsample_mode", "upsample_kernel_size", "latent_projection", "out_channels", "num_subtasks")))
+def test_the_bytes_counted_are_the_bytes_saved_in_every_storage_dtype(arguments, storage_dtype, tmp_path):
+    arguments = {k: v for k, v in arguments.items() if not k.startswith("_") and k != "storage_dtype"}
+    decoder = D3Decoder(**arguments, storage_dtype=storage_dtype)
+    store = GaussianLatentStore(class_ids=[4, 0, 2, 5], num_classes=7, latents_per_class=3,
+                                latent_dim=arguments["latent_dim"], storage_dtype=storage_dtype,
+                                subtask_sizes=[2, 1, 1] if arguments["num_subtasks"] == 3 else None)
+    store.save_pretrained(tmp_path / "latent_store")
+    decoder.save_pretrained(tmp_path / "decoder")
+    report = storage_report(store.config, decoder.config)
+    assert report.latent_bytes + report.label_bytes == file_bytes(tmp_path / "latent_store")
+    assert report.decoder_bytes == file_bytes(tmp_path / "decoder")
+    assert report == storage_report(store.config, {**arguments, "storage_dtype": storage_dtype})  # as planned
+    with safe_open(str(tmp_path / "decoder" / "diffusion_pytorch_model.safetensors"), "pt") as saved:
+        stored_dtypes = {saved.get_tensor(key).dtype for key in saved.keys()}
+    assert stored_dtypes == {"float32": {torch.float32, torch.int64}, "float16": {torch.float16, torch.int64},
+                             "bfloat16": {torch.bfloat16, torch.int64},
+                             "int8": {torch.int8, torch.float32, torch.int64}}[storage_dtype]
+
+
+def test_fewer_bits_store_fewer_bytes_and_the_same_values():
+    decoder = D3Decoder.from_preset("small", 28, 1).config
+    store = {"class_ids": list(range(10)), "num_classes": 10, "latents_per_class": 10, "latent_dim": 64}
+    reports = {dtype: storage_report({**store, "storage_dtype": dtype}, {**decoder, "storage_dtype": dtype})
+               for dtype in STORAGE_DTYPES}
+    assert len({report.total_values for report in reports.values()}) == 1
+    float32 = reports["float32"].total_bytes
+    assert reports["float16"].total_bytes == reports["bfloat16"].total_bytes < 0.51 * float32
+    assert 0.25 * float32 < reports["int8"].total_bytes < 0.27 * float32  # int8 values, their scales, the vectors
 
 
 @pytest.mark.parametrize("decoder, store, message", [

@@ -11,6 +11,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from ..precision import at_least_float32, full_precision
+from ..quantization import StoredInDtype, check_storage_dtype
 
 # Channels of the paper's three decoders at 64x64 (docs/method.md, Reference settings of the paper): the first
 # entry is the feature map the latent becomes, each next one an upsampling stage that doubles the side.
@@ -120,7 +121,7 @@ class _Generator(nn.Module):
         return self.body(self.project(latents).view(-1, *self.start_shape))
 
 
-class D3Decoder(ModelMixin, ConfigMixin):
+class D3Decoder(StoredInDtype, ModelMixin, ConfigMixin):
     """One conv generator per subtask; each latent is decoded by its subtask's generator.
 
     Output images are in [0, 1] (a rescaled tanh, so the whole pixel range is reachable); classifiers
@@ -139,6 +140,8 @@ class D3Decoder(ModelMixin, ConfigMixin):
         upsample_mode: "transpose" (the paper's transposed convolutions) or "nearest" / "bilinear"
             (resize, then a 3x3 convolution: no checkerboard artefacts, the same parameter count as kernel 3).
         num_subtasks: number of independent generators.
+        storage_dtype: how `save_pretrained` stores the floating tensors (`hf_d3.quantization`): "float32" (as
+            held), "float16", "bfloat16" or "int8" (a scale per output channel of each weight).
     """
 
     config_name = "config.json"
@@ -154,8 +157,10 @@ class D3Decoder(ModelMixin, ConfigMixin):
         upsample_kernel_size: int = 4,
         num_subtasks: int = 1,
         upsample_mode: str = "transpose",
+        storage_dtype: str = "float32",
     ):
         super().__init__()
+        check_storage_dtype(storage_dtype)
         channels = list(channels)
         start_size = start_side(latent_dim, resolution, out_channels, channels, latent_projection,
                                 upsample_kernel_size, upsample_mode)

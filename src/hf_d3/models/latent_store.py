@@ -9,6 +9,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from ..quantization import StoredInDtype, check_storage_dtype
+
 
 def folded_ids(class_ids: Sequence[int]) -> str:
     """Class ids as logs and errors show them: a list with each run of three or more consecutive ids folded, so
@@ -47,7 +49,7 @@ def store_sizes(class_ids: Sequence[int], num_classes: int, latents_per_class: i
     return subtask_sizes, logvar_dim
 
 
-class GaussianLatentStore(ModelMixin, ConfigMixin):
+class GaussianLatentStore(StoredInDtype, ModelMixin, ConfigMixin):
     """`latents_per_class` diagonal Gaussians per class, with one soft label per component.
 
     Components are ordered by class (in `class_ids` order), then by index within the class. The classes
@@ -65,6 +67,8 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
             dimensions; defaults to `latent_dim` (a free variance per dimension, the paper's). A spatial latent
             C x H x W with `logvar_dim=C` has one variance per channel, which halves a Gaussian's storage: a
             warm start from one real image per Gaussian sets every variance to the same value anyway.
+        storage_dtype: how `save_pretrained` stores the floating tensors (`hf_d3.quantization`): "float32" (as
+            held), "float16", "bfloat16" or "int8" (a scale per Gaussian and per soft label).
     """
 
     config_name = "config.json"
@@ -79,8 +83,10 @@ class GaussianLatentStore(ModelMixin, ConfigMixin):
         class_names: Sequence[str] | None = None,
         subtask_sizes: Sequence[int] | None = None,
         logvar_dim: int | None = None,
+        storage_dtype: str = "float32",
     ):
         super().__init__()
+        check_storage_dtype(storage_dtype)
         class_ids = list(class_ids)
         subtask_sizes, logvar_dim = store_sizes(class_ids, num_classes, latents_per_class, latent_dim, class_names,
                                                 subtask_sizes, logvar_dim)

@@ -105,9 +105,16 @@ class D3Pipeline(DiffusionPipeline):
         return push_pipeline_to_hub(self, repo_id, **kwargs)
 
     def storage_report(self) -> StorageReport:
-        """Values and bytes needed to regenerate the training data, and the IPC equivalent."""
+        """Values and bytes needed to regenerate the training data (bytes in the components' `storage_dtype`), and
+        the IPC equivalents."""
         return storage_report(self.latent_store.config, self.decoder.config, self.latent_store.dtype,
                               self.decoder.dtype)
+
+    def set_storage_dtype(self, storage_dtype: str) -> None:
+        """Save the latent store and decoder in `storage_dtype` ("float32", "float16", "bfloat16" or "int8",
+        `hf_d3.quantization`) from now on; the pipeline then draws what a load of its saved folder draws."""
+        self.latent_store.set_storage_dtype(storage_dtype)
+        self.decoder.set_storage_dtype(storage_dtype)
 
     def to_dataset(self, num_samples_per_component: int = 1, include_means: bool = True, seed: int = 0
                    ) -> datasets.Dataset:
