@@ -118,15 +118,13 @@ def unroll_figures(config, num_classes: int, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(step, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tflop = unroll_tflop(config, num_classes, batch)
     size = 8192 if device.type == "cuda" else 1024  # a CPU check needs only a figure, fast
-    figures = {"images_per_step": batch, "steps": steps, "seconds": round(seconds, 4), "tflop": round(tflop, 4),
-               "tflop_per_s": round(tflop / seconds, 3),
-               "card_matmul_tflop_per_s": {"float32": round(matmul_tflop_per_s(device, size, False), 3),
-                                           "tf32": round(matmul_tflop_per_s(device, size, True), 3)}}
-    if device.type == "cuda":
-        figures["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    return figures
+    return {"images_per_step": batch, "steps": steps, "seconds": round(seconds, 4), "tflop": round(tflop, 4),
+            "tflop_per_s": round(tflop / seconds, 3), "peak_memory_gib": peak and round(peak, 2),
+            "card_matmul_tflop_per_s": {"float32": round(matmul_tflop_per_s(device, size, False), 3),
+                                        "tf32": round(matmul_tflop_per_s(device, size, True), 3)}}
 
 
 def distill(config_path: Path, overrides: list[str], budget: float, out: Path) -> Path:

@@ -14,9 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=outputs/gpu_tinyimagenet
 PACKAGES=(datasets diffusers kornia kornia_rs dill multiprocess importlib_metadata)
+# this checkout's venv where there is one (here), else the machine's python3 (the device machine's holds torch)
+[ -x .venv/bin/python ] && DEFAULT_PYTHON=.venv/bin/python || DEFAULT_PYTHON=python3
+PYTHON=${PYTHON:-$DEFAULT_PYTHON}
 
 if [ "${1:-}" = prepare ]; then
-    PYTHON=${PYTHON:-.venv/bin/python}
     "$PYTHON" benchmarks/tinyimagenet_subset.py --output_dir "$DIR/subset"
     mapfile -t pinned < <("$PYTHON" -c 'import sys, importlib.metadata as m
 print("\n".join(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' "${PACKAGES[@]}")
@@ -29,7 +31,6 @@ print("\n".join(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' "${PACKAGES[@]}"
     exit 0
 fi
 
-PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c "import datasets, diffusers, kornia" 2>/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$DIR"/wheels/*.whl
