@@ -102,6 +102,39 @@ def ceiling_table(results: dict, notes: Notes) -> list[str]:
             *table(["dataset", "images", "network", "epochs", "accuracy", "minutes", "machine", "note"], rows), ""]
 
 
+def gpu_tinyimagenet_table(results: dict, notes: Notes) -> list[str]:
+    """The paper's network on a Tiny ImageNet subset on one GPU, shortened to one device run: each machine's latest."""
+    records = results.get("gpu_tinyimagenet", [])
+    rows, steps = [], []
+    for machine in sorted({r["machine"] for r in records}):
+        record = latest([r for r in records if r["machine"] == machine])
+        figures, note = record["figures"], notes(record)
+        for budget, row in figures["d3"].items():
+            rs = figures["r_plus_s"][budget]
+            rows.append([budget, "D3", f"{row['ipc_equivalent']:.2f}", mean_std(row["accuracies"], 100),
+                         f"{row['iterations_per_second']:.2f}", f"{row['peak_memory_gib']:.1f}", machine, note])
+            over = ", over budget" if rs["over_budget"] else ""
+            peak = figures.get("r_plus_s_peak_memory_gib")
+            rows.append([budget, f"R+S ({rs['images_per_class']} img/class, T={rs['temperature']:g}{over})",
+                         f"{rs['ipc_equivalent']:.2f}", mean_std(rs["accuracies"], 100), "-",
+                         "-" if peak is None else f"{peak:.1f}", machine, note])
+        unroll, teacher = figures["unroll"], next(iter(figures["d3"].values()))["teacher_accuracy"]
+        rates = unroll["card_matmul_tflop_per_s"]
+        steps.append(f"{machine} {note}: the trajectory-matching step ({unroll['steps']} steps x "
+                     f"{unroll['images_per_step']} images) ran at {unroll['tflop_per_s']:.1f} TFLOP/s, "
+                     f"{100 * unroll['tflop_per_s'] / rates['tf32']:.0f} % of the card's TF32 matrix product "
+                     f"({rates['tf32']:.0f} TFLOP/s; float32: {rates['float32']:.0f}); teacher "
+                     f"{100 * teacher:.2f} %; whole script {figures['wall_time_s'] / 60:.1f} min.")
+    if not rows:
+        return []
+    return ["### Tiny ImageNet on one GPU, shortened", "",
+            "The paper's network (64x64 ConvNet-D4, width 128) on 100 training images per class and the whole test "
+            "split, every phase cut to fit one 10-minute device run (`benchmarks/gpu_tinyimagenet.sh`, "
+            "docs/gpu.md): test accuracy (%), D3's distillation iterations per second and peak GPU memory (GiB).",
+            "", *table(["budget (IPC-eq)", "method", "stored IPC-eq", "accuracy", "iterations / s", "peak memory",
+                        "machine", "note"], rows), "", *steps, ""]
+
+
 def speed_table(results: dict, notes: Notes) -> list[str]:
     mtt, demo, gpu = results["mtt_iteration"], results["demo"], results["gpu_smoke"]
     rows = []
@@ -171,7 +204,8 @@ def scale_tables(results: dict, notes: Notes) -> list[str]:
 def render(results_dir: Path = RESULTS) -> str:
     results = {path.stem: load_records(path) for path in sorted(results_dir.glob("*.json"))}
     notes = Notes()
-    body = [*accuracy_tables(results, notes), *ceiling_table(results, notes), *speed_table(results, notes),
+    body = [*accuracy_tables(results, notes), *ceiling_table(results, notes), *gpu_tinyimagenet_table(results, notes),
+            *speed_table(results, notes),
             *scale_tables(results, notes)]
     head = ["# Benchmarks", "",
             "<!-- Written by benchmarks/report.py from benchmarks/results/*.json: do not edit by hand. -->", "",
