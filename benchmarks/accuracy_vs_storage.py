@@ -72,7 +72,7 @@ from hf_d3.experts import load_trajectory
 from hf_d3.federated import train_expert_trajectories
 from hf_d3.run_plan import RunPlan, make_plan
 from hf_d3.stages import subtask_seed
-from hf_d3.storage import largest_ipc_within, prototype_storage
+from hf_d3.storage import prototype_storage, real_image_bytes
 from hf_d3.teacher import hard_label_weight_for, load_teacher, teacher_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,41 @@ def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Pa
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A budget of `ipc` IPC-equivalents in `unit`: stored values against an image's values, or stored bytes against
+    a uint8 image's bytes, where the baselines' images are uint8 and their soft labels are stored as D3 stores its
+    own in `storage_dtype` (`hf_d3.storage.real_image_bytes`)."""
+
+    ipc: float
+    unit: str
+    storage_dtype: str
+    num_classes: int
+    values_per_image: int
+
+    def cost(self, images_per_class: int, soft: bool, downsample: int = 1) -> dict:
+        """The storage of `images_per_class` real (or prototype) images per class, stored `downsample` times smaller
+        per side, with a soft label (`soft`) or a class id each: in values, in bytes and as IPC-equivalents."""
+        n, per_image = self.num_classes, self.values_per_image // downsample**2
+        values = prototype_storage(n, images_per_class, per_image, soft_labels=soft)
+        size = real_image_bytes(n, images_per_class, per_image, self.storage_dtype if soft else None)
+        image_values = n * self.values_per_image
+        return {"values": values, "bytes": size, "ipc_equivalent": values / image_values,
+                "ipc_equivalent_bytes": size / image_values}
+
+    def images_within(self, soft: bool, downsample: int = 1) -> tuple[int, bool]:
+        """The most images per class that fit (at least one) and whether even one is over the budget."""
+        total = int(self.ipc * self.num_classes * self.values_per_image)
+        ipc = total // self.cost(1, soft, downsample)[self.unit]
+        return max(ipc, 1), ipc == 0
+
+    @property
+    def folder_name(self) -> str:
+        """`ipc<B>` in values with float32 D3 (the curve's first unit), else e.g. `bytes<B>-int8`."""
+        name = f"{'ipc' if self.unit == 'values' else 'bytes'}{self.ipc:g}"
+        return name if self.storage_dtype == "float32" else f"{name}-{self.storage_dtype}"
+
+
 def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int) -> dict:
     """D3's row from `recipes/distill.py` in `run`, its stages in `shared`: the experts and teacher
     `prepare_shared` trained, and every subtask and evaluation of earlier settings, reused where their keys match
@@ -142,24 +177,21 @@ def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: i
     subprocess.run(command, check=True)
     metrics = json.loads((run / "metrics.json").read_text())
     chosen = json.loads((run / "config.json").read_text())
-    return {"values": metrics["storage"]["total_values"], "ipc_equivalent": metrics["storage"]["ipc_equivalent"],
+    storage = metrics["storage"]
+    return {"values": storage["total_values"], "bytes": storage["total_bytes"],
+            "ipc_equivalent": storage["ipc_equivalent"], "ipc_equivalent_bytes": storage["ipc_equivalent_bytes"],
             "accuracies": metrics["accuracies"], "over_budget": False,
             "sizes": {k: chosen[k] for k in PAPER_SIZES},
             "iterations": [s["iterations_run"] for s in metrics["subtasks"]],
             "distill_wall_time_s": sum(s["distill_wall_time_s"] for s in metrics["subtasks"])}
 
 
-def images_within(budget_values: int, n: int, per_image: int, soft: bool) -> tuple[int, bool]:
-    ipc = largest_ipc_within(budget_values, n, per_image, soft)
-    return max(ipc, 1), ipc == 0
-
-
-def prototype_set(config, shared: RunPlan, train, test: RealImages, budget_values: int
-                  ) -> tuple[torch.Tensor, dict]:
+def prototype_set(config, shared: RunPlan, train, test: RealImages, budget: Budget) -> tuple[torch.Tensor, dict]:
     """The prototypes (class by class) and their row without labels or accuracies (deterministic at a fixed thread
-    count, so a top-up redistills the same images)."""
-    n, per_image = len(test.class_names), test.images[0].numel()
-    ipc, over = images_within(budget_values, n, per_image, soft=True)
+    count, so a top-up redistills the same images); in bytes, their pixels rounded to uint8 levels, as they would be
+    published."""
+    n = len(test.class_names)
+    ipc, over = budget.images_within(soft=True)
     classes = list(range(n))
     assert config.run.num_subtasks == 1, "prototypes are distilled as one subtask"
     seed = subtask_seed(config.run.seed, 0)
@@ -168,9 +200,9 @@ def prototype_set(config, shared: RunPlan, train, test: RealImages, budget_value
     start = data.images[pick_per_class(data.labels, n, ipc, seed)]
     prototypes, stats = distill_prototypes(start, data, trajectories, config.distillation,
                                            torch.Generator().manual_seed(seed))
-    values = prototype_storage(n, ipc, per_image, soft_labels=True)
-    return prototypes, {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
-                        "images_per_class": ipc, **stats}
+    if budget.unit == "bytes":
+        prototypes = (prototypes * 255).round() / 255
+    return prototypes, {**budget.cost(ipc, soft=True), "over_budget": over, "images_per_class": ipc, **stats}
 
 
 def prototype_sampler(config, prototypes: torch.Tensor, teacher, num_classes: int, hard_label_weight: float):
@@ -214,17 +246,17 @@ def downsample_factors(side: int) -> list[int]:
     return [f for f in DOWNSAMPLE_FACTORS if side % f == 0]
 
 
-def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budget_values: int,
+def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budget: Budget,
               seeds: int, methods: list[str], r_plus_s: dict | None = None) -> dict:
     """The rows of R+H, R+S and R+S-low (in that order, R+S-low after R+S: it reuses its choices, from this call or
     `r_plus_s`, R+S's saved row)."""
-    n, per_image, seed = len(test.class_names), test.images[0].numel(), config.run.seed
+    n, seed = len(test.class_names), config.run.seed
     _, pool = held_out_and_pool(train_tensors, seed)
     score = held_out_scorer(config, train_tensors, n)
     rows = {}
     for method in sorted(methods, key=METHODS.index):
         soft, downsample = method != "R+H", 1
-        ipc, over = images_within(budget_values, n, per_image, soft)
+        ipc, over = budget.images_within(soft)
         temperature, weight, held_out_scores = None, None, None
         if method == "R+S":  # the temperature and hard-label weight whose student scores best on held-out images
             held_out_scores = {str(w): choose_temperature(score, pool, ipc, teacher, TEMPERATURES, seed,
@@ -237,16 +269,15 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
             r_plus_s = rows.get("R+S", r_plus_s)
             weight = r_plus_s["hard_label_weight"]
             held_out_scores = {str(f): choose_temperature(
-                score, pool, images_within(budget_values, n, per_image // f**2, soft=True)[0], teacher,
+                score, pool, budget.images_within(soft=True, downsample=f)[0], teacher,
                 TEMPERATURES, seed, known=r_plus_s["held_out_accuracy"][str(weight)] if f == 1 else None,
                 hard_label_weight=weight, downsample=f)[1] for f in downsample_factors(test.images.shape[-1])}
             best = max(((f, t) for f, scores in held_out_scores.items() for t in scores),
                        key=lambda k: held_out_scores[k[0]][k[1]])
             downsample, temperature = int(best[0]), float(best[1])
-            ipc, over = images_within(budget_values, n, per_image // downsample**2, soft=True)
-        values = prototype_storage(n, ipc, per_image // downsample**2, soft_labels=soft)
+            ipc, over = budget.images_within(soft=True, downsample=downsample)
         sampler = real_sampler(config, pool, teacher, ipc, temperature, weight or 0.0, downsample)
-        rows[method] = {"values": values, "ipc_equivalent": values / (n * per_image), "over_budget": over,
+        rows[method] = {**budget.cost(ipc, soft, downsample), "over_budget": over,
                         "accuracies": evaluate_with_config(config.evaluation, config.experts, sampler, test.images,
                                                            test.labels, n, seeds=seeds).accuracies,
                         "images_per_class": ipc, "temperature": temperature, "hard_label_weight": weight,
@@ -255,12 +286,12 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
 
 
 def prototype_row(config, shared: RunPlan, train, train_tensors: RealImages, test: RealImages, teacher,
-                  budget_values: int, seeds: int) -> dict:
+                  budget: Budget, seeds: int) -> dict:
     """The prototypes' row, labelled at the hard-label weight whose student scores best on held-out images (the
     prototypes are distilled from all training images, held-out ones included: the choice is between labels of
     the same images)."""
     n = len(test.class_names)
-    prototypes, row = prototype_set(config, shared, train, test, budget_values)
+    prototypes, row = prototype_set(config, shared, train, test, budget)
     score = held_out_scorer(config, train_tensors, n)
     held_out_scores = {str(w): score(prototype_sampler(config, prototypes, teacher, n, w))
                        for w in baseline_label_weights(config.relabel.hard_label_weight)}
@@ -280,14 +311,14 @@ def close_methods(rows: dict[str, dict]) -> set[str]:
 
 
 def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan, train, test: RealImages, teacher,
-                   budget_values: int, train_tensors: RealImages):
+                   budget: Budget, train_tensors: RealImages):
     """The epoch sampler that gave `row`'s accuracies, rebuilt, and the run config its students use."""
     if method in ("D3", "D3-hand"):
         run = folder / ("d3" if method == "D3" else "d3_hand")
         return pipeline_sampler(D3Pipeline.from_pretrained(run / "pipeline")), parse_config(
             ["--config", str(run / "config.json")])
     if method == "prototypes":
-        prototypes, _ = prototype_set(config, shared, train, test, budget_values)
+        prototypes, _ = prototype_set(config, shared, train, test, budget)
         return prototype_sampler(config, prototypes, teacher, len(test.class_names), row["hard_label_weight"]), config
     _, pool = held_out_and_pool(train_tensors, config.run.seed)
     return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"],
@@ -338,8 +369,9 @@ def is_done(folder: Path, method: str, settings: dict) -> bool:
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
     (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
     config = {**key["settings"], "dataset": portable(key["settings"]["dataset"])}
+    units = {k: key[k] for k, default in (("unit", "values"), ("storage_dtype", "float32")) if key[k] != default}
     save_record("accuracy_vs_storage", {"dataset": key["dataset"], "budget_ipc": float(key["budget"]),
-                                        "method": method, "config": config}, row)
+                                        "method": method, **units, "config": config}, row)
 
 
 def portable(dataset: str) -> str:
@@ -348,16 +380,24 @@ def portable(dataset: str) -> str:
     return os.path.relpath(path, ROOT) if path.is_absolute() else dataset
 
 
+def panel_of(saved: dict) -> tuple[str, str, str]:
+    """A figure panel: the dataset, the unit its budgets count and how D3 is stored."""
+    return saved["dataset"], saved.get("unit", "values"), saved.get("storage_dtype", "float32")
+
+
 def merge_and_plot(out: Path, figure: Path) -> dict:
-    results = {}
-    for row in sorted(out.glob("*/ipc*/row_*.json")):
+    panels = {}
+    for row in sorted(out.glob("*/*/row_*.json")):
         saved = json.loads(row.read_text())
-        results.setdefault(saved["dataset"], {}).setdefault(saved["budget"], {})[saved["method"]] = saved["row"]
+        panels.setdefault(panel_of(saved), {}).setdefault(saved["budget"], {})[saved["method"]] = saved["row"]
+    results = {" ".join(panel): budgets for panel, budgets in sorted(panels.items())}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    if results:
-        plot(results, figure)
-    for dataset, budgets in results.items():
-        print(f"\n{dataset}: test accuracy (%), mean +- std over seeds, at the stored IPC-equivalent")
+    if panels:
+        plot(panels, figure)
+    for (dataset, unit, dtype), budgets in sorted(panels.items()):
+        ipc_key = "ipc_equivalent" if unit == "values" else "ipc_equivalent_bytes"
+        print(f"\n{dataset}, budgets in {unit}, D3 stored in {dtype}: test accuracy (%), mean +- std over seeds, "
+              f"at the stored IPC-equivalent in {unit}")
         print("| budget | " + " | ".join(SHOWN) + " |\n|---|" + "---|" * len(SHOWN))
         for budget in sorted(budgets, key=float):
             cells = []
@@ -369,22 +409,23 @@ def merge_and_plot(out: Path, figure: Path) -> dict:
                 acc = 100 * torch.tensor(row["accuracies"])
                 std = acc.std().item() if len(acc) > 1 else 0.0
                 over = " (over)" if row["over_budget"] else ""
-                cells.append(f"{acc.mean():.2f} +- {std:.2f} @ {row['ipc_equivalent']:.2f}{over}")
+                cells.append(f"{acc.mean():.2f} +- {std:.2f} @ {row[ipc_key]:.2f}{over}")
             print(f"| {budget} | " + " | ".join(cells) + " |")
     return results
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(panels: dict, path: Path) -> None:
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for ax, (dataset, budgets) in zip(axes[0], sorted(results.items())):
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, ((dataset, unit, dtype), budgets) in zip(axes[0], sorted(panels.items())):
+        ipc_key = "ipc_equivalent" if unit == "values" else "ipc_equivalent_bytes"
         for method in SHOWN:
-            points = sorted(((row["ipc_equivalent"], 100 * torch.tensor(row["accuracies"]))
+            points = sorted(((row[ipc_key], 100 * torch.tensor(row["accuracies"]))
                              for b in budgets.values() if (row := b.get(method))), key=lambda point: point[0])
             if points:
                 ax.errorbar([x for x, _ in points], [a.mean().item() for _, a in points],
@@ -395,9 +436,10 @@ def plot(results: dict, path: Path) -> None:
         ticks = sorted({float(b) for b in budgets})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("stored values, in IPC-equivalents (log)")
+        ax.set_xlabel(f"stored {unit}, in IPC-equivalents (log)" + ("" if unit == "values" else ": uint8 images"))
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(TITLES[dataset])
+        unit_text = "" if (unit, dtype) == ("values", "float32") else f"\nin {unit}, D3 in {dtype}"
+        ax.set_title(TITLES[dataset] + unit_text)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -439,36 +481,39 @@ def main():
     def evaluate(run_config, sampler, seeds: int, first_seed: int = 0):
         return evaluate_with_config(run_config.evaluation, run_config.experts, sampler, test.images, test.labels,
                                     len(test.class_names), seeds=seeds, first_seed=first_seed)
-    for budget in args.budgets:
-        folder = out / f"ipc{budget:g}"
+    representation = base.representation
+    for ipc in args.budgets:
+        budget = Budget(ipc, representation.budget_unit, representation.storage_dtype, len(test.class_names),
+                        test.images[0].numel())
+        folder = out / budget.folder_name
         folder.mkdir(parents=True, exist_ok=True)
         # every method's labels mix the class in at the weight D3 gets at this budget
         weight = base.relabel.hard_label_weight
-        weight = hard_label_weight_for(budget) if weight is None else weight  # `base` sets no budget: this one does
+        weight = hard_label_weight_for(ipc) if weight is None else weight  # `base` sets no budget: this one does
         config = dataclasses.replace(base, relabel=dataclasses.replace(base.relabel, hard_label_weight=weight))
         settings = {**base_settings, "hard_label_weight": config.relabel.hard_label_weight}
-        key = {"dataset": args.dataset, "budget": f"{budget:g}", "settings": settings}
+        key = {"dataset": args.dataset, "budget": f"{ipc:g}", "unit": budget.unit,
+               "storage_dtype": budget.storage_dtype, "settings": settings}
         if "D3" in args.methods and not is_done(folder, "D3", settings):
-            save_row(folder, "D3", key, d3_row(config_path, [*overrides, "--storage_budget_ipc", str(budget)],
+            save_row(folder, "D3", key, d3_row(config_path, [*overrides, "--storage_budget_ipc", str(ipc)],
                                                out / "shared", folder / "d3", args.seeds))
-        if ("D3-hand" in args.methods and (args.dataset, budget) in HAND_SIZED
+        if ("D3-hand" in args.methods and budget.unit == "values" and (args.dataset, ipc) in HAND_SIZED
                 and not is_done(folder, "D3-hand", settings)):
-            hand_config = hand_sized_config(args.dataset, budget, config_path, folder)
+            hand_config = hand_sized_config(args.dataset, ipc, config_path, folder)
             save_row(folder, "D3-hand", key, d3_row(hand_config, overrides, out / "shared", folder / "d3_hand",
                                                     args.seeds))
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
-        budget_values = int(budget * len(test.class_names) * test.images[0].numel())
         baselines = [m for m in ("prototypes", "R+H", "R+S", "R+S-low")
                      if (m in args.methods or m == "R+S" and "R+S-low" in args.methods)  # R+S-low needs R+S's row
                      and not is_done(folder, m, row_settings(m, settings))]
         if baselines:
             train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
         if "prototypes" in baselines:
-            row = prototype_row(config, shared, train, train_tensors, test, teacher, budget_values, args.seeds)
+            row = prototype_row(config, shared, train, train_tensors, test, teacher, budget, args.seeds)
             save_row(folder, "prototypes", {**key, "settings": row_settings("prototypes", settings)}, row)
         if real := [m for m in baselines if m != "prototypes"]:
             r_plus_s = saved_row(folder, "R+S") if "R+S" not in real else None
-            for method, row in real_rows(config, train_tensors, test, teacher, budget_values, args.seeds, real,
+            for method, row in real_rows(config, train_tensors, test, teacher, budget, args.seeds, real,
                                          r_plus_s and r_plus_s["row"]).items():
                 save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
         # methods within 2 std of another get students with the next seeds, until no close pair has too few
@@ -479,7 +524,7 @@ def main():
             if method in ("R+H", "R+S", "R+S-low"):
                 train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
             sampler, run_config = top_up_sampler(method, row, config, folder, shared, train, test, teacher,
-                                                 budget_values, train_tensors)
+                                                 budget, train_tensors)
             done = len(row["accuracies"])
             row["accuracies"] += evaluate(run_config, sampler, args.close_seeds - done, first_seed=done).accuracies
             save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)

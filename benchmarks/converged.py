@@ -25,6 +25,7 @@ from pathlib import Path
 
 from accuracy_vs_storage import (  # this folder is on sys.path when the script runs
     CONFIGS,
+    Budget,
     base_config,
     held_out_scorer,
     merge_and_plot,
@@ -78,14 +79,15 @@ def main():
     n = len(test.class_names)
     score = held_out_scorer(base, train_tensors, n)
     for budget in args.budgets:
-        folder = out / f"ipc{budget:g}"
+        budget_of = Budget(budget, base.representation.budget_unit, base.representation.storage_dtype, n,
+                           test.images[0].numel())
+        folder = out / budget_of.folder_name
         curve_row = saved_row(folder, "prototypes")
         if curve_row is None:
             raise SystemExit(f"{folder} has no prototypes row: run benchmarks/accuracy_vs_storage.py --methods "
                              f"prototypes --budgets {budget:g} first (its label weight is reused)")
         weight, settings = curve_row["row"]["hard_label_weight"], curve_row["settings"]
         config = dataclasses.replace(base, relabel=dataclasses.replace(base.relabel, hard_label_weight=weight))
-        budget_values = int(budget * n * test.images[0].numel())
         progress_path = folder / "converged_prototypes.json"
         progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
         if progress.get("settings") != settings:
@@ -100,7 +102,7 @@ def main():
             distilled = dataclasses.replace(config, distillation=dataclasses.replace(config.distillation,
                                                                                   iterations=iterations))
             start = time.perf_counter()
-            prototypes, row = prototype_set(distilled, shared, train, test, budget_values)
+            prototypes, row = prototype_set(distilled, shared, train, test, budget_of)
             row["distill_wall_time_s"] = time.perf_counter() - start
             save_file({"prototypes": prototypes.contiguous()}, folder / f"converged_prototypes_x{multiple}.safetensors")
             scores[multiple] = 100 * score(prototype_sampler(config, prototypes, teacher, n, weight))
@@ -119,7 +121,8 @@ def main():
         row = {**progress["multiples"][str(best)], "accuracies": accuracies, "multiple": best,
                "hard_label_weight": weight, "held_out_by_multiple": {str(m): s for m, s in sorted(scores.items())},
                "converged": converged(scores, args.at_least, args.min_gain)}
-        key = {"dataset": args.dataset, "budget": f"{budget:g}",
+        key = {"dataset": args.dataset, "budget": f"{budget:g}", "unit": budget_of.unit,
+               "storage_dtype": budget_of.storage_dtype,
                "settings": {**row_settings("prototypes", settings), "multiples": list(MULTIPLES),
                             "at_least": args.at_least, "min_gain": args.min_gain}}
         save_row(folder, "prototypes-converged", key, row)

@@ -150,3 +150,13 @@ def prototype_storage(num_classes: int, images_per_class: int, values_per_image:
 def largest_ipc_within(budget_values: int, num_classes: int, values_per_image: int, soft_labels: bool) -> int:
     """The most real images per class whose images and labels fit in `budget_values` stored values."""
     return budget_values // prototype_storage(num_classes, 1, values_per_image, soft_labels)
+
+
+def real_image_bytes(num_classes: int, images_per_class: int, values_per_image: int,
+                     soft_label_dtype: str | None) -> int:
+    """Bytes of an image set as image datasets are published: uint8 pixels, and per image a class id (int64, as
+    D3's) or, with `soft_label_dtype`, a soft label stored as D3 stores its soft labels in that `storage_dtype`."""
+    images = num_classes * images_per_class
+    labels = images * INTEGER_BYTES if soft_label_dtype is None else stored_bytes([images, num_classes],
+                                                                                 soft_label_dtype)
+    return images * values_per_image + labels

@@ -75,3 +75,18 @@ def test_records_name_local_datasets_relative_to_the_repository(bench):
     local = bench.ROOT.parent / "shared/data/tiny-imagenet-200"
     assert bench.portable(str(local)) == "../shared/data/tiny-imagenet-200"
     assert bench.portable("fashion_mnist") == "fashion_mnist"
+
+
+def test_a_budget_in_bytes_gives_uint8_images_about_four_times_the_room(bench):
+    # 10 classes of 784-value images at 2 IPC-equivalent: 15,680 values, or bytes
+    values = bench.Budget(2, "values", "float32", 10, 784)
+    assert values.images_within(soft=False) == (1, False)  # 2 x 785 values per class do not fit twice
+    assert values.images_within(soft=True, downsample=2) == (7, False)  # 196 + 10 values each: 7 per class
+    in_bytes = bench.Budget(2, "bytes", "int8", 10, 784)
+    assert in_bytes.images_within(soft=False) == (1, False)  # 784 + 8 bytes each
+    assert in_bytes.images_within(soft=True, downsample=2) == (7, False)  # 196 + 10 + 4 bytes each
+    one = in_bytes.cost(1, soft=True)
+    assert one["bytes"] == 10 * (784 + 14) and one["values"] == 10 * 794
+    assert one["ipc_equivalent_bytes"] == 798 / 784 and one["ipc_equivalent"] == 794 / 784
+    assert bench.Budget(0.5, "values", "float32", 10, 784).images_within(soft=True) == (1, True)  # over budget
+    assert values.folder_name == "ipc2" and in_bytes.folder_name == "bytes2-int8"

@@ -7,7 +7,7 @@ from hf_d3.baselines import distill_prototypes, pick_per_class, random_real_samp
 from hf_d3.config import D3Config
 from hf_d3.data import RealImages
 from hf_d3.experts import train_classifier
-from hf_d3.storage import largest_ipc_within, prototype_storage
+from hf_d3.storage import largest_ipc_within, prototype_storage, real_image_bytes
 
 
 def test_largest_ipc_within_counts_images_and_labels():
@@ -71,6 +71,15 @@ def test_r_plus_s_low_storage_by_hand():
     budget = 2 * 200 * 3 * 32 * 32
     assert [largest_ipc_within(budget, 200, 3 * 32 * 32 // f**2, soft_labels=True) for f in (1, 2, 4)] == [1, 6, 15]
     assert prototype_storage(200, 15, 3 * 8 * 8, soft_labels=True) == 200 * 15 * (192 + 200) == 1_176_000
+
+
+def test_real_images_in_bytes_by_hand():
+    # 10 classes x 3 uint8 images of 784 bytes: with int64 class ids 30 * (784 + 8); with 10-way soft labels as D3
+    # stores them, float32 30 * (784 + 40), int8 30 * (784 + 10 + a 4-byte scale)
+    assert real_image_bytes(10, 3, 784, None) == 30 * 792
+    assert real_image_bytes(10, 3, 784, "float32") == 30 * 824
+    assert real_image_bytes(10, 3, 784, "float16") == 30 * 804
+    assert real_image_bytes(10, 3, 784, "int8") == 30 * 798
 
 
 def test_a_tiny_prototype_distillation(fmnist4_tensors):
