@@ -21,11 +21,11 @@ MEMORY_FACTOR = 2  # and of the measured peak resident memory
 
 
 def test_the_estimate_is_within_its_factors_of_a_real_run(tmp_path):
-    folder = write_png_folder(tmp_path / "mydata", {"train": 12, "test": 4})
+    folder = write_png_folder(tmp_path / "mydata", {"train": 36, "test": 4})
     args = ["--dataset", str(folder), "--preset", "cpu", "--output_dir", str(tmp_path / "run"), "--init_steps", "50",
             "--iterations", "5", "--teacher_epochs", "1", "--eval_steps", "40", "--eval_seeds", "1"]
     config = parse_config(args)
-    estimate = estimate_run(config, make_plan(config, class_names_of(config.data), "no"), num_train_images=60)
+    estimate = estimate_run(config, make_plan(config, class_names_of(config.data), "no"), num_train_images=180)
 
     done = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, str(RECIPE), *args], capture_output=True,
                           text=True, timeout=600, env={"TQDM_DISABLE": "1", **os.environ})
