@@ -1,5 +1,5 @@
 """Settings read from a flat YAML file and the command line into a `D3Config` (`hf_d3.config`), for the recipes:
-`--config file.yaml` first, then `--key value` overrides."""
+a preset (`hf_d3.presets`) first, then `--config file.yaml`, then `--key value` overrides."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from types import MappingProxyType
 import yaml
 from transformers import HfArgumentParser
 
-from .config import FIELD_GROUP, FIELD_TYPES, PAPER_SIZES, D3Config
+from .config import FIELD_GROUP, FIELD_TYPES, PAPER_SIZES, D3Config, DataConfig
+from .presets import PRESET_NAMES, preset_defaults
 from .validation import check_types
 
 
@@ -32,7 +33,8 @@ class SettingsParser(HfArgumentParser):
 
 
 def parse_config(args: list[str] | None = None) -> D3Config:
-    """Parse `--config file.yaml` and `--key value` overrides (the command line wins over the file)."""
+    """Parse `--config file.yaml` and `--key value` overrides (the command line wins over the file, the file over a
+    preset: `hf_d3.presets`)."""
     return parse_recipe_args(args)[0]
 
 
@@ -42,25 +44,46 @@ def parse_recipe_args(args: list[str] | None = None, *extra: type) -> tuple:
     The extra dataclasses' fields are named flat beside the `D3Config` ones, in the YAML file and on the command
     line; `--config` may also be a finished run's `config.json` (JSON is YAML), so a recipe reruns a run's settings.
     """
+    return parse_with_sources(args, *extra)[0]
+
+
+def parse_with_sources(args: list[str] | None = None, *extra: type) -> tuple[tuple, dict[str, str]]:
+    """`parse_recipe_args`, and where each setting it set came from: `{name: "command line" | "config" |
+    "preset cpu" | "preset gpu" | "the images" | "the default budget"}`; the settings it leaves out keep `D3Config`'s
+    defaults."""
     groups = D3Config.groups()
     parser = SettingsParser([*groups.values(), *extra], allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML file of D3Config settings (flat keys); "
                         "`--<setting> none` unsets one of its settings, and `--sizes auto` drops its sizes so that "
                         "storage_budget_ipc chooses them")
+    parser.add_argument("--preset", type=str, default=None, choices=PRESET_NAMES, help=(
+        "defaults for the machine, beneath the config file's and the command line's settings: cpu, gpu or auto "
+        "(gpu where CUDA is available); with it the unset resolution and channels come from the images; default: "
+        "the file's `preset:`, else auto without a config file"))
     args, unset = _unsets(sys.argv[1:] if args is None else list(args))
     known, unknown = parser.parse_known_args(args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    values = {}
     if known.config:
         extra_fields = {f.name for cls in extra for f in fields(cls)}
-        values = load_yaml(known.config, extra_fields)
+        values = load_yaml(known.config, extra_fields | {"preset"})
         if known.sizes == "auto":  # the command line lets the budget choose: the file's sizes would win over it
             values = {name: value for name, value in values.items() if name not in PAPER_SIZES}
-        parser.set_defaults(**values)
+    preset = known.preset or values.pop("preset", None) or (None if known.config else "auto")
+    command_line = {arg[2:].partition("=")[0] for arg in args if arg.startswith("--")} | set(unset)
+    sources = {**dict.fromkeys(values, "config"), **dict.fromkeys(command_line - {"config", "preset"}, "command line")}
+    parser.set_defaults(**values)
+    if preset is not None:
+        namespace, _ = parser.parse_known_args(args)  # the data settings as given, to read the images they name
+        data = DataConfig(**{f.name: getattr(namespace, f.name) for f in fields(DataConfig)})
+        defaults = preset_defaults(preset, data, set(sources))
+        parser.set_defaults(**{name: value for name, (value, _) in defaults.items()})
+        sources |= {name: source for name, (_, source) in defaults.items()}
     parser.set_defaults(**dict.fromkeys(unset))
     *parsed, _ = parser.parse_args_into_dataclasses(args, look_for_args_file=False)
     config = D3Config(**dict(zip(groups, parsed[: len(groups)], strict=True)))
-    return (config, *parsed[len(groups):])
+    return (config, *parsed[len(groups):]), sources
 
 
 def _unsets(args: list[str]) -> tuple[list[str], list[str]]:

@@ -163,6 +163,21 @@ def class_names_of(data: DataConfig, train: Dataset | ImageCache | None = None) 
     return list(train.features[find_columns(train, data.image_column, data.label_column)[1]].names)
 
 
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes of one grey channel (with alpha: "LA")
+
+
+def image_shape_of(data: DataConfig) -> tuple[int, int]:
+    """The side (the shorter one) and channels (1 for a grayscale mode, else 3) of the config's first training
+    image, read from the stream of its train split, so nothing but that image is downloaded."""
+    if data.dataset == FASHION_MNIST:
+        return 28, 1
+    train = datasets.load_dataset(data.dataset, split=data.train_split, streaming=True)
+    if train.features is None:  # a format whose features show only once read
+        train = load_image_dataset(data.dataset, data.train_split)
+    image = next(iter(train))[find_columns(train, data.image_column, data.label_column)[0]]
+    return min(image.size), 1 if image.mode in GRAYSCALE_MODES else 3
+
+
 def find_columns(
     dataset: Dataset | IterableDataset, image_column: str | None = None, label_column: str | None = None
 ) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from hf_d3.run_plan import plan_subtasks
 from hf_d3.sizing import resolve_sizes
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "configs"
+# Every shipped config's settings as they parsed when each file still named all of them, before presets.
+SHIPPED_SETTINGS = json.loads((Path(__file__).parent / "shipped_configs.json").read_text())
 
 
 def write_yaml(path: Path, values: dict) -> str:
@@ -33,7 +36,7 @@ def test_yaml_then_command_line(tmp_path):
     assert sizes.latent_dim == 32  # the command line wins over the file
     assert config.distillation.mmd_bandwidths == [1.0, 3.0]
     assert config.data.resolution == D3Config().data.resolution  # untouched fields keep their defaults
-    assert parse_config([]) == D3Config()
+    assert parse_config(["--config", write_yaml(tmp_path / "empty.yaml", {})]) == D3Config()  # a file: no preset
 
 
 def test_flat_settings_round_trip_through_the_groups():
@@ -182,6 +185,11 @@ def test_shipped_configs_parse_and_fit_their_budget(path):
     config = resolve_sizes(config, num_classes)
     report = planned_storage(config, plan_subtasks(list(range(num_classes)), config.run.num_subtasks))  # raises over
     assert 0 < report.ipc_equivalent <= (config.representation.storage_budget_ipc or math.inf)
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_keep_their_settings_as_a_preset_and_what_differs(path):
+    assert parse_config(["--config", str(path)]).to_dict() == SHIPPED_SETTINGS[path.name]
 
 
 def test_sizes_auto_on_the_command_line_lets_the_budget_choose_over_a_files_sizes():
