@@ -3,8 +3,8 @@
 
 A preset names the networks, batch sizes, steps and phases of a run:
 
-- `cpu`: the offline demo's settings (recipes/configs/fashion_mnist.yaml), with batches of 32 for the experts so
-  that small datasets give trajectories worth matching: narrow networks, one short expert, a
+- `cpu`: the offline demo's settings (recipes/configs/fashion_mnist.yaml), with a third of its warm start and
+  batches of 32 for the experts so that small datasets give trajectories worth matching: narrow networks, one short expert, a
   warm start, a few iterations of 20 images per unrolled step, a short teacher and short students, so that a first
   result comes in minutes on one core, well under 3 GiB resident (BENCHMARKS.md, benchmarks/results/demo.json).
 - `gpu`: the paper's protocol, as the shipped GPU configs share it (docs/method.md, Reference settings of the paper).
@@ -30,7 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "max_train_per_class": 1000, "net_width": 32, "num_experts": 1, "trajectory_epochs": 7,
         "expert_batch_size": 32,  # at 256, an expert on a few hundred images moves too little to match: NaN
-        "init": "real", "init_steps": 900, "init_lr": 0.01, "iterations": 60, "syn_batch_size": 20,
+        "init": "real", "init_steps": 300, "init_lr": 0.01, "iterations": 60, "syn_batch_size": 20,
         "lr_decoder": 1e-4, "lr_lr": 1e-5, "teacher_epochs": 3, "eval_steps": 400,
     },
     "gpu": {
