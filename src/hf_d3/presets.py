@@ -12,7 +12,7 @@ A preset names the networks, batch sizes, steps and phases of a run:
 
 Without a config file the preset is auto; a config file applies one only where it names it (`preset: cpu`), so a
 file's run does not change with the machine unless it asks to. Where a preset applies, what the config leaves unset
-comes from the data too: the resolution (the images' side, at most `MAX_RESOLUTION`) and channels (1 for a grayscale
+comes from the data too: the resolution (the images' side, at most the preset's `MAX_RESOLUTION`) and channels (1 for a grayscale
 image, else 3) from the first training image, and with neither a budget nor a size, `DEFAULT_BUDGET_IPC`, from
 which `hf_d3.sizing` chooses the sizes.
 """
@@ -32,6 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "expert_batch_size": 32,  # at 256, an expert on a few hundred images moves too little to match: NaN
         "init": "real", "init_steps": 300, "init_lr": 0.01, "iterations": 60, "syn_batch_size": 20,
         "lr_decoder": 1e-4, "lr_lr": 1e-5, "teacher_epochs": 3, "eval_steps": 400,
+        "decoder_max_width": 16,  # decoding then costs about what the width-32 classifier does per image
     },
     "gpu": {
         "net_width": 128, "num_experts": 20, "trajectory_epochs": 30, "init": "random", "teacher_epochs": 30,
@@ -39,7 +40,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 PRESET_NAMES = (*PRESETS, "auto")
-MAX_RESOLUTION = 64  # the largest the paper distils (64x64 ImageNet); larger images are resized down to it
+# The largest side a preset takes from the images (larger ones are resized down to it): the paper's largest (64x64
+# ImageNet) on a GPU; on a CPU 32, as the Tiny ImageNet CPU protocol, since a step's cost grows with the pixels
+MAX_RESOLUTION = {"cpu": 32, "gpu": 64}
 DEFAULT_BUDGET_IPC = 10
 
 
@@ -59,7 +62,8 @@ def preset_defaults(name: str, data: DataConfig, given: set[str]) -> dict[str, t
     defaults = {key: (value, f"preset {name}") for key, value in PRESETS[name].items()}
     if not {"resolution", "channels"} <= given:
         side, channels = image_shape_of(data)
-        defaults |= {"resolution": (min(side, MAX_RESOLUTION), "the images"), "channels": (channels, "the images")}
+        defaults |= {"resolution": (min(side, MAX_RESOLUTION[name]), "the images"),
+                     "channels": (channels, "the images")}
     if not {*PAPER_SIZES, "sizes", "storage_budget_ipc"} & given:
         defaults["storage_budget_ipc"] = (DEFAULT_BUDGET_IPC, "the default budget")
     return {key: value for key, value in defaults.items() if key not in given}

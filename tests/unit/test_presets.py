@@ -36,12 +36,13 @@ def test_a_png_folder_alone_gets_a_config_that_plans(mydata, without_cuda):
     assert plan.storage.ipc_equivalent <= DEFAULT_BUDGET_IPC
 
 
-def test_resolution_and_channels_come_from_the_images_at_most_64(tmp_path, without_cuda):
-    colour = write_png_folder(tmp_path / "colour", {"train": 1}, side=36, mode="RGB")
+def test_resolution_and_channels_come_from_the_images_at_most_the_presets_side(tmp_path, without_cuda):
+    colour = write_png_folder(tmp_path / "colour", {"train": 1}, side=24, mode="RGB")
     config = parse_config(["--dataset", str(colour), "--storage_budget_ipc", "2"])
-    assert (config.data.resolution, config.data.channels) == (36, 3)
+    assert (config.data.resolution, config.data.channels) == (24, 3)
     large = write_png_folder(tmp_path / "large", {"train": 1}, side=80, mode="RGB")
-    assert parse_config(["--dataset", str(large)]).data.resolution == MAX_RESOLUTION
+    assert parse_config(["--dataset", str(large)]).data.resolution == MAX_RESOLUTION["cpu"] == 32
+    assert parse_config(["--dataset", str(large), "--preset", "gpu"]).data.resolution == MAX_RESOLUTION["gpu"] == 64
 
 
 def test_explicit_settings_win_over_the_preset_and_the_images(mydata, tmp_path, without_cuda):
