@@ -3,18 +3,19 @@
 
 A preset names the networks, batch sizes, steps and phases of a run:
 
-- `cpu`: the offline demo's settings (recipes/configs/fashion_mnist.yaml), with a third of its warm start and
-  batches of 32 for the experts so that small datasets give trajectories worth matching: narrow networks, one short expert, a
-  warm start, a few iterations of 20 images per unrolled step, a short teacher and short students, so that a first
-  result comes in minutes on one core, well under 3 GiB resident (BENCHMARKS.md, benchmarks/results/demo.json).
+- `cpu`: the offline demo's settings (recipes/configs/fashion_mnist.yaml) with a third of its warm start, batches
+  of 32 for the experts so that small datasets give trajectories worth matching, and decoders at most 16 wide:
+  narrow networks, one short expert, a warm start, a few iterations of 20 images per unrolled step, a short teacher
+  and short students, so that a first result comes in minutes on one core, well under 3 GiB resident (BENCHMARKS.md,
+  benchmarks/results/demo.json).
 - `gpu`: the paper's protocol, as the shipped GPU configs share it (docs/method.md, Reference settings of the paper).
 - `auto`: gpu where CUDA is available, else cpu.
 
 Without a config file the preset is auto; a config file applies one only where it names it (`preset: cpu`), so a
 file's run does not change with the machine unless it asks to. Where a preset applies, what the config leaves unset
-comes from the data too: the resolution (the images' side, at most the preset's `MAX_RESOLUTION`) and channels (1 for a grayscale
-image, else 3) from the first training image, and with neither a budget nor a size, `DEFAULT_BUDGET_IPC`, from
-which `hf_d3.sizing` chooses the sizes.
+comes from the data too: the resolution (the images' side, at most the preset's `MAX_RESOLUTION`) and channels (1
+for a grayscale image, else 3) from the first training image, and with neither a budget nor a size,
+`DEFAULT_BUDGET_IPC`, from which `hf_d3.sizing` chooses the sizes.
 """
 
 from __future__ import annotations

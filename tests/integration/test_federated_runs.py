@@ -117,8 +117,8 @@ def test_one_and_two_processes_give_the_same_pipeline(two_process_run, tiny_run,
 
 @pytest.fixture(scope="module")
 def one_short_class_folder(fmnist4_splits, tmp_path_factory) -> Path:
-    """fmnist4 with a single training image of class 3 (Dress): `init: real` with 2 latents per class cannot start
-    subtask 1 (classes 2-3), while subtask 0 is fine."""
+    """fmnist4 with a single training image of class 3 (Dress): `init: real` with 2 images per component cannot
+    start subtask 1 (classes 2-3), while subtask 0 is fine."""
     from datasets import load_dataset
 
     train = fmnist4_splits["train"]
@@ -135,7 +135,7 @@ def one_short_class_folder(fmnist4_splits, tmp_path_factory) -> Path:
 def failed_two_process_run(one_short_class_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("failed_run")
     config = {**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2, "init": "real",
-              "output_dir": str(tmp / "out")}
+              "init_images_per_component": 2, "output_dir": str(tmp / "out")}
     return Path(config["output_dir"]), launch_processes(config, tmp)
 
 
@@ -148,7 +148,8 @@ def test_a_failing_rank_fails_the_job_and_writes_nothing(failed_two_process_run,
     assert "init=real needs 2 real images per class; some class of [2, 3] has fewer" in run.stdout
     for name in ("metrics.json", "pipeline", "samples.png", "config.json", "teacher"):
         assert not (output_dir / name).exists(), name
-    plan = stages_of({**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2, "init": "real"})
+    plan = stages_of({**TINY_RUN, "dataset": str(one_short_class_folder), "num_subtasks": 2, "init": "real",
+                      "init_images_per_component": 2})
     assert plan.subtask_stages[0].is_complete(output_dir)  # rank 0 finished its own subtask
     assert not plan.subtask_stages[1].is_complete(output_dir)
     assert plan.experts[1][0].is_complete(output_dir)  # rank 1 failed after its experts

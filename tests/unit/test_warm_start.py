@@ -30,15 +30,19 @@ def test_warm_start_fits_real_images(data):
     warm_start(store, decoder, data, steps=30, lr=1e-2, generator=torch.Generator().manual_seed(0),
                images_per_component=5, prior_weight=0.0)
     assert store.logvar.exp().min() >= 0.01 - 1e-6 and store.logvar.exp().max() > 0.011  # a spread was fitted
-    with pytest.raises(ValueError, match=r"needs 200 real images per class; .* \(2 latents x 100 images"):
+    with pytest.raises(ValueError, match=r"needs 1000 real images per class; .* \(init_images_per_component=1000"):
         warm_start(store, decoder, data, steps=1, lr=1e-2, generator=torch.Generator().manual_seed(0),
-                   images_per_component=100)
+                   images_per_component=1000)
 
     # no steps, no error to report: None, which json writes as null (NaN is not JSON)
     store, decoder = make_store_and_decoder()
     assert warm_start(store, decoder, data, steps=0, lr=1e-2, generator=torch.Generator().manual_seed(0)) is None
 
+    # a class of fewer images than components: its one image serves both of its components
     short = RealImages(data.images[:3], torch.tensor([0, 0, 1]), [0, 1])
     store, decoder = make_store_and_decoder(class_ids=(0, 1))
+    warm_start(store, decoder, short, steps=0, lr=1e-2, generator=torch.Generator().manual_seed(0), prior_weight=0.0)
+    assert torch.isfinite(store.mean).all() and not torch.equal(store.mean[2], store.mean[3])  # own latents each
     with pytest.raises(ValueError, match=r"init=real needs 2 real images per class; some class of \[0, 1\]"):
-        warm_start(store, decoder, short, steps=1, lr=1e-2, generator=torch.Generator().manual_seed(0))
+        warm_start(store, decoder, short, steps=1, lr=1e-2, generator=torch.Generator().manual_seed(0),
+                   images_per_component=2)

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: RealImages, steps: int, lr: float,
                generator: torch.Generator, images_per_component: int = 1, batch_size: int = 256,
                prior_weight: float = 0.01) -> float | None:
-    """Fit the decoder to reconstruct `images_per_component` real images per component.
+    """Fit the decoder to reconstruct `images_per_component` real images per component (a class with fewer images
+than its components need uses them in turn).
 
     Every real image gets a free latent (generative latent optimisation), pulled towards its component's mean
     by `prior_weight`; each component then becomes the Gaussian of its images' latents (mean, per-dimension
@@ -30,12 +31,13 @@ def warm_start(store: GaussianLatentStore, decoder: D3Decoder, data: RealImages,
     with `steps=0` (nothing was fitted; the components still become the Gaussians of their images' latents).
     """
     m, r = store.config.latents_per_class, images_per_component
-    # pick the images by index first, then read only those (the cache holds the rest)
-    targets = data.images[torch.cat([x[torch.randperm(len(x), generator=generator)[:m * r]]
-                                     for x in data.indices_by_class])]
-    if len(targets) != store.num_components * r:
-        raise ValueError(f"init=real needs {m * r} real images per class; some class of {folded_ids(data.class_ids)} "
-                         f"has fewer ({m} latents x {r} images per component)")
+    if min(len(x) for x in data.indices_by_class) < r:
+        raise ValueError(f"init=real needs {r} real images per class; some class of {folded_ids(data.class_ids)} "
+                         f"has fewer (init_images_per_component={r})")
+    # pick the images by index first, then read only those (the cache holds the rest); a class with fewer than
+    # m x r images uses them in turn, so components share images (each still gets r different ones)
+    targets = data.images[torch.cat([x[torch.randperm(len(x), generator=generator)].repeat(-(-m * r // len(x)))
+                                     [:m * r] for x in data.indices_by_class])]
     component = torch.arange(store.num_components, device=targets.device).repeat_interleave(r)
     latents = nn.Parameter(store.mean.detach()[component] + 0.1 * torch.randn(
         len(targets), store.config.latent_dim, generator=generator).to(targets.device))
