@@ -16,8 +16,11 @@ from pathlib import Path
 from record import RESULTS, load_records
 
 ROOT = RESULTS.parents[1]
-DATASETS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (3,390 train images)"}
-METHODS = ("D3", "D3-hand", "prototypes", "R+H", "R+S")
+DATASETS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (3,390 train images)",
+            "tiny_imagenet": "Tiny ImageNet at 32x32 (CPU protocol: recipes/configs/tinyimagenet_cpu.yaml)"}
+METHODS = ("D3", "D3-hand", "prototypes", "prototypes-converged", "R+H", "R+S", "R+S-low")
+# the unit a curve's budgets count and the dtype its D3 is stored in: values and float32 unless a record says other
+UNITS = (("values", "float32"), ("bytes", "int8"), ("bytes", "float16"), ("bytes", "float32"))
 MACHINES = {  # what each machine id of the records is
     "amd-epyc-2c": "2-core x86_64 AMD EPYC (KVM, AVX-512), 24 GiB, no GPU; Python 3.11, torch 2.13.0 CPU, "
                    "`MALLOC_*` as in the Makefile",
@@ -65,26 +68,57 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
     curve = [r for r in results["accuracy_vs_storage"] if "variant" not in r["settings"]]
     lines = ["## Accuracy against storage", "",
              "Test accuracy of fresh students (%, mean ± std over student seeds) trained on what each method stores "
-             "within the budget (in images per class: IPC-equivalents). D3: sizes from the budget alone; D3-hand: "
-             "a shipped config's hand-chosen sizes; prototypes: real images optimised with D3's objective; R+H / "
-             "R+S: random real images with class / teacher labels. Protocol: `benchmarks/accuracy_vs_storage.py`; "
-             "`-`: not measured.", ""]
+             "within the budget, in images per class (IPC-equivalents). In values (the paper's unit), a stored "
+             "value counts as one image value; in bytes, D3's files are counted against uint8 images, the real "
+             "and prototype images are uint8 and their soft labels are stored as D3's are. D3: sizes from the "
+             "budget alone; D3-hand: a shipped config's hand-chosen sizes; prototypes: real images optimised with "
+             "D3's objective for the curve's iterations (prototypes-converged: until their held-out accuracy stops "
+             "rising, `benchmarks/converged.py`); R+H / R+S: random real images with class / teacher labels; "
+             "R+S-low: R+S stored 2 or 4 times smaller per side, so more fit. Protocol: "
+             "`benchmarks/accuracy_vs_storage.py`; `-`: not measured.", ""]
     for dataset, title in DATASETS.items():
-        budgets = sorted({r["settings"]["budget_ipc"] for r in curve if r["settings"]["dataset"] == dataset})
-        rows = []
-        for budget in budgets:
-            row = [f"{budget:g}"]
-            for method in METHODS:
-                record = latest(curve, dataset=dataset, budget_ipc=budget, method=method)
-                if record is None:
-                    row.append("-")
-                    continue
-                command = (record["command"].replace(f"--budgets {budget:g}", "--budgets <budget>")
-                           .replace(f"--methods {method}", "--methods <method>"))
-                row.append(f"{mean_std(record['figures']['accuracies'], 100)} {notes(record, command)}")
-            rows.append(row)
-        lines += [f"### {title}", "", *table(["budget (IPC-eq)", *METHODS], rows), ""]
+        for unit, dtype in UNITS:
+            records = [r for r in curve if r["settings"]["dataset"] == dataset
+                       and (r["settings"].get("unit", "values"), r["settings"].get("storage_dtype", "float32"))
+                       == (unit, dtype)]
+            if not records:
+                continue
+            rows = []
+            for budget in sorted({r["settings"]["budget_ipc"] for r in records}):
+                row = [f"{budget:g}"]
+                for method in METHODS:
+                    record = latest(records, budget_ipc=budget, method=method)
+                    if record is None:
+                        row.append("-")
+                        continue
+                    command = (record["command"].replace(f"--budgets {budget:g}", "--budgets <budget>")
+                               .replace(f"--methods {method}", "--methods <method>"))
+                    row.append(f"{mean_std(record['figures']['accuracies'], 100)} {notes(record, command)}")
+                rows.append(row)
+            where = "" if (unit, dtype) == ("values", "float32") else f", in bytes (D3 stored in {dtype})"
+            lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {unit})", *METHODS], rows), ""]
     return lines
+
+
+def storage_dtype_table(results: dict, notes: Notes) -> list[str]:
+    """One distilled set stored in each dtype: what quantising at the end costs in accuracy, and saves in bytes."""
+    rows = []
+    for record in results.get("storage_dtype", []):
+        figures = record["figures"]
+        reference = statistics.mean(figures["float32"]["accuracies"]) if "float32" in figures else None
+        for dtype, row in figures.items():
+            change = ("" if reference is None or dtype == "float32"
+                      else f"{100 * (statistics.mean(row['accuracies']) - reference):+.2f}")
+            rows.append([record["settings"]["config"], dtype, mean_std(row["accuracies"], 100), change,
+                         f"{row['total_bytes']:,}", f"{row['ipc_equivalent_bytes']:.2f}", notes(record)])
+    if not rows:
+        return []
+    return ["### One distilled set in each storage dtype", "",
+            "`benchmarks/storage_dtype.py`: the same distillation, quantised at the end of the run and relabelled "
+            "before; each dtype's students train on what its files give back. Accuracy (%), its change against "
+            "float32 (points), stored bytes and the IPC-equivalent in bytes.", "",
+            *table(["config", "storage dtype", "accuracy", "vs float32", "bytes", "IPC-eq (bytes)", "note"], rows),
+            ""]
 
 
 def ceiling_table(results: dict, notes: Notes) -> list[str]:
@@ -204,7 +238,8 @@ def scale_tables(results: dict, notes: Notes) -> list[str]:
 def render(results_dir: Path = RESULTS) -> str:
     results = {path.stem: load_records(path) for path in sorted(results_dir.glob("*.json"))}
     notes = Notes()
-    body = [*accuracy_tables(results, notes), *ceiling_table(results, notes), *gpu_tinyimagenet_table(results, notes),
+    body = [*accuracy_tables(results, notes), *storage_dtype_table(results, notes), *ceiling_table(results, notes),
+            *gpu_tinyimagenet_table(results, notes),
             *speed_table(results, notes),
             *scale_tables(results, notes)]
     head = ["# Benchmarks", "",
