@@ -1,9 +1,10 @@
 """One distilled set stored in each `storage_dtype`: test accuracy and bytes against float32 (docs/method.md, Storage).
 
     python benchmarks/storage_dtype.py --config recipes/configs/fashion_mnist.yaml --output_dir outputs/storage_dtype \
-        [--dtypes float32 float16 bfloat16 int8] [any D3Config override]
+        [--dtypes float32 float16 bfloat16 int8] [--stage_dir DIR] [any D3Config override]
 
-Every dtype's run is `recipes/distill.py` with `--storage_dtype <dtype>` and one `--stage_dir`, so the experts, the
+Every dtype's run is `recipes/distill.py` with `--storage_dtype <dtype>` and one `--stage_dir` (default
+`<output_dir>/stages`; a curve's shared stages reuse its distilled set and float32 students), so the experts, the
 subtasks and the teacher are distilled and trained once (the storage dtype is in no key of theirs: the set is
 quantised at the end of the run, after relabelling) and each dtype gets its own students, which train on what its
 files give back. The sizes are the config's (or the budget's in values, so every dtype holds the same values): the
@@ -28,8 +29,9 @@ def main():
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--dtypes", nargs="+", choices=STORAGE_DTYPES, default=list(STORAGE_DTYPES))
+    parser.add_argument("--stage_dir", type=Path, default=None)
     args, overrides = parser.parse_known_args()
-    stage_dir = args.output_dir / "stages"
+    stage_dir = args.stage_dir or args.output_dir / "stages"
     rows = {}
     for dtype in args.dtypes:
         run = args.output_dir / dtype
