@@ -181,27 +181,7 @@ TINY_RUN = {
 }
 
 
-PNG_CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat"]  # Fashion-MNIST classes 0-4
-
-
-def write_png_folder(root: Path, per_class: dict[str, int], side: int = 28, mode: str = "L") -> Path:
-    """Real Fashion-MNIST images of 5 classes as `<root>/<split>/<class>/<n>.png`, at `side` in PIL `mode`."""
-    import numpy as np
-    from PIL import Image
-
-    from hf_d3.data import FASHION_MNIST_DIR, _read_idx
-
-    images = _read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
-    labels = _read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
-    start = 0
-    for split, count in per_class.items():
-        for label, name in enumerate(PNG_CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for n, index in enumerate(np.flatnonzero(labels == label)[start:start + count]):
-                image = Image.fromarray(images[index]).resize((side, side)).convert(mode)
-                image.save(root / split / name / f"{n}.png")
-        start += count
-    return root
+from own_data import PNG_CLASSES, write_png_folder  # noqa: E402, F401  (the stand-in of benchmarks/own_data.py)
 
 
 @pytest.fixture
