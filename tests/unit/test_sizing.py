@@ -18,6 +18,7 @@ from hf_d3.config import PAPER_SIZES, D3Config
 from hf_d3.config_parser import parse_config
 from hf_d3.factories import build_decoder, planned_storage
 from hf_d3.models.decoder import upsampling_stages
+from hf_d3.presets import PRESETS
 from hf_d3.quantization import STORAGE_DTYPES, VALUE_BYTES
 from hf_d3.run import run_distillation
 from hf_d3.run_plan import plan_subtasks
@@ -36,6 +37,8 @@ GRID = [c for c in itertools.product(BUDGETS, CLASSES, RESOLUTIONS, CHANNELS, SU
 TOO_SMALL = {(1, 1000, r, 1, k) for r in (28, 32) for k in SUBTASKS} | {(1, 10, 28, 1, 5)}
 
 SMALLEST_BUDGET = re.compile(r"smallest budget that works is ([0-9.]+) IPC-equivalent")
+
+CPU_DECODER_WIDTH = PRESETS["cpu"]["decoder_max_width"]
 
 
 def test_the_solver_never_exceeds_the_budget_and_fills_at_least_90_percent_of_it():
@@ -235,7 +238,7 @@ def test_the_plan_recipe_prints_the_sizes_and_the_storage():
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "plan.py"
     run = subprocess.run([sys.executable, str(recipe), "--resolution", "32", "--channels", "3", "--num_classes", "10",
                           "--storage_budget_ipc", "2"], capture_output=True, text=True, check=True)
-    sizes = solve_sizes(2, 10, 32, 3)
+    sizes = solve_sizes(2, 10, 32, 3, max_decoder_width=CPU_DECODER_WIDTH)  # no config, no CUDA: the cpu preset
     assert "sizes chosen from the budget" in run.stdout
     assert f"latents_per_class: {sizes.latents_per_class}" in run.stdout
     assert f"decoder_channels: {sizes.decoder_channels}" in run.stdout
@@ -248,7 +251,8 @@ def test_the_plan_recipe_prints_a_budget_in_bytes_and_both_ipc_equivalents():
     run = subprocess.run([sys.executable, str(recipe), "--resolution", "28", "--channels", "1", "--num_classes", "10",
                           "--storage_budget_ipc", "10", "--budget_unit", "bytes", "--storage_dtype", "int8"],
                          capture_output=True, text=True, check=True)
-    report = solve_sizes(10, 10, 28, 1, storage_dtype="int8", budget_unit="bytes").storage(10, 28, 1, 1, "int8")
+    report = solve_sizes(10, 10, 28, 1, storage_dtype="int8", budget_unit="bytes",
+                         max_decoder_width=CPU_DECODER_WIDTH).storage(10, 28, 1, 1, "int8")
     assert (f"storage in int8: {report.total_values:,} values = {report.ipc_equivalent:.2f} IPC-equivalent (budget "
             f"10 in bytes); {report.total_bytes:,} bytes = {report.ipc_equivalent_bytes:.2f} IPC-equivalent in bytes"
             in run.stdout)
