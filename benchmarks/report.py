@@ -100,6 +100,25 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
     return lines
 
 
+def own_data_table(results: dict, notes: Notes) -> list[str]:
+    """The defaults on a newcomer's data: `recipes/distill.py --dataset <data> --storage_budget_ipc <B>` alone."""
+    rows = []
+    for record in results.get("own_data", []):
+        s, figures = record["settings"], record["figures"]
+        rows.append([s["dataset"], f"{s['storage_budget_ipc']:g}", f"{figures['resolution']}x{figures['resolution']}"
+                     f"x{figures['channels']}", f"{figures['wall_time_s'] / 60:.1f}", f"{figures['peak_rss_gib']:.2f}",
+                     mean_std(figures["accuracies"], 100), f"{100 * figures['teacher_accuracy']:.2f}",
+                     record["machine"], notes(record)])
+    if not rows:
+        return []
+    return ["### Your own data with the defaults", "",
+            "`benchmarks/own_data.py`: `accelerate launch recipes/distill.py --dataset <data> --storage_budget_ipc "
+            "<budget>` and nothing else (the preset of the machine, the resolution and channels from the images). "
+            "Wall time (min), peak resident memory (GiB), students' and teacher's test accuracy (%).", "",
+            *table(["dataset", "budget (IPC-eq)", "images", "minutes", "peak GiB", "accuracy", "teacher",
+                    "machine", "note"], rows), ""]
+
+
 def storage_dtype_table(results: dict, notes: Notes) -> list[str]:
     """One distilled set stored in each dtype: what quantising at the end costs in accuracy, and saves in bytes."""
     rows = []
@@ -238,7 +257,8 @@ def scale_tables(results: dict, notes: Notes) -> list[str]:
 def render(results_dir: Path = RESULTS) -> str:
     results = {path.stem: load_records(path) for path in sorted(results_dir.glob("*.json"))}
     notes = Notes()
-    body = [*accuracy_tables(results, notes), *storage_dtype_table(results, notes), *ceiling_table(results, notes),
+    body = [*accuracy_tables(results, notes), *storage_dtype_table(results, notes), *own_data_table(results, notes),
+            *ceiling_table(results, notes),
             *gpu_tinyimagenet_table(results, notes),
             *speed_table(results, notes),
             *scale_tables(results, notes)]
