@@ -495,8 +495,10 @@ def main():
         key = {"dataset": args.dataset, "budget": f"{ipc:g}", "unit": budget.unit,
                "storage_dtype": budget.storage_dtype, "settings": settings}
         if "D3" in args.methods and not is_done(folder, "D3", settings):
-            save_row(folder, "D3", key, d3_row(config_path, [*overrides, "--storage_budget_ipc", str(ipc)],
-                                               out / "shared", folder / "d3", args.seeds))
+            # the weight explicitly: D3's run would choose it from its values' IPC-equivalent, not from a budget
+            # in bytes
+            d3_args = [*overrides, "--storage_budget_ipc", str(ipc), "--hard_label_weight", str(weight)]
+            save_row(folder, "D3", key, d3_row(config_path, d3_args, out / "shared", folder / "d3", args.seeds))
         if ("D3-hand" in args.methods and budget.unit == "values" and (args.dataset, ipc) in HAND_SIZED
                 and not is_done(folder, "D3-hand", settings)):
             hand_config = hand_sized_config(args.dataset, ipc, config_path, folder)

@@ -28,11 +28,13 @@ from accuracy_vs_storage import (  # this folder is on sys.path when the script 
     Budget,
     base_config,
     held_out_scorer,
+    is_done,
     merge_and_plot,
     prepare_shared,
     prototype_sampler,
     prototype_set,
     row_settings,
+    same_settings,
     save_row,
     saved_row,
 )
@@ -87,6 +89,10 @@ def main():
             raise SystemExit(f"{folder} has no prototypes row: run benchmarks/accuracy_vs_storage.py --methods "
                              f"prototypes --budgets {budget:g} first (its label weight is reused)")
         weight, settings = curve_row["row"]["hard_label_weight"], curve_row["settings"]
+        mine = {**base.to_dict(), "hard_label_weight": settings.get("hard_label_weight")}
+        if not same_settings(settings, {k: v for k, v in mine.items() if k in settings}):
+            raise SystemExit(f"{folder}'s prototypes row was made with other settings than these overrides "
+                             f"({overrides}): give the curve's")
         config = dataclasses.replace(base, relabel=dataclasses.replace(base.relabel, hard_label_weight=weight))
         progress_path = folder / "converged_prototypes.json"
         progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
@@ -111,8 +117,11 @@ def main():
             print(f"ipc {budget:g}: prototypes x{multiple} ({iterations} iterations): held-out "
                   f"{scores[multiple]:.2f} %")
         best = max(scores, key=scores.get)
+        settings_converged = {**row_settings("prototypes", settings), "multiples": list(MULTIPLES),
+                              "at_least": args.at_least, "min_gain": args.min_gain}
         done = saved_row(folder, "prototypes-converged")
-        if done and done["row"]["multiple"] == best and len(done["row"]["accuracies"]) >= args.seeds:
+        if (is_done(folder, "prototypes-converged", settings_converged) and done["row"]["multiple"] == best
+                and len(done["row"]["accuracies"]) >= args.seeds):
             continue
         prototypes = load_file(folder / f"converged_prototypes_x{best}.safetensors")["prototypes"]
         accuracies = evaluate_with_config(config.evaluation, config.experts,
@@ -122,9 +131,7 @@ def main():
                "hard_label_weight": weight, "held_out_by_multiple": {str(m): s for m, s in sorted(scores.items())},
                "converged": converged(scores, args.at_least, args.min_gain)}
         key = {"dataset": args.dataset, "budget": f"{budget:g}", "unit": budget_of.unit,
-               "storage_dtype": budget_of.storage_dtype,
-               "settings": {**row_settings("prototypes", settings), "multiples": list(MULTIPLES),
-                            "at_least": args.at_least, "min_gain": args.min_gain}}
+               "storage_dtype": budget_of.storage_dtype, "settings": settings_converged}
         save_row(folder, "prototypes-converged", key, row)
     merge_and_plot(args.output_dir, args.output_dir / "accuracy_vs_storage.png")
 

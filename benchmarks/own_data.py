@@ -46,7 +46,7 @@ def write_png_folder(root: Path, per_class: dict[str, int], side: int = 28, mode
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset")
+    parser.add_argument("--dataset", help="an image folder (relative to where you run this) or a Hub dataset id")
     parser.add_argument("--storage_budget_ipc", type=float, default=10)
     parser.add_argument("--output_dir", type=Path)
     parser.add_argument("--write_png_folder", type=Path, help="write the 5-class PNG stand-in here and exit")
@@ -60,11 +60,13 @@ def main():
                "--dynamo_backend", "no", "recipes/distill.py", "--dataset", args.dataset,
                "--storage_budget_ipc", f"{args.storage_budget_ipc:g}", "--output_dir", str(args.output_dir)]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *command[2:]], cwd=ROOT, check=True)
+    recipe = command.index("recipes/distill.py")  # run from here, so relative paths mean what they say
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *command[2:recipe],
+                    str(ROOT / "recipes/distill.py"), *command[recipe + 1:]], check=True)
     wall_time = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest process that ran, on Linux
-    metrics = json.loads((ROOT / args.output_dir / "metrics.json").read_text())
-    chosen = json.loads((ROOT / args.output_dir / "config.json").read_text())
+    metrics = json.loads((args.output_dir / "metrics.json").read_text())
+    chosen = json.loads((args.output_dir / "config.json").read_text())
     dataset = Path(args.dataset)
     figures = {"wall_time_s": round(wall_time, 1), "peak_rss_gib": round(peak_kib / 2**20, 2),
                "accuracies": metrics["accuracies"], "teacher_accuracy": metrics.get("teacher_accuracy"),

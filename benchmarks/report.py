@@ -19,8 +19,6 @@ ROOT = RESULTS.parents[1]
 DATASETS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (3,390 train images)",
             "tiny_imagenet": "Tiny ImageNet at 32x32 (CPU protocol: recipes/configs/tinyimagenet_cpu.yaml)"}
 METHODS = ("D3", "D3-hand", "prototypes", "prototypes-converged", "R+H", "R+S", "R+S-low")
-# the unit a curve's budgets count and the dtype its D3 is stored in: values and float32 unless a record says other
-UNITS = (("values", "float32"), ("bytes", "int8"), ("bytes", "float16"), ("bytes", "float32"))
 MACHINES = {  # what each machine id of the records is
     "amd-epyc-2c": "2-core x86_64 AMD EPYC (KVM, AVX-512), 24 GiB, no GPU; Python 3.11, torch 2.13.0 CPU, "
                    "`MALLOC_*` as in the Makefile",
@@ -76,13 +74,13 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
              "rising, `benchmarks/converged.py`); R+H / R+S: random real images with class / teacher labels; "
              "R+S-low: R+S stored 2 or 4 times smaller per side, so more fit. Protocol: "
              "`benchmarks/accuracy_vs_storage.py`; `-`: not measured.", ""]
+    def unit_of(record: dict) -> tuple[str, str]:  # what its budget counts, how its D3 is stored
+        return record["settings"].get("unit", "values"), record["settings"].get("storage_dtype", "float32")
+
     for dataset, title in DATASETS.items():
-        for unit, dtype in UNITS:
-            records = [r for r in curve if r["settings"]["dataset"] == dataset
-                       and (r["settings"].get("unit", "values"), r["settings"].get("storage_dtype", "float32"))
-                       == (unit, dtype)]
-            if not records:
-                continue
+        for unit, dtype in sorted({unit_of(r) for r in curve if r["settings"]["dataset"] == dataset},
+                                  key=lambda u: (u != ("values", "float32"), u)):
+            records = [r for r in curve if r["settings"]["dataset"] == dataset and unit_of(r) == (unit, dtype)]
             rows = []
             for budget in sorted({r["settings"]["budget_ipc"] for r in records}):
                 row = [f"{budget:g}"]
@@ -95,7 +93,7 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
                                .replace(f"--methods {method}", "--methods <method>"))
                     row.append(f"{mean_std(record['figures']['accuracies'], 100)} {notes(record, command)}")
                 rows.append(row)
-            where = "" if (unit, dtype) == ("values", "float32") else f", in bytes (D3 stored in {dtype})"
+            where = "" if (unit, dtype) == ("values", "float32") else f", in {unit} (D3 stored in {dtype})"
             lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {unit})", *METHODS], rows), ""]
     return lines
 

@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from record import save_record  # this folder is on sys.path when the script runs
+from accuracy_vs_storage import portable  # this folder is on sys.path when the script runs
+from record import save_record
 
 from hf_d3.quantization import STORAGE_DTYPES
 
@@ -44,7 +45,7 @@ def main():
                        "ipc_equivalent_bytes": storage["ipc_equivalent_bytes"]}
         print(f"{dtype}: {100 * sum(metrics['accuracies']) / len(metrics['accuracies']):.2f} % over "
               f"{len(metrics['accuracies'])} students, {storage['total_bytes']:,} bytes")
-    settings = {"config": str(args.config), "overrides": overrides}
+    settings = {"config": portable(str(args.config.resolve())), "overrides": overrides}
     save_record("storage_dtype", settings, rows,
                 notes="one distillation (quantised at the end of the run); students per dtype on its stored files")
 

@@ -7,7 +7,8 @@ default with where it came from (preset, config, command line, the images).
 """
 
 import argparse
-import os
+
+import torch
 
 from hf_d3.cli import run_recipe
 from hf_d3.config import PAPER_SIZES
@@ -58,7 +59,7 @@ def main():
         return
     estimate = estimate_run(config, plan, num_train_images)
     phases = ", ".join(f"{phase} {seconds / 60:.1f}" for phase, seconds in estimate.seconds.items())
-    print(f"estimate (on {len(os.sched_getaffinity(0))} core(s); rough, see hf_d3.estimate): "
+    print(f"estimate (on {torch.get_num_threads()} core(s); rough, see hf_d3.estimate): "
           f"{estimate.total_seconds / 60:.1f} min ({phases}), peak memory {estimate.peak_bytes / 2**30:.1f} GiB")
 
 

@@ -70,8 +70,10 @@ def parse_with_sources(args: list[str] | None = None, *extra: type) -> tuple[tup
         values = load_yaml(known.config, extra_fields | {"preset"})
         if known.sizes == "auto":  # the command line lets the budget choose: the file's sizes would win over it
             values = {name: value for name, value in values.items() if name not in PAPER_SIZES}
-    preset = known.preset or values.pop("preset", None) or (None if known.config else "auto")
-    command_line = {arg[2:].partition("=")[0] for arg in args if arg.startswith("--")} | set(unset)
+    file_preset = values.pop("preset", None)
+    preset = known.preset or file_preset or (None if known.config else "auto")
+    # HfArgumentParser takes --init-steps as --init_steps
+    command_line = {arg[2:].partition("=")[0].replace("-", "_") for arg in args if arg.startswith("--")} | set(unset)
     sources = {**dict.fromkeys(values, "config"), **dict.fromkeys(command_line - {"config", "preset"}, "command line")}
     parser.set_defaults(**values)
     if preset is not None:

@@ -11,7 +11,6 @@ on a real run is tested (tests/unit/test_presets.py).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +76,7 @@ def estimate_run(config: D3Config, plan: RunPlan, num_train_images: int) -> Esti
         "students": 3 * student_flops * config.evaluation.eval_batch_size * config.evaluation.eval_steps
         * config.evaluation.eval_seeds,
     }
-    cores = len(os.sched_getaffinity(0))
+    cores = torch.get_num_threads()
     seconds = {phase: count / (FLOPS_PER_CORE_S * cores) for phase, count in flops.items()}
     bytes_per_value = 4 * SAVED_PER_ACTIVATION
     unroll = max(unrolled) * objective.syn_steps * net_values * bytes_per_value

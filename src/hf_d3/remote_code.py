@@ -32,9 +32,11 @@ D3Pipeline.__init__.__annotations__.update(latent_store=ModelMixin, decoder=Mode
 '''
 _PREFER_HF_D3 = '''
 
-# Where hf_d3 is installed, its own classes stand in for the copies above, so `isinstance` checks hold.
+# Where hf_d3 is installed, its own classes stand in for the copies above, so `isinstance` checks hold (not an
+# hf_d3 older than storage dtypes, which would misread int8 or half-precision files).
 try:
     _hf_d3 = importlib.import_module("hf_d3")
+    importlib.import_module("hf_d3.quantization")
 except ImportError:
     pass
 else:

@@ -63,3 +63,14 @@ def test_a_preset_is_chosen_by_name_or_by_the_machine(mydata, monkeypatch):
     assert parse_config(["--dataset", str(mydata), "--preset", "gpu"]).experts.num_experts == 20
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert parse_config(["--dataset", str(mydata)]).experts.net_width == PRESETS["gpu"]["net_width"]
+
+
+def test_dashed_options_count_as_given_and_a_files_preset_yields_to_the_command_lines(mydata, tmp_path,
+                                                                                      without_cuda):
+    (config,), sources = parse_with_sources(["--dataset", str(mydata), "--latents-per-class", "3"])
+    assert config.representation.latents_per_class == 3 and sources["latents_per_class"] == "command line"
+    assert config.representation.storage_budget_ipc is None  # a size given: no default budget beside it
+    file = tmp_path / "preset.yaml"
+    file.write_text(yaml.safe_dump({"preset": "cpu", "dataset": str(mydata)}))
+    (config,), sources = parse_with_sources(["--config", str(file), "--preset", "gpu"])
+    assert "preset" not in sources and config.experts.net_width == PRESETS["gpu"]["net_width"]
