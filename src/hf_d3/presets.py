@@ -13,7 +13,7 @@ A preset names the networks, batch sizes, steps and phases of a run:
 
 Without a config file the preset is auto; a config file applies one only where it names it (`preset: cpu`), so a
 file's run does not change with the machine unless it asks to. Where a preset applies, what the config leaves unset
-comes from the data too: the resolution (the images' side, at most the preset's `MAX_RESOLUTION`) and channels (1
+comes from the data too: the resolution (the images' side, even, at most the preset's `MAX_RESOLUTION`) and channels (1
 for a grayscale image, else 3) from the first training image, and with neither a budget nor a size,
 `DEFAULT_BUDGET_IPC`, from which `hf_d3.sizing` chooses the sizes.
 """
@@ -63,7 +63,8 @@ def preset_defaults(name: str, data: DataConfig, given: set[str]) -> dict[str, t
     defaults = {key: (value, f"preset {name}") for key, value in PRESETS[name].items()}
     if not {"resolution", "channels"} <= given:
         side, channels = image_shape_of(data)
-        defaults |= {"resolution": (min(side, MAX_RESOLUTION[name]), "the images"),
+        # an odd side is rounded down: the decoder doubles an integer side to the resolution
+        defaults |= {"resolution": (min(side - side % 2, MAX_RESOLUTION[name]), "the images"),
                      "channels": (channels, "the images")}
     if not {*PAPER_SIZES, "sizes", "storage_budget_ipc"} & given:
         defaults["storage_budget_ipc"] = (DEFAULT_BUDGET_IPC, "the default budget")

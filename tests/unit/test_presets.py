@@ -43,6 +43,8 @@ def test_resolution_and_channels_come_from_the_images_at_most_the_presets_side(t
     large = write_png_folder(tmp_path / "large", {"train": 1}, side=80, mode="RGB")
     assert parse_config(["--dataset", str(large)]).data.resolution == MAX_RESOLUTION["cpu"] == 32
     assert parse_config(["--dataset", str(large), "--preset", "gpu"]).data.resolution == MAX_RESOLUTION["gpu"] == 64
+    odd = write_png_folder(tmp_path / "odd", {"train": 1}, side=27, mode="RGB")
+    assert parse_config(["--dataset", str(odd)]).data.resolution == 26  # a side the decoder's doublings reach
 
 
 def test_explicit_settings_win_over_the_preset_and_the_images(mydata, tmp_path, without_cuda):
