@@ -57,7 +57,7 @@ from hf_d3.baselines import (
     random_real_sampler,
     split_held_out,
 )
-from hf_d3.config import PAPER_SIZES, D3Config, RepresentationConfig
+from hf_d3.config import PAPER_SIZES, D3Config, DistillationConfig, RepresentationConfig
 from hf_d3.config_parser import parse_config
 from hf_d3.data import (
     RealImages,
@@ -329,6 +329,10 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan
 BEFORE_IT_EXISTED = {"hard_label_weight": 0.0}
 # settings that say where and how a run reports, not what it computes (and where the data is read from: a row's
 # key names its dataset)
+# settings only distilled sets depend on (their sizes, warm start and objective): a new distillation setting keeps
+# the random-real rows
+DISTILLATION_ONLY = ({f.name for f in dataclasses.fields(DistillationConfig)}
+                     | {f.name for f in dataclasses.fields(RepresentationConfig)}) - {"budget_unit", "storage_dtype"}
 BOOKKEEPING = {"output_dir", "stage_dir", "log_every", "report_to", "collective_timeout_s", "checkpoint_every",
                "push_to_hub", "hub_model_id", "hub_dataset_id", "hub_private", "dataset"}
 
@@ -347,8 +351,11 @@ def same_settings(saved: dict, current: dict) -> bool:
 
 
 def row_settings(method: str, settings: dict) -> dict:
-    """The settings a method's row depends on: R+H's labels are class ids, whatever the teacher's labels are; R+S
-    and the prototypes choose their labels' hard-label weight on held-out images."""
+    """The settings a method's row depends on: random real images are drawn without the distillation's settings
+    (`DISTILLATION_ONLY`); R+H's labels are class ids, whatever the teacher's labels are; R+S and the prototypes
+    choose their labels' hard-label weight on held-out images."""
+    if method in ("R+H", "R+S", "R+S-low"):
+        settings = {k: v for k, v in settings.items() if k not in DISTILLATION_ONLY}
     if method == "R+H":
         return {k: v for k, v in settings.items() if k != "hard_label_weight"}
     if method in ("R+S", "R+S-low", "prototypes"):

@@ -42,6 +42,15 @@ def test_real_images_with_class_ids_ignore_the_label_weight(bench, settings):
     assert bench.same_settings(bench.row_settings("R+H", {**settings, "hard_label_weight": 0.0}), r_h)
 
 
+def test_random_real_rows_outlive_a_change_of_the_distillation_settings(bench, settings):
+    changed = {**settings, "syn_batch_size": 128, "init_steps": 5, "decoder_max_width": 8}
+    for method in ("R+H", "R+S", "R+S-low"):
+        assert bench.same_settings(bench.row_settings(method, settings), bench.row_settings(method, changed))
+    assert not bench.same_settings(bench.row_settings("R+S", settings), {**changed, "eval_steps": 7})
+    for method in ("D3", "prototypes"):
+        assert not bench.same_settings(bench.row_settings(method, settings), bench.row_settings(method, changed))
+
+
 def test_soft_label_baselines_choose_between_teacher_labels_and_d3s_mix(bench, settings):
     assert bench.baseline_label_weights(0.4) == [0.0, 0.4] and bench.baseline_label_weights(0.0) == [0.0]
     for method in ("R+S", "prototypes"):
