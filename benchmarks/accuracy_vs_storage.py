@@ -40,6 +40,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,8 @@ def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: i
     command = [sys.executable, str(ROOT / "recipes/distill.py"), "--config", str(config_path), *args,
                "--output_dir", str(run), "--stage_dir", str(shared), "--eval_seeds", str(seeds)]
     subprocess.run(command, check=True)
+    # the largest resident set of this process's children so far: D3's run, the first child a curve run starts
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     metrics = json.loads((run / "metrics.json").read_text())
     chosen = json.loads((run / "config.json").read_text())
     storage = metrics["storage"]
@@ -183,7 +186,8 @@ def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: i
             "accuracies": metrics["accuracies"], "over_budget": False,
             "sizes": {k: chosen[k] for k in PAPER_SIZES},
             "iterations": [s["iterations_run"] for s in metrics["subtasks"]],
-            "distill_wall_time_s": sum(s["distill_wall_time_s"] for s in metrics["subtasks"])}
+            "distill_wall_time_s": sum(s["distill_wall_time_s"] for s in metrics["subtasks"]),
+            "peak_rss_gib": round(peak_rss_gib, 2)}
 
 
 def prototype_set(config, shared: RunPlan, train, test: RealImages, budget: Budget) -> tuple[torch.Tensor, dict]:

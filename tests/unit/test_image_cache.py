@@ -25,7 +25,7 @@ import hf_d3.cache_builder
 import hf_d3.data
 from hf_d3.config import DataConfig
 from hf_d3.data import CachedImages, RealImages, cache_folder, image_cache, load_images, load_split
-from hf_d3.distill.losses import class_mmd_loss
+from hf_d3.distill.losses import class_mmd_parts
 from hf_d3.distill.warm_start import warm_start
 from hf_d3.experts import train_classifier
 from hf_d3.factories import build_decoder, build_latent_store
@@ -257,7 +257,7 @@ def test_consumers_draw_the_same_from_the_cache_as_from_a_tensor(fmnist4_tensors
         decoder = build_decoder(config.representation, config.data)
         generator = torch.Generator().manual_seed(2)
         mse = warm_start(store, decoder, data, 3, lr=1e-3, generator=generator)
-        mmd = class_mmd_loss(store, decoder, data, lambda x, net=net: net(x).logits, 4, [1.0, 2.0], generator)
+        mmd = sum(class_mmd_parts(store, decoder, data, lambda x, net=net: net(x).logits, 4, [1.0, 2.0], generator))
         results.append((torch.stack(trajectory), mse, store.mean.detach().clone(), mmd.detach()))
     (t1, m1, mu1, d1), (t2, m2, mu2, d2) = results
     assert torch.equal(t1, t2) and m1 == m2 and torch.equal(mu1, mu2) and torch.equal(d1, d2)

@@ -13,7 +13,7 @@ from torch import nn
 
 from hf_d3 import D3Decoder, GaussianLatentStore
 from hf_d3.data import RealImages
-from hf_d3.distill import FlatModel, class_mmd_loss, mmd2_unbiased, trajectory_matching_loss
+from hf_d3.distill import FlatModel, class_mmd_parts, mmd2_unbiased, trajectory_matching_loss
 from hf_d3.distill.losses import real_per_class
 from hf_d3.experts import flat_parameters
 
@@ -61,6 +61,32 @@ def test_real_images_for_the_mmd_are_drawn_from_each_class_in_turn():
     assert torch.equal(drawn, real_per_class(data, 5, torch.Generator().manual_seed(0)))
 
 
+def test_mmd_in_parts_sums_to_the_mmd_in_one_part(data, trajectory, monkeypatch):
+    """Parts of whole classes (here one class each), each backpropagated alone, give the loss and gradients of one
+    batch of all classes, from the same draws; the decoder in eval mode, so that batch statistics do not depend on
+    the parts."""
+    import hf_d3.distill.losses as losses
+
+    torch.manual_seed(0)
+    store = GaussianLatentStore([0, 1, 2, 3], num_classes=4, latents_per_class=3, latent_dim=8)
+    decoder = D3Decoder(latent_dim=8, resolution=16, out_channels=1, channels=[8, 8, 8]).eval()
+    net, steps = trajectory
+    embed = partial(FlatModel(net).features, steps[-1])
+    results = []
+    for part_images in (512, 2):  # 2 images: a part per class
+        monkeypatch.setattr(losses, "MMD_PART_IMAGES", part_images)
+        store.mean.grad = None
+        count, total = 0, 0.0
+        # each part backpropagated alone, as the loop does: parts share no graph
+        for part in class_mmd_parts(store, decoder, data, embed, 2, [1.0, 4.0], torch.Generator().manual_seed(3)):
+            part.backward()
+            count, total = count + 1, total + part.item()
+        results.append((count, total, store.mean.grad.clone()))
+    (one, whole, grad), (four, summed, grad_in_parts) = results
+    assert (one, four) == (1, 4)
+    assert summed == pytest.approx(whole, rel=1e-5) and torch.allclose(grad_in_parts, grad, rtol=1e-4, atol=1e-7)
+
+
 def test_mmd_step_reaches_every_component_when_there_are_more_than_samples(data, trajectory):
     """6 components per class, 2 MMD samples per class per step: the steps together reach all 6, two at a time."""
     torch.manual_seed(0)
@@ -72,7 +98,7 @@ def test_mmd_step_reaches_every_component_when_there_are_more_than_samples(data,
     reached = torch.zeros(store.num_components, dtype=torch.bool)
     for _ in range(20):
         store.mean.grad = None
-        class_mmd_loss(store, decoder, data, embed, 2, [1.0, 4.0], gen).backward()
+        sum(class_mmd_parts(store, decoder, data, embed, 2, [1.0, 4.0], gen)).backward()
         touched = store.mean.grad.abs().sum(1) > 0
         assert touched.view(4, 6).sum(1).tolist() == [2, 2, 2, 2]
         reached |= touched

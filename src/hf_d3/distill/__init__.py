@@ -3,7 +3,7 @@ checkpoints."""
 
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .distiller import distill_loop, distill_subtask, refresh_batchnorm
-from .losses import FlatModel, class_mmd_loss, mmd2_unbiased, trajectory_matching_loss
+from .losses import FlatModel, class_mmd_parts, mmd2_unbiased, trajectory_matching_loss
 from .synthetic import LatentSet, PrototypeSet, SyntheticSet
 from .warm_start import warm_start
 
@@ -12,7 +12,7 @@ __all__ = [
     "LatentSet",
     "PrototypeSet",
     "SyntheticSet",
-    "class_mmd_loss",
+    "class_mmd_parts",
     "distill_loop",
     "distill_subtask",
     "has_checkpoint",

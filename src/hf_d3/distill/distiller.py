@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -33,15 +33,13 @@ logger = logging.getLogger(__name__)
 LossCallback = Callable[[int, dict[str, float]], None]
 
 
-def take_step(loss: torch.Tensor, weight: float, optimizers: list[torch.optim.Optimizer], term: str,
+def take_step(parts: Iterable[torch.Tensor], weight: float, optimizers: list[torch.optim.Optimizer], term: str,
               iteration: int) -> float:
-    """One optimiser step on `weight * loss`, refused (FloatingPointError) for a non-finite loss; returns the loss.
+    """One optimiser step on `weight * sum(parts)`, each part backpropagated as soon as it is computed (so one part's
+    graph is held at a time), refused (FloatingPointError) for a non-finite loss; returns the loss.
 
-    Reading the loss is this step's one host sync (the check needs its value before stepping).
+    Reading each part's value is a host sync; the check needs the sum before stepping.
     """
-    value = loss.item()
-    if not math.isfinite(value):  # raised before stepping: the parameters are still the last good state
-        raise FloatingPointError(f"the {term} loss became {value} at iteration {iteration}")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     # Only into what the optimisers step: the unroll's first student parameters are a leaf that needs a gradient
@@ -49,8 +47,13 @@ def take_step(loss: torch.Tensor, weight: float, optimizers: list[torch.optim.Op
     # Out of any autocast region: on the CPU the backward runs in this thread, where autocast would also cast the
     # backward's own ops (the unroll's second-order terms among them) to bf16.
     stepped = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
-    with full_precision(loss.device):
-        (weight * loss).backward(inputs=stepped)
+    value = 0.0
+    for part in parts:
+        value += part.item()
+        if not math.isfinite(value):  # raised before stepping: the parameters are still the last good state
+            raise FloatingPointError(f"the {term} loss became {value} at iteration {iteration}")
+        with full_precision(part.device):
+            (weight * part).backward(inputs=stepped)
     for opt in optimizers:
         opt.step()
     return value
@@ -164,14 +167,14 @@ def distill_loop(
                 loss = trajectory_matching_loss(net, trajectory[start_epoch],
                                                 trajectory[start_epoch + config.expert_epochs], batches,
                                                 synthetic.syn_lr, inner_step)
-                losses["mtt"] = take_step(loss, config.mtt_weight, list(synthetic.optimizers.values()),
+                losses["mtt"] = take_step([loss], config.mtt_weight, list(synthetic.optimizers.values()),
                                           "trajectory matching", iteration)
             if config.mmd_weight > 0:
                 net, trajectory = pick_expert()
                 flat = trajectory[int(torch.randint(len(trajectory), (1,), generator=generator))]
-                loss = synthetic.mmd_loss(data, partial(net.features, flat), config.mmd_samples_per_class,
-                                          config.mmd_bandwidths, generator)
-                losses["mmd"] = take_step(loss, config.mmd_weight, list(synthetic.image_optimizers.values()),
+                parts = synthetic.mmd_parts(data, partial(net.features, flat), config.mmd_samples_per_class,
+                                            config.mmd_bandwidths, generator)
+                losses["mmd"] = take_step(parts, config.mmd_weight, list(synthetic.image_optimizers.values()),
                                           "MMD", iteration)
             synthetic.end_iteration()
             for name, value in losses.items():

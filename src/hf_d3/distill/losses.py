@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
@@ -125,7 +125,12 @@ def real_per_class(data: RealImages, samples_per_class: int, generator: torch.Ge
                       for indices in data.indices_by_class])
 
 
-def class_mmd_loss(
+# the most decoded samples one part of the MMD holds (`class_mmd_parts`): at 200 classes, one graph of all of them
+# (decoder and classifier activations, 2,000-4,000 images) was most of a CPU run's peak memory
+MMD_PART_IMAGES = 512
+
+
+def class_mmd_parts(
     store: GaussianLatentStore,
     decoder: D3Decoder,
     data: RealImages,
@@ -133,8 +138,12 @@ def class_mmd_loss(
     samples_per_class: int,
     bandwidths: Sequence[float],
     generator: torch.Generator,
-) -> torch.Tensor:
-    """Sum over classes of MMD^2 between embedded real images and decoded samples (all classes in one batch)."""
+) -> Iterator[torch.Tensor]:
+    """The sum over classes of MMD^2 between embedded real images and decoded samples, in parts of whole classes
+    (at most `MMD_PART_IMAGES` samples each, or one class): their sum is the loss, and each part's graph can be
+    backpropagated and freed before the next is built. Everything random is drawn first, for all classes, so the
+    draws do not depend on the parts; a set of one part computes exactly what one batch would (the decoder's batch
+    statistics are a part's)."""
     m = store.config.latents_per_class
     n_classes = len(data.class_ids)
     # n samples per class spread evenly over the class's m components; when m > n a random n of them, so every
@@ -143,8 +152,14 @@ def class_mmd_loss(
     components = torch.cat([
         c * m + torch.cat([torch.randperm(m, generator=generator) for _ in range(rounds)])[:samples_per_class]
         for c in range(n_classes)
-    ])
-    latents, _ = store.sample(components.to(store.mean.device), generator=generator)
-    fake = embed(decoder(latents))
-    real = embed(data.images[real_per_class(data, samples_per_class, generator)])
-    return per_class_mmd(real, fake, n_classes, bandwidths)
+    ]).to(store.mean.device)
+    # the draws of `store.sample(components, generator=generator)`, taken once for every part
+    noise = torch.randn(len(components), store.config.latent_dim, generator=generator, device=generator.device)
+    real_rows = real_per_class(data, samples_per_class, generator)
+    classes_per_part = max(1, MMD_PART_IMAGES // samples_per_class)
+    for first in range(0, n_classes, classes_per_part):
+        rows = slice(first * samples_per_class, min(first + classes_per_part, n_classes) * samples_per_class)
+        latents, _ = store.sample(components[rows], noise=noise[rows])
+        fake = embed(decoder(latents))
+        real = embed(data.images[real_rows[rows]])
+        yield per_class_mmd(real, fake, len(fake) // samples_per_class, bandwidths)

@@ -4,7 +4,7 @@ and decoder or explicit prototype images, behind one small interface."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from ..data import RealImages
 from ..models.decoder import D3Decoder
 from ..models.latent_store import GaussianLatentStore
 from .checkpoint import load_checkpoint, save_checkpoint
-from .losses import class_mmd_loss, per_class_mmd, real_per_class
+from .losses import class_mmd_parts, per_class_mmd, real_per_class
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,9 +43,10 @@ class SyntheticSet(ABC):
         """(images, local labels) of `batch` random items for each of the `steps` unrolled student steps."""
 
     @abstractmethod
-    def mmd_loss(self, data: RealImages, embed: Embed, samples_per_class: int, bandwidths: Sequence[float],
-                 generator: torch.Generator) -> torch.Tensor:
-        """The sum over classes of MMD^2 between embedded real images of `data` and this set's images."""
+    def mmd_parts(self, data: RealImages, embed: Embed, samples_per_class: int, bandwidths: Sequence[float],
+                  generator: torch.Generator) -> Iterable[torch.Tensor]:
+        """The sum over classes of MMD^2 between embedded real images of `data` and this set's images, in parts
+        whose sum it is (each can be backpropagated before the next is built)."""
 
     def end_iteration(self) -> None:  # noqa: B027 (optional: the latents need nothing here)
         """Called after each iteration's optimiser steps."""
@@ -91,8 +92,8 @@ class LatentSet(SyntheticSet):
         components, noise = draw_unroll(self.store, steps, batch, generator)
         return [(self.decoder(self.store.sample(c, noise=z)[0]), self.labels[c]) for c, z in zip(components, noise)]
 
-    def mmd_loss(self, data, embed, samples_per_class, bandwidths, generator):
-        return class_mmd_loss(self.store, self.decoder, data, embed, samples_per_class, bandwidths, generator)
+    def mmd_parts(self, data, embed, samples_per_class, bandwidths, generator):
+        return class_mmd_parts(self.store, self.decoder, data, embed, samples_per_class, bandwidths, generator)
 
     def save(self, folder, generator, progress):
         save_checkpoint(folder, self.store, self.decoder, self.syn_lr, self.optimizers, generator, progress)
@@ -116,9 +117,9 @@ class PrototypeSet(SyntheticSet):
         picks = [torch.randperm(len(self.images), generator=generator)[:batch] for _ in range(steps)]
         return [(self.images[b], self.labels[b]) for b in picks]
 
-    def mmd_loss(self, data, embed, samples_per_class, bandwidths, generator):
+    def mmd_parts(self, data, embed, samples_per_class, bandwidths, generator):
         real = embed(data.images[real_per_class(data, samples_per_class, generator)])
-        return per_class_mmd(real, embed(self.images), len(data.class_ids), bandwidths)  # every prototype
+        return [per_class_mmd(real, embed(self.images), len(data.class_ids), bandwidths)]  # every prototype
 
     @torch.no_grad()
     def end_iteration(self):
