@@ -16,6 +16,7 @@ from transformers import AutoModelForImageClassification
 from .atomic import staged
 from .config import D3Config
 from .data import ImageCache, load_images
+from .distill.distiller import DECODE_PART
 from .experts import train_classifier
 from .factories import build_net
 from .models.decoder import D3Decoder
@@ -105,5 +106,8 @@ def relabel(store: GaussianLatentStore, decoder: D3Decoder, teacher: nn.Module, 
             "give a teacher trained on this dataset's label space"
         )
     decoder.eval()
-    images = decoder(store.mean, store.component_subtask)
-    store.soft_labels.copy_(teacher_labels(teacher, images, temperature, store.component_class, hard_label_weight))
+    parts = -(-store.num_components // DECODE_PART)  # memory: one part up to DECODE_PART components
+    store.soft_labels.copy_(torch.cat([
+        teacher_labels(teacher, decoder(mean, subtask), temperature, classes, hard_label_weight)
+        for mean, subtask, classes in zip(store.mean.tensor_split(parts), store.component_subtask.tensor_split(parts),
+                                          store.component_class.tensor_split(parts))]))

@@ -26,6 +26,40 @@ def test_relabel_gives_the_teachers_softmax():
     assert (entropy(store.soft_labels) > entropy(sharp)).all()  # a higher temperature gives softer labels
 
 
+def test_relabel_in_parts_gives_the_labels_of_one_batch(monkeypatch):
+    import hf_d3.teacher
+
+    store, decoder = make_store_and_decoder()
+    torch.manual_seed(1)
+    teacher = make_net().eval()
+    relabel(store, decoder, teacher, hard_label_weight=0.25)
+    whole = store.soft_labels.clone()
+    monkeypatch.setattr(hf_d3.teacher, "DECODE_PART", 3)  # 8 components: parts of 3, 3 and 2
+    store.soft_labels.zero_()
+    relabel(store, decoder, teacher, hard_label_weight=0.25)
+    assert torch.allclose(store.soft_labels, whole, atol=1e-6)
+
+
+def test_decoder_statistics_refreshed_in_parts_are_those_of_one_batch(monkeypatch):
+    """Equal parts: their batch means average to the batch mean of all (exactly at the first norm; after it, each
+    part was normalised by its own statistics), the variances nearly (the spread within parts)."""
+    import hf_d3.distill.distiller as distiller
+
+    store, decoder = make_store_and_decoder()
+    norms = [m for m in decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    running = []
+    for part in (512, 4):  # 8 components: one batch, then two of 4
+        monkeypatch.setattr(distiller, "DECODE_PART", part)
+        distiller.refresh_batchnorm(decoder, store, passes=1, generator=torch.Generator().manual_seed(0))
+        running.append([(n.running_mean.clone(), n.running_var.clone()) for n in norms])
+    assert torch.allclose(running[1][0][0], running[0][0][0], atol=1e-6)
+    for (mean, var), (mean_parts, var_parts) in zip(*running):
+        assert torch.allclose(mean_parts, mean, atol=1e-3)
+        assert torch.allclose(var_parts, var, rtol=0.5)
+    assert not decoder.training
+
+
 def test_relabel_mixes_the_class_in_at_hard_label_weight():
     store, decoder = make_store_and_decoder()
     torch.manual_seed(1)

@@ -28,6 +28,8 @@ from .synthetic import LatentSet, SyntheticSet
 
 logger = logging.getLogger(__name__)
 
+# the most images decoded in one batch outside the loss terms (running statistics, relabelling): memory
+DECODE_PART = 512
 # Called with the number of iterations run so far and the mean of each loss since the previous call ("mtt",
 # "mmd": the terms that are on) plus the learnable student learning rate ("lr").
 LossCallback = Callable[[int, dict[str, float]], None]
@@ -82,7 +84,9 @@ def _iterations_run(history: dict[str, list[float]]) -> int:
 def refresh_batchnorm(decoder: D3Decoder, store: GaussianLatentStore, passes: int, generator: torch.Generator
                       ) -> None:
     """Recompute the decoder's running statistics as an average over batches of all components, so that
-    eval-mode decoding (what the pipeline does) matches what distillation optimised."""
+    eval-mode decoding (what the pipeline does) matches what distillation optimised. Each pass decodes one sample
+    of every component in near-equal parts of at most `DECODE_PART` (one part up to that many components): at
+    8,400 components one batch of all took 2.5 GB for a moment."""
     norms = [m for m in decoder.modules() if isinstance(m, nn.BatchNorm2d)]
     for norm in norms:
         norm.reset_running_stats()
@@ -90,7 +94,9 @@ def refresh_batchnorm(decoder: D3Decoder, store: GaussianLatentStore, passes: in
     decoder.train()
     for _ in range(passes):
         latents, index = store.sample(generator=generator)
-        decoder(latents, store.component_subtask[index])
+        parts = -(-len(latents) // DECODE_PART)
+        for z, k in zip(latents.tensor_split(parts), store.component_subtask[index].tensor_split(parts)):
+            decoder(z, k)
     for norm in norms:
         norm.momentum = 0.1
     decoder.eval()
