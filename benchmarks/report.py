@@ -95,6 +95,12 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
                 rows.append(row)
             where = "" if (unit, dtype) == ("values", "float32") else f", in {unit} (D3 stored in {dtype})"
             lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {unit})", *METHODS], rows), ""]
+            peaks = [(budget, record["figures"]["peak_rss_gib"]) for budget in sorted({r["settings"]["budget_ipc"]
+                     for r in records}) if (record := latest(records, budget_ipc=budget, method="D3"))
+                     and "peak_rss_gib" in record["figures"]]
+            if peaks:
+                lines += ["Peak resident memory of D3's run (GiB, one process): " + ", ".join(
+                    f"{peak:.2f} at {budget:g}" for budget, peak in peaks) + ".", ""]
     return lines
 
 
