@@ -65,14 +65,12 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def accuracy_tables(results: dict, notes: Notes) -> list[str]:
     curve = [r for r in results["accuracy_vs_storage"] if "variant" not in r["settings"]]
     lines = ["## Accuracy against storage", "",
-             "Test accuracy of fresh students (%, mean ± std over student seeds) trained on what each method stores "
-             "within the budget, in images per class (IPC-equivalents). In values (the paper's unit), a stored "
-             "value counts as one image value; in bytes, D3's files are counted against uint8 images, the real "
-             "and prototype images are uint8 and their soft labels are stored as D3's are. D3: sizes from the "
-             "budget alone; D3-hand: a shipped config's hand-chosen sizes; prototypes: real images optimised with "
-             "D3's objective for the curve's iterations (prototypes-converged: until their held-out accuracy stops "
-             "rising, `benchmarks/converged.py`); R+H / R+S: random real images with class / teacher labels; "
-             "R+S-low: R+S stored 2 or 4 times smaller per side, so more fit. Protocol: "
+             "Test accuracy (%, mean ± std over student seeds) of fresh students trained on what each method "
+             "stores within a budget in IPC-equivalents: in values (the paper's unit) or in bytes (D3's files "
+             "against uint8 images; real and prototype images uint8, soft labels stored as D3's). D3: sizes from "
+             "the budget; D3-hand: a shipped config's sizes; prototypes: real images optimised by D3's objective "
+             "(-converged: until held-out accuracy stops rising, `benchmarks/converged.py`); R+H / R+S: random "
+             "real images, class / teacher labels; R+S-low: R+S stored 2 or 4 times smaller per side. "
              "`benchmarks/accuracy_vs_storage.py`; `-`: not measured.", ""]
     def unit_of(record: dict) -> tuple[str, str]:  # what its budget counts, how its D3 is stored
         return record["settings"].get("unit", "values"), record["settings"].get("storage_dtype", "float32")
@@ -117,8 +115,8 @@ def own_data_table(results: dict, notes: Notes) -> list[str]:
         return []
     return ["### Your own data with the defaults", "",
             "`benchmarks/own_data.py`: `accelerate launch recipes/distill.py --dataset <data> --storage_budget_ipc "
-            "<budget>` and nothing else (the preset of the machine, the resolution and channels from the images). "
-            "Wall time (min), peak resident memory (GiB), students' and teacher's test accuracy (%).", "",
+            "<budget>` alone (the machine's preset; resolution and channels from the images). Wall time (min), peak "
+            "resident memory (GiB), students' and teacher's test accuracy (%).", "",
             *table(["dataset", "budget (IPC-eq)", "images", "minutes", "peak GiB", "accuracy", "teacher",
                     "machine", "note"], rows), ""]
 
@@ -218,10 +216,8 @@ def speed_table(results: dict, notes: Notes) -> list[str]:
                          compile_inner_step=False, iterations=10, cudnn_benchmark=None)
             if run:
                 name = f"{config}, {'float32' if precision == 'no' else 'bf16'}"
-                rows.append([f"{name}: iterations / s", f"{run['figures']['iterations_per_second']:.2f}",
-                             run["machine"], notes(run)])
-                rows.append([f"{name}: peak GPU memory (GiB)", f"{run['figures']['peak_memory_gib']:.1f}",
-                             run["machine"], notes(run)])
+                rows.append([f"{name}: iterations / s; peak GPU GiB", f"{run['figures']['iterations_per_second']:.2f}; "
+                             f"{run['figures']['peak_memory_gib']:.1f}", run["machine"], notes(run)])
     if compiled := latest(gpu, compile_inner_step=True):
         rows.append(["imagenet_64_ipc1, compiled inner step: iterations / s",
                      f"{compiled['figures']['iterations_per_second']:.2f}", compiled["machine"], notes(compiled)])
