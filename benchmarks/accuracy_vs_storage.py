@@ -32,7 +32,9 @@ other, both get students with the next seeds up to `--close_seeds` (a student de
 rows (`row_<method>.json`) are reused when their settings (but where to write and how to log) and torch's thread
 count match, so two processes with other `--budgets` can share a folder; a D3 row whose labels or students changed
 reuses its distilled subtasks (their stage keys do not change). Every run merges what is there into
-`<out>/results.json` and draws `--figure` (default `<out>/accuracy_vs_storage.png`).
+`<out>/results.json` and draws `--figure` (default `<out>/accuracy_vs_storage.png`) from the records in
+benchmarks/results, as BENCHMARKS.md shows them (`--plot_only --figure src/hf_d3/model_cards/accuracy_vs_storage.png`
+redraws the one the cards ship).
 """
 
 import argparse
@@ -47,7 +49,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from record import save_record  # this folder is on sys.path when the script runs
+from record import load_records, save_record  # this folder is on sys.path when the script runs
 from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Pipeline  # (the import also registers the classifiers with the Auto classes)
@@ -403,8 +405,7 @@ def merge_and_plot(out: Path, figure: Path) -> dict:
         panels.setdefault(panel_of(saved), {}).setdefault(saved["budget"], {})[saved["method"]] = saved["row"]
     results = {" ".join(panel): budgets for panel, budgets in sorted(panels.items())}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    if panels:
-        plot(panels, figure)
+    plot(panels_from_records(), figure)
     for (dataset, unit, dtype), budgets in sorted(panels.items()):
         ipc_key = "ipc_equivalent" if unit == "values" else "ipc_equivalent_bytes"
         print(f"\n{dataset}, budgets in {unit}, D3 stored in {dtype}: test accuracy (%), mean +- std over seeds, "
@@ -423,6 +424,24 @@ def merge_and_plot(out: Path, figure: Path) -> dict:
                 cells.append(f"{acc.mean():.2f} +- {std:.2f} @ {row[ipc_key]:.2f}{over}")
             print(f"| {budget} | " + " | ".join(cells) + " |")
     return results
+
+
+def panels_from_records(path: Path = ROOT / "benchmarks/results/accuracy_vs_storage.json") -> dict:
+    """The figure's panels from the curve's records, the latest of each dataset, unit, dtype, budget and method (as
+    BENCHMARKS.md shows them: the last written of the latest date), whichever run or output folder wrote them."""
+    chosen = {}
+    for index, record in enumerate(load_records(path)):
+        s = record["settings"]
+        if "variant" in s:
+            continue
+        key = (s["dataset"], s.get("unit", "values"), s.get("storage_dtype", "float32"), f"{s['budget_ipc']:g}",
+               s["method"])
+        if key not in chosen or (record["date"], index) >= chosen[key][0]:
+            chosen[key] = ((record["date"], index), record["figures"])
+    panels = {}
+    for (*panel, budget, method), (_, figures) in chosen.items():
+        panels.setdefault(tuple(panel), {}).setdefault(budget, {})[method] = figures
+    return panels
 
 
 def plot(panels: dict, path: Path) -> None:

@@ -3,6 +3,7 @@ by key: tests/integration/test_run.py).
 (The rows themselves come from library functions tested elsewhere; the whole script is run by hand: BENCHMARKS.md.)"""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,21 @@ def test_a_budget_in_bytes_gives_uint8_images_about_four_times_the_room(bench):
     assert one["ipc_equivalent_bytes"] == 798 / 784 and one["ipc_equivalent"] == 794 / 784
     assert bench.Budget(0.5, "values", "float32", 10, 784).images_within(soft=True) == (1, True)  # over budget
     assert values.folder_name == "ipc2" and in_bytes.folder_name == "bytes2-int8"
+
+
+def test_the_figure_draws_the_latest_record_of_each_panel_budget_and_method(bench, tmp_path):
+    def record(date, accuracy, **settings):
+        return {"benchmark": "accuracy_vs_storage", "command": "c", "commit": "x", "date": date, "machine": "m",
+                "settings": {"dataset": "tiny_imagenet", "budget_ipc": 2.0, "method": "D3", "config": {}, **settings},
+                "figures": {"accuracies": [accuracy]}}
+
+    path = tmp_path / "accuracy_vs_storage.json"
+    path.write_text(json.dumps([
+        record("2026-12-07", 0.03), record("2026-12-06", 0.01),  # an older date written later: not the latest
+        record("2026-12-07", 0.05, unit="bytes", storage_dtype="int8"),  # another panel
+        record("2026-12-07", 0.02, method="R+S"), record("2026-12-07", 0.09, variant="probe")]))
+    panels = bench.panels_from_records(path)
+    values, in_bytes = panels[("tiny_imagenet", "values", "float32")], panels[("tiny_imagenet", "bytes", "int8")]
+    assert set(panels) == {("tiny_imagenet", "values", "float32"), ("tiny_imagenet", "bytes", "int8")}
+    assert {m: row["accuracies"] for m, row in values["2"].items()} == {"D3": [0.03], "R+S": [0.02]}
+    assert in_bytes["2"]["D3"]["accuracies"] == [0.05]
