@@ -333,12 +333,12 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan
 
 # settings whose default changed what is computed when they were added: the value rows saved before them used
 BEFORE_IT_EXISTED = {"hard_label_weight": 0.0}
-# settings that say where and how a run reports, not what it computes (and where the data is read from: a row's
-# key names its dataset)
 # settings only distilled sets depend on (their sizes, warm start and objective): a new distillation setting keeps
 # the random-real rows
 DISTILLATION_ONLY = ({f.name for f in dataclasses.fields(DistillationConfig)}
                      | {f.name for f in dataclasses.fields(RepresentationConfig)}) - {"budget_unit", "storage_dtype"}
+# settings that say where and how a run reports, not what it computes (and where the data is read from: a row's
+# key names its dataset)
 BOOKKEEPING = {"output_dir", "stage_dir", "log_every", "report_to", "collective_timeout_s", "checkpoint_every",
                "push_to_hub", "hub_model_id", "hub_dataset_id", "hub_private", "dataset"}
 
