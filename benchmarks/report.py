@@ -3,13 +3,14 @@
     python benchmarks/report.py [--output BENCHMARKS.md]
 
 One table per question: accuracy against storage, speed, scale. Each cell holds one figure and a note number; the
-note gives the machine, date, commit and command that measured it. Where a question was measured more than once,
-the latest record answers (the others stay in the JSON files, and older pages in git). The output depends on the
-records alone, so a clean checkout regenerates the committed page byte for byte
-(tests/contracts/test_benchmarks_report.py).
+note gives the machine, the command, and the dates and commits of the records it stands for (the records name each
+cell's own). Where a question was measured more than once, the latest record answers (the others stay in the JSON
+files, and older pages in git). The output depends on the records alone, so a clean checkout regenerates the
+committed page byte for byte (tests/contracts/test_benchmarks_report.py).
 """
 
 import argparse
+import re
 import statistics
 from pathlib import Path
 
@@ -19,6 +20,7 @@ ROOT = RESULTS.parents[1]
 DATASETS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (3,390 train images)",
             "tiny_imagenet": "Tiny ImageNet at 32x32 (CPU protocol: recipes/configs/tinyimagenet_cpu.yaml)"}
 METHODS = ("D3", "D3-hand", "prototypes", "prototypes-converged", "R+H", "R+S", "R+S-low")
+BASELINES = tuple(m for m in METHODS if not m.startswith("D3"))
 MACHINES = {  # what each machine id of the records is
     "amd-epyc-2c": "2-core x86_64 AMD EPYC (KVM, AVX-512), 24 GiB, no GPU; Python 3.11, torch 2.13.0 CPU, "
                    "`MALLOC_*` as in the Makefile",
@@ -28,20 +30,24 @@ MACHINES = {  # what each machine id of the records is
 
 
 class Notes:
-    """Numbered provenance notes, one per distinct (machine, date, commit, command)."""
+    """Numbered provenance notes, one per machine and command; a note lists the dates and commits of its records."""
 
     def __init__(self):
         self.numbers: dict[tuple, int] = {}
+        self.versions: dict[tuple, set[tuple[str, str]]] = {}  # (date, commit) of the records per note
 
     def __call__(self, record: dict, command: str | None = None) -> str:
-        key = (record["machine"], record["date"], record["commit"][:7], command or record["command"])
+        key = (record["machine"], " ".join((command or record["command"]).split()))  # multi-line: one line
+        self.versions.setdefault(key, set()).add((record["date"], record["commit"][:7]))
         return f"[{self.numbers.setdefault(key, len(self.numbers) + 1)}]"
 
     def markdown(self) -> list[str]:
         lines = []
-        for (machine, date, commit, command), number in self.numbers.items():
-            command = " ".join(command.split())  # multi-line commands on one line
-            lines.append(f"{number}. {machine}, {date}, {commit}: `{command}`")
+        for (machine, command), number in self.numbers.items():
+            dates = sorted({date for date, _ in self.versions[machine, command]})
+            versions = "; ".join(f"{date}, " + ", ".join(sorted(c for d, c in self.versions[machine, command]
+                                                               if d == date)) for date in dates)
+            lines.append(f"{number}. {machine}, {versions}: `{command}`")
         return lines
 
 
@@ -79,20 +85,27 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
         for unit, dtype in sorted({unit_of(r) for r in curve if r["settings"]["dataset"] == dataset},
                                   key=lambda u: (u != ("values", "float32"), u)):
             records = [r for r in curve if r["settings"]["dataset"] == dataset and unit_of(r) == (unit, dtype)]
-            rows = []
+            rows, d3_beaten = [], []
             for budget in sorted({r["settings"]["budget_ipc"] for r in records}):
                 row = [f"{budget:g}"]
+                means = {}
                 for method in METHODS:
                     record = latest(records, budget_ipc=budget, method=method)
                     if record is None:
                         row.append("-")
                         continue
-                    command = (record["command"].replace(f"--budgets {budget:g}", "--budgets <budget>")
-                               .replace(f"--methods {method}", "--methods <method>"))
+                    means[method] = statistics.mean(record["figures"]["accuracies"])
+                    command = re.sub(r"--methods( [^-\s]\S*)+", "--methods <methods>",
+                                     re.sub(r"--budgets( [\d.]+)+", "--budgets <budgets>", record["command"]))
                     row.append(f"{mean_std(record['figures']['accuracies'], 100)} {notes(record, command)}")
                 rows.append(row)
+                beaten = [m for m in BASELINES if "D3" in means and means.get(m, -1.0) >= means["D3"]]
+                if beaten:
+                    d3_beaten.append(f"{budget:g} ({', '.join(beaten)})")
             where = "" if (unit, dtype) == ("values", "float32") else f", in {unit} (D3 stored in {dtype})"
             lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {unit})", *METHODS], rows), ""]
+            if d3_beaten:
+                lines += ["**A baseline at or above D3** (mean) at budget " + ", ".join(d3_beaten) + ".", ""]
             peaks = [(budget, record["figures"]["peak_rss_gib"]) for budget in sorted({r["settings"]["budget_ipc"]
                      for r in records}) if (record := latest(records, budget_ipc=budget, method="D3"))
                      and "peak_rss_gib" in record["figures"]]
