@@ -43,6 +43,7 @@ import fcntl
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ from pathlib import Path
 import torch
 import yaml
 from record import load_records, save_record  # this folder is on sys.path when the script runs
+from report import baselines_reaching_d3
 from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Pipeline  # (the import also registers the classifiers with the Auto classes)
@@ -451,8 +453,16 @@ def plot(panels: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, ((dataset, unit, dtype), budgets) in zip(axes[0], sorted(panels.items())):
+    # one row per unit (values first), one column per dataset
+    datasets = [d for d in TITLES if any(panel[0] == d for panel in panels)]
+    units = sorted({panel[1:] for panel in panels}, key=lambda u: (u != ("values", "float32"), u))
+    fig, axes = plt.subplots(len(units), len(datasets), figsize=(6 * len(datasets), 4.5 * len(units)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for (dataset, unit, dtype), budgets in sorted(panels.items()):
+        ax = axes[units.index((unit, dtype)), datasets.index(dataset)]
+        ax.set_visible(True)
         ipc_key = "ipc_equivalent" if unit == "values" else "ipc_equivalent_bytes"
         for method in SHOWN:
             points = sorted(((row[ipc_key], 100 * torch.tensor(row["accuracies"]))
@@ -474,6 +484,24 @@ def plot(panels: dict, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    path.with_suffix(".md").write_text(caption(panels) + "\n")
+
+
+def caption(panels: dict) -> str:
+    """What the figure says about D3 against the baselines: the budgets where a baseline's mean reaches D3's, per
+    panel (report.py says the same under each table of BENCHMARKS.md). The cards show it under the figure."""
+    reached = []
+    for (dataset, unit, dtype), budgets in sorted(panels.items(), key=lambda item: list(TITLES).index(item[0][0])):
+        means = {b: {m: statistics.mean(row["accuracies"]) for m, row in rows.items()} for b, rows in budgets.items()}
+        where = [f"{b} ({', '.join(found)})" for b in sorted(means, key=float)
+                 if (found := baselines_reaching_d3(means[b]))]
+        if where:
+            unit_text = "values" if unit == "values" else f"{unit}, D3 in {dtype}"
+            reached.append(f"{TITLES[dataset]} in {unit_text}: at {', '.join(where)}")
+    if not reached:
+        return "D3's mean is above every baseline's at every budget measured."
+    return ("Where D3 is not worth it: a baseline's mean test accuracy is at or above D3's at these budgets "
+            "(IPC-equivalents): " + "; ".join(reached) + ".")
 
 
 def main():

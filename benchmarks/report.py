@@ -57,6 +57,11 @@ def latest(records: list[dict], **settings) -> dict | None:
     return max(enumerate(found), key=lambda pair: (pair[1]["date"], pair[0]))[1] if found else None
 
 
+def baselines_reaching_d3(means: dict[str, float]) -> list[str]:
+    """The baselines whose mean accuracy is at or above D3's at one budget (none where D3 was not measured)."""
+    return [m for m in BASELINES if "D3" in means and means.get(m, -1.0) >= means["D3"]]
+
+
 def mean_std(values: list[float], scale: float = 1.0) -> str:
     values = [scale * v for v in values]
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -99,8 +104,7 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
                                      re.sub(r"--budgets( [\d.]+)+", "--budgets <budgets>", record["command"]))
                     row.append(f"{mean_std(record['figures']['accuracies'], 100)} {notes(record, command)}")
                 rows.append(row)
-                beaten = [m for m in BASELINES if "D3" in means and means.get(m, -1.0) >= means["D3"]]
-                if beaten:
+                if beaten := baselines_reaching_d3(means):
                     d3_beaten.append(f"{budget:g} ({', '.join(beaten)})")
             where = "" if (unit, dtype) == ("values", "float32") else f", in {unit} (D3 stored in {dtype})"
             lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {unit})", *METHODS], rows), ""]

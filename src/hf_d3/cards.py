@@ -33,6 +33,8 @@ PIPELINE_CARD_TEMPLATE = "pipeline_card.md.jinja"
 DATASET_CARD_TEMPLATE = "dataset_card.md.jinja"
 #: hf_d3's own benchmark figure (`benchmarks/accuracy_vs_storage.py`), shipped with the package for the cards.
 CURVE_FILENAME = "accuracy_vs_storage.png"
+#: Written with the figure from the same records: where a baseline reaches D3. The card shows it under the figure.
+CURVE_CAPTION_FILENAME = "accuracy_vs_storage.md"
 TRAIN_SNIPPET_MARKERS = ("<!-- hf_d3:train-snippet:start -->", "<!-- hf_d3:train-snippet:end -->")
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
 # The datasets hf_d3 reads from local files, by the Hub id a card names them with
@@ -41,8 +43,12 @@ BUILTIN_HUB_IDS = {"builtin:fashion_mnist": "zalando-datasets/fashion_mnist"}
 MACHINE_PATHS = ("output_dir", "stage_dir")
 
 
+def _shipped_text(name: str) -> str:
+    return resources.files(TEMPLATES_PACKAGE).joinpath(TEMPLATES_FOLDER).joinpath(name).read_text("utf-8")
+
+
 def _render(template_name: str, **values) -> str:
-    source = resources.files(TEMPLATES_PACKAGE).joinpath(TEMPLATES_FOLDER).joinpath(template_name).read_text("utf-8")
+    source = _shipped_text(template_name)
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
     )
@@ -201,6 +207,7 @@ def render_pipeline_card(
         samples_file=samples_file,
         grid_rows=grid_rows,
         curve_file=curve_file,
+        curve_caption=_shipped_text(CURVE_CAPTION_FILENAME).strip() if curve_file else "",
         accuracy_text=accuracy_text,
         storage=storage,
         storage_bytes_text=_format_bytes(storage.total_bytes),

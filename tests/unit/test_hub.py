@@ -23,7 +23,7 @@ from datasets import ClassLabel, load_dataset
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 
 from hf_d3 import D3Decoder, D3Pipeline, GaussianLatentStore
-from hf_d3.cards import CURVE_FILENAME, extract_train_snippet, render_pipeline_card
+from hf_d3.cards import CURVE_CAPTION_FILENAME, CURVE_FILENAME, extract_train_snippet, render_pipeline_card
 from hf_d3.hub import HubPublishError, push_dataset_to_hub, push_pipeline_to_hub
 from hf_d3.quantization import STORAGE_DTYPES
 from hf_d3.results import CARD_METRICS
@@ -139,6 +139,8 @@ def test_pipeline_card(local_hub, published):
     assert f'D3Pipeline.from_pretrained("{repo_id}")' in text and "pipe.to_dataset(" in text
     assert "arXiv:2403.00999" in text and "Alvarez-Melis" in text and "@article{" in text
     assert f"![Test accuracy against storage: D3, explicit prototypes and random real images]({CURVE_FILENAME})" in text
+    caption = resources.files("hf_d3").joinpath("model_cards", CURVE_CAPTION_FILENAME).read_text().strip()
+    assert caption and caption in text  # where a baseline reaches D3, drawn with the figure from the same records
     assert "latents_per_class: 2" in text  # settings
     assert "must-not-leak" not in text and "hub_token" not in text  # secret-looking settings are dropped
     assert local_hub.token not in text
