@@ -135,6 +135,9 @@ class RepresentationConfig:
     storage_dtype: str = setting("float32", valid=OneOf(STORAGE_DTYPES), help=(
         "how the distilled pipeline is stored, quantised at the end of the run: float32, float16, bfloat16 or int8 "
         "(a float32 scale per channel)"))
+    label_top_k: int | None = setting(None, valid=AtLeast(1), help=(
+        "keep each soft label's k largest probabilities (stored as k values and k class ids); default: whole labels, "
+        "num_classes values each, most of the storage at many classes"))
     decoder_max_width: int = setting(64, valid=AtLeast(8), help=(
         "the widest last decoder stage the budget may choose (earlier stages double it): decoding costs about "
         "width^2 per pixel, so a CPU run of many classes caps it"))

@@ -45,7 +45,7 @@ def latent_store_arguments(sizes: RepresentationConfig, class_ids: list[int], cl
     _check_concrete(sizes)
     return dict(class_ids=class_ids, num_classes=len(class_names), latents_per_class=sizes.latents_per_class,
                 latent_dim=sizes.latent_dim, class_names=class_names, subtask_sizes=subtask_sizes,
-                logvar_dim=sizes.logvar_dim)
+                logvar_dim=sizes.logvar_dim, label_top_k=sizes.label_top_k)
 
 
 def build_latent_store(sizes: RepresentationConfig, class_ids: list[int], class_names: list[str],

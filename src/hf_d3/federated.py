@@ -147,9 +147,11 @@ def run_and_gather(work: Callable[[], Any]) -> list[Any]:
 
 
 def aggregate(
-    subtask_stores: list[GaussianLatentStore], subtask_decoders: list[D3Decoder]
+    subtask_stores: list[GaussianLatentStore], subtask_decoders: list[D3Decoder], label_top_k: int | None = None
 ) -> tuple[GaussianLatentStore, D3Decoder]:
-    """Join K single-subtask (store, decoder) pairs, in subtask order, into one store and a K-generator decoder."""
+    """Join K single-subtask (store, decoder) pairs, in subtask order, into one store and a K-generator decoder,
+    the store keeping `label_top_k` probabilities of each soft label (the run's: a subtask's stage is reused
+    whatever its labels' format, `hf_d3.stages.BUDGET_SETTINGS`)."""
     first = subtask_stores[0].config
     store = GaussianLatentStore(
         class_ids=[c for s in subtask_stores for c in s.config.class_ids],
@@ -159,13 +161,14 @@ def aggregate(
         class_names=first.class_names,
         subtask_sizes=[len(s.config.class_ids) for s in subtask_stores],
         logvar_dim=first.logvar_dim,
+        label_top_k=label_top_k,
     )
     settings = {k: v for k, v in subtask_decoders[0].config.items() if not k.startswith("_")}
     decoder = D3Decoder.from_config({**settings, "num_subtasks": len(subtask_decoders)})
     with torch.no_grad():
         store.mean.copy_(torch.cat([s.mean for s in subtask_stores]))
         store.logvar.copy_(torch.cat([s.logvar for s in subtask_stores]))
-        store.soft_labels.copy_(torch.cat([s.soft_labels for s in subtask_stores]))
+        store.set_soft_labels(torch.cat([s.soft_labels for s in subtask_stores]))
     for generator, sub in zip(decoder.generators, subtask_decoders, strict=True):
         generator.load_state_dict(sub.generators[0].state_dict())
     return store, decoder

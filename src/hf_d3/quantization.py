@@ -89,13 +89,19 @@ class StoredInDtype:
     def _channel_axes(self) -> dict[str, int]:
         return {f"{name}.weight": 1 for name, module in self.named_modules() if isinstance(module, nn.ConvTranspose2d)}
 
+    def _compact(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors a file holds for `state_dict` before quantisation (a subclass may store a part in a compact
+        form); `_expand` undoes it at load. Default: as they are."""
+        return state_dict
+
+    def _expand(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Undo `_compact` in place in a loaded, dequantised `state_dict`."""
+
     def save_pretrained(self, *args, **kwargs) -> None:
         storage_dtype = self.config.storage_dtype
-        if storage_dtype == "float32":
-            return super().save_pretrained(*args, **kwargs)
 
         def store(module, state_dict, prefix, local_metadata):
-            stored = quantised(state_dict, storage_dtype, self._channel_axes())
+            stored = quantised(self._compact(state_dict), storage_dtype, self._channel_axes())
             state_dict.clear()
             state_dict.update(stored)
 
@@ -110,6 +116,7 @@ class StoredInDtype:
         # which it may build on the meta device, so a load_state_dict hook would never run.
         super()._fix_state_dict_keys_on_load(state_dict)
         dequantise(state_dict)
+        self._expand(state_dict)
 
     @torch.no_grad()
     def set_storage_dtype(self, storage_dtype: str) -> None:

@@ -149,7 +149,7 @@ def _run_distillation(config: D3Config, accelerator: Accelerator | None = None) 
         return None
     finished = {k: from_portable(portable) for per_rank in gathered for k, portable in per_rank.items()}
     stores, decoders, stats = zip(*(finished[k] for k in range(len(plan.subtasks))), strict=True)
-    store, decoder = aggregate(list(stores), list(decoders))
+    store, decoder = aggregate(list(stores), list(decoders), config.representation.label_top_k)
     pipe = D3Pipeline(latent_store=store, decoder=decoder).to(device)
 
     # Relabel with a global teacher, then train students on the distilled data and test them on real data.

@@ -89,12 +89,13 @@ class RepresentationSizes:
         return asdict(self)
 
     def storage(self, num_classes: int, resolution: int, channels: int, num_subtasks: int = 1,
-                storage_dtype: str = "float32") -> StorageReport:
+                storage_dtype: str = "float32", label_top_k: int | None = None) -> StorageReport:
         """The storage these sizes take for `num_classes` classes of `channels x resolution x resolution` images
-        split into `num_subtasks` subtasks (one decoder generator each), stored in `storage_dtype`."""
+        split into `num_subtasks` subtasks (one decoder generator each), stored in `storage_dtype`, each soft label
+        whole or its `label_top_k` largest probabilities."""
         store = {"class_ids": list(range(num_classes)), "num_classes": num_classes, "latent_dim": self.latent_dim,
                  "latents_per_class": self.latents_per_class, "logvar_dim": self.logvar_dim,
-                 "storage_dtype": storage_dtype}
+                 "storage_dtype": storage_dtype, "label_top_k": label_top_k}
         decoder = _decoder_arguments(self.decoder_channels, self.latent_dim, self.decoder_latent_projection,
                                      self.decoder_upsample, resolution, channels, num_subtasks)
         return storage_report(store, {**decoder, "storage_dtype": storage_dtype})
@@ -136,7 +137,7 @@ def _budget_text(values: int, values_per_class: int) -> str:
 
 
 def _check_inputs(storage_budget_ipc: float, num_classes: int, resolution: int, channels: int,
-                  num_subtasks: int, storage_dtype: str, budget_unit: str) -> None:
+                  num_subtasks: int, storage_dtype: str, budget_unit: str, label_top_k: int | None) -> None:
     if not (isinstance(storage_budget_ipc, int | float) and math.isfinite(storage_budget_ipc)
             and storage_budget_ipc > 0):
         raise ValueError(f"storage_budget_ipc={storage_budget_ipc!r} must be a positive number of IPC-equivalents")
@@ -150,20 +151,23 @@ def _check_inputs(storage_budget_ipc: float, num_classes: int, resolution: int, 
         raise ValueError(f"storage_dtype={storage_dtype!r} is not valid; choose one of {list(VALUE_BYTES)}")
     if budget_unit not in ("values", "bytes"):
         raise ValueError(f"budget_unit={budget_unit!r} is not valid; choose values or bytes")
+    if label_top_k is not None and not 1 <= label_top_k <= num_classes:
+        raise ValueError(f"label_top_k={label_top_k} must be None (whole labels) or 1 to num_classes={num_classes}")
 
 
 def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, channels: int,
                 num_subtasks: int = 1, storage_dtype: str = "float32", budget_unit: str = "values",
-                max_decoder_width: int = MAX_DECODER_WIDTH) -> RepresentationSizes:
+                max_decoder_width: int = MAX_DECODER_WIDTH, label_top_k: int | None = None) -> RepresentationSizes:
     """Sizes that use the storage budget by the rule of this module's docstring, counted in `budget_unit`
     ("values", or "bytes" stored in `storage_dtype`), the decoder's last stage at most `max_decoder_width` wide
-    (`decoder_max_width`).
+    (`decoder_max_width`), each soft label whole or its `label_top_k` largest probabilities.
 
     Deterministic and pure; the result never exceeds `storage_budget_ipc` and fills at least 90 % of it
     whenever any size can. Raises ValueError, naming the smallest budget that works, when even one Gaussian
     of one latent channel per class and the narrowest decoder do not fit.
     """
-    _check_inputs(storage_budget_ipc, num_classes, resolution, channels, num_subtasks, storage_dtype, budget_unit)
+    _check_inputs(storage_budget_ipc, num_classes, resolution, channels, num_subtasks, storage_dtype, budget_unit,
+                  label_top_k)
     in_bytes = budget_unit == "bytes"
     stages = upsampling_stages(resolution, TARGET_START_SIDE)
     side = resolution // 2**stages
@@ -180,7 +184,8 @@ def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, ch
 
     def gaussian_values(latent_channels: int) -> int:
         sizes = (latent_channels * side**2, latent_channels, num_classes)
-        return sum(component_bytes(*sizes, storage_dtype) if in_bytes else component_values(*sizes))
+        return sum(component_bytes(*sizes, storage_dtype, label_top_k=label_top_k) if in_bytes
+                   else component_values(*sizes, label_top_k))
 
     def decoder_size(latent_channels: int, width: int) -> int:
         decoder = _decoder_arguments([latent_channels, *decoder_widths(width, stages)], latent_channels * side**2,
@@ -193,7 +198,8 @@ def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, ch
             f"storage_budget_ipc={storage_budget_ipc} is too small for {num_classes} classes at "
             f"{resolution}x{resolution}x{channels} with {num_subtasks} subtask(s): the smallest budget that works "
             f"is {_budget_text(smallest, values_per_class)} IPC-equivalent ({smallest:,} {budget_unit}: one "
-            f"Gaussian of 1 x {side} x {side} per class with its {num_classes}-way soft label, and "
+            f"Gaussian of 1 x {side} x {side} per class with its soft label "
+            f"({num_classes if label_top_k is None else label_top_k} of {num_classes} probabilities), and "
             f"{num_subtasks} decoder(s) of width {decoder_widths(MIN_DECODER_WIDTH, stages)})"
         )
 
@@ -246,7 +252,7 @@ def resolve_sizes(config: D3Config, num_classes: int) -> D3Config:
         return config
     solved = solve_sizes(sizes.storage_budget_ipc, num_classes, config.data.resolution, config.data.channels,
                          config.run.num_subtasks, sizes.storage_dtype, sizes.budget_unit,
-                         sizes.decoder_max_width).to_config()
+                         sizes.decoder_max_width, sizes.label_top_k).to_config()
     given = {name: value for name, value in asdict(sizes).items() if name in PAPER_SIZES and value is not None}
     chosen = RepresentationConfig(**{**asdict(sizes), **solved, **given, "sizes": "explicit"})
     try:  # a size given beside the chosen ones may not fit them (a latent_dim the chosen decoder cannot reshape)

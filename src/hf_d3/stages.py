@@ -32,7 +32,7 @@ MARKER = "stage.json"
 # Settings of the distillation objective that say how a subtask runs, not what it computes
 UNKEYED_SETTINGS = ("checkpoint_every", "compile_inner_step")
 # What chooses the sizes (a subtask's key holds the sizes chosen) and how the run stores its result at the end
-BUDGET_SETTINGS = ("sizes", "storage_budget_ipc", "decoder_max_width", "budget_unit", "storage_dtype")
+BUDGET_SETTINGS = ("sizes", "storage_budget_ipc", "decoder_max_width", "budget_unit", "storage_dtype", "label_top_k")
 # How far a subtask runs: in its key, and not in its lineage (`Stage.lineage`)
 PROGRESS_SETTINGS = ("iterations", "max_distill_time_s")
 
@@ -179,6 +179,8 @@ def evaluation_stage(config: D3Config, subtasks: list[Stage], teacher: Stage | N
     # (and the evaluations of runs from before `storage_dtype` stay valid).
     if config.representation.storage_dtype != "float32":
         settings["storage_dtype"] = config.representation.storage_dtype
+    if config.representation.label_top_k is not None:  # likewise: the labels the students learn from
+        settings["label_top_k"] = config.representation.label_top_k
     return Stage("evaluations", "evaluation", settings)
 
 

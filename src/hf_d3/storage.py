@@ -16,18 +16,21 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .models.decoder import start_side
-from .models.latent_store import store_sizes
+from .models.latent_store import LABEL_ID_DTYPE, store_sizes
 from .quantization import stored_bytes
 
 # The components' class and subtask ids and BatchNorm's batch counts are int64, whatever the modules' dtype.
 INTEGER_BYTES = 8
+# A `label_top_k` soft label's class ids are int16 (`hf_d3.models.latent_store.LABEL_ID_DTYPE`)
+LABEL_ID_BYTES = LABEL_ID_DTYPE.itemsize
 
 
 @dataclass
 class StorageReport:
     """Stored values and bytes (at the dtype each part is stored in) by part, and two images-per-class equivalents.
 
-    `label_values` are the soft labels plus each component's class id and subtask id. `ipc_equivalent` = stored
+    `label_values` are the soft labels (with `label_top_k`, k probabilities and k class ids each) plus each
+    component's class id and subtask id. `ipc_equivalent` = stored
     values / (classes x values in one image), the paper's convention; `ipc_equivalent_bytes` = stored bytes /
     (classes x bytes of one uint8 image), what the same storage holds of real images as datasets store them.
     """
@@ -53,18 +56,24 @@ class StorageReport:
         return asdict(self)
 
 
-def component_values(latent_dim: int, logvar_dim: int, num_classes: int) -> tuple[int, int, int]:
-    """What one Gaussian component stores: its mean and log-variances, its `num_classes`-way soft label, and its
-    integer class id and subtask id."""
-    return latent_dim + logvar_dim, num_classes, 2
+def component_values(latent_dim: int, logvar_dim: int, num_classes: int, label_top_k: int | None = None
+                     ) -> tuple[int, int, int]:
+    """What one Gaussian component stores: its mean and log-variances, its `num_classes`-way soft label (with
+    `label_top_k`, its k kept probabilities and their k class ids), and its integer class id and subtask id."""
+    label = num_classes if label_top_k is None else 2 * label_top_k
+    return latent_dim + logvar_dim, label, 2
 
 
 def component_bytes(latent_dim: int, logvar_dim: int, num_classes: int, storage_dtype: str = "float32",
-                    held_itemsize: int = 4) -> tuple[int, int, int]:
+                    held_itemsize: int = 4, label_top_k: int | None = None) -> tuple[int, int, int]:
     """The bytes of what one Gaussian component stores (`component_values`) in `storage_dtype`, held in floats of
     `held_itemsize` bytes: its mean and log-variances, its soft label, its two integer ids."""
     latents = sum(stored_bytes([1, n], storage_dtype, held_itemsize) for n in (latent_dim, logvar_dim))
-    return latents, stored_bytes([1, num_classes], storage_dtype, held_itemsize), 2 * INTEGER_BYTES
+    if label_top_k is None:
+        label = stored_bytes([1, num_classes], storage_dtype, held_itemsize)
+    else:
+        label = stored_bytes([1, label_top_k], storage_dtype, held_itemsize) + label_top_k * LABEL_ID_BYTES
+    return latents, label, 2 * INTEGER_BYTES
 
 
 def generator_tensors(decoder: Mapping) -> tuple[list[tuple[tuple[int, ...], int]], int]:
@@ -111,17 +120,20 @@ def storage_report(latent_store: Mapping, decoder: Mapping, latent_store_dtype: 
     arguments they are built with), their floating-point tensors held in these dtypes and stored in each config's
     `storage_dtype` (default float32: as held; `hf_d3.quantization`): every Gaussian's mean and log-variances, its
     soft label, class id and subtask id, and every decoder parameter and buffer. Values count what the modules
-    hold; bytes count the files, int8 scales included."""
+    hold (a `label_top_k` store's labels as saved: k probabilities and k class ids); bytes count the files, int8
+    scales included."""
     class_ids, num_classes = latent_store["class_ids"], latent_store["num_classes"]
     latent_dim = latent_store["latent_dim"]
     _, logvar_dim = store_sizes(class_ids, num_classes, latent_store["latents_per_class"], latent_dim,
                                 latent_store.get("class_names"), latent_store.get("subtask_sizes"),
                                 latent_store.get("logvar_dim"))
     components = len(class_ids) * latent_store["latents_per_class"]
-    latents, soft_labels, ids = (components * n for n in component_values(latent_dim, logvar_dim, num_classes))
+    top_k = latent_store.get("label_top_k")
+    latents, soft_labels, ids = (components * n for n in component_values(latent_dim, logvar_dim, num_classes,
+                                                                            top_k))
     latent_bytes, soft_label_bytes, id_bytes = (components * n for n in component_bytes(
         latent_dim, logvar_dim, num_classes, latent_store.get("storage_dtype", "float32"),
-        latent_store_dtype.itemsize))
+        latent_store_dtype.itemsize, top_k))
     floats, integers = decoder_values(decoder)
     values_per_image = decoder["out_channels"] * decoder["resolution"] ** 2  # a uint8 image's bytes too
     parts = {"latent": (latents, latent_bytes),

@@ -107,7 +107,7 @@ def relabel(store: GaussianLatentStore, decoder: D3Decoder, teacher: nn.Module, 
         )
     decoder.eval()
     parts = -(-store.num_components // DECODE_PART)  # memory: one part up to DECODE_PART components
-    store.soft_labels.copy_(torch.cat([
+    store.set_soft_labels(torch.cat([
         teacher_labels(teacher, decoder(mean, subtask), temperature, classes, hard_label_weight)
         for mean, subtask, classes in zip(store.mean.tensor_split(parts), store.component_subtask.tensor_split(parts),
                                           store.component_class.tensor_split(parts))]))

@@ -131,3 +131,12 @@ def test_aggregate_decoders_built_with_default_settings():
     _, decoder = aggregate([s0, s1], [d0, d1])
     assert decoder.config.num_subtasks == 2 and len(decoder.generators) == 2
     assert torch.equal(decoder.generators[1].project.weight, d1.generators[0].project.weight)
+
+
+def test_aggregate_keeps_the_runs_label_top_k_whatever_the_subtasks_were_saved_with():
+    (s0, d0), (s1, d1) = make_subtask([0, 1, 2], 0, num_subtasks=1), make_subtask([3, 4], 1, num_subtasks=1)
+    store, _ = aggregate([s0, s1], [d0, d1], label_top_k=2)
+    assert store.config.label_top_k == 2 and (store.soft_labels > 0).sum(1).tolist() == [2] * 10
+    whole, _ = aggregate([s0, s1], [d0, d1])
+    assert whole.config.label_top_k is None and torch.equal(whole.soft_labels, torch.cat([s0.soft_labels,
+                                                                                          s1.soft_labels]))

@@ -44,11 +44,13 @@ METRICS = {
 SETTINGS = {"dataset": "mnist", "latents_per_class": 2, "decoder": "small", "hub_token": "must-not-leak"}
 
 
-def make_pipe(seed: int = 0) -> D3Pipeline:
+def make_pipe(seed: int = 0, label_top_k: int | None = None) -> D3Pipeline:
     torch.manual_seed(seed)
     store = GaussianLatentStore(
-        class_ids=list(range(3)), num_classes=3, latents_per_class=2, latent_dim=8, class_names=CLASS_NAMES
+        class_ids=list(range(3)), num_classes=3, latents_per_class=2, latent_dim=8, class_names=CLASS_NAMES,
+        label_top_k=label_top_k,
     )
+    store.set_soft_labels(torch.rand(6, 3).softmax(1))
     decoder = D3Decoder(latent_dim=8, resolution=8, out_channels=1, channels=[8, 8])
     return D3Pipeline(latent_store=store, decoder=decoder)
 
@@ -79,8 +81,9 @@ def samples_png(tmp_path):
 @pytest.fixture(scope="module", params=STORAGE_DTYPES)
 def published(local_hub, request):
     """A pipeline published once in each storage dtype for the read-side tests: (repo_id, pipeline, CommitInfo);
-    the pipeline holds what its stored files give back."""
-    pipe = make_pipe(0)
+    the pipeline holds what its stored files give back. The float16 one keeps top-2 soft labels (`label_top_k`),
+    so their compact form travels too."""
+    pipe = make_pipe(0, label_top_k=2 if request.param == "float16" else None)
     pipe.set_storage_dtype(request.param)
     repo_id = f"{local_hub.user}/d3-published-{request.param}-{uuid.uuid4().hex[:8]}"
     info = push_pipeline_to_hub(pipe, repo_id, metrics=METRICS, settings=SETTINGS)

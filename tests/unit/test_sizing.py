@@ -76,6 +76,18 @@ def test_in_bytes_the_solver_never_exceeds_the_budget_and_fills_at_least_90_perc
         assert sizes.latents_per_class >= 1
 
 
+@pytest.mark.parametrize("budget_unit, storage_dtype", [("values", "float32"), ("bytes", "int8")])
+def test_top_k_labels_free_storage_for_more_gaussians_within_the_budget(budget_unit, storage_dtype):
+    # Tiny ImageNet's shape: at 2 IPC-equivalent whole soft labels take 200 values a Gaussian
+    whole, top_10 = (solve_sizes(2, 200, 32, 3, 1, storage_dtype, budget_unit, CPU_DECODER_WIDTH, label_top_k=k)
+                     for k in (None, 10))
+    assert top_10.latents_per_class > whole.latents_per_class
+    report = top_10.storage(200, 32, 3, 1, storage_dtype, label_top_k=10)
+    used = report.ipc_equivalent if budget_unit == "values" else report.ipc_equivalent_bytes
+    assert 0.9 * 2 <= used <= 2
+    assert report.label_values == 200 * top_10.latents_per_class * (10 + 10 + 2)
+
+
 def test_in_bytes_an_int8_d3_gets_about_four_times_the_values_of_a_float32_one():
     float32, int8 = (solve_sizes(10, 10, 28, 1, storage_dtype=dtype, budget_unit="bytes").storage(10, 28, 1)
                      for dtype in ("float32", "int8"))
@@ -171,6 +183,7 @@ def test_to_config_gives_the_config_names():
     ((10, 10, 28, 1, 11), "num_subtasks=11 must be between 1 and the 10 classes"),
     ((10, 10, 27, 1), "resolution=27 cannot be reached"),
     ((10, 0, 28, 1), "num_classes=0"),
+    ((10, 10, 28, 1, 1, "float32", "values", 64, 11), "label_top_k=11 must be None (whole labels) or 1 to num_classes"),
 ])
 def test_bad_inputs_name_the_bad_value(args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -297,3 +310,17 @@ def test_a_run_given_a_budget_in_bytes_saves_its_pipeline_in_the_storage_dtype(f
     drawn = [pipe(generator=torch.Generator().manual_seed(0), output_type="pt").images
              for pipe in (saved, result.pipeline)]
     assert torch.equal(*drawn)  # the students learnt from what was saved
+
+
+
+def test_a_run_with_top_k_labels_is_sized_for_them_and_saves_them(fmnist4_folder, tmp_path):
+    settings = {k: v for k, v in TINY_RUN.items() if k not in PAPER_SIZES}
+    config = D3Config.from_dict({**settings, "dataset": str(fmnist4_folder), "output_dir": str(tmp_path),
+                                 "storage_budget_ipc": 4, "label_top_k": 2})
+    result = run_distillation(config)
+    sizes = solve_sizes(4, 4, 16, 1, label_top_k=2)
+    assert result.metrics.storage == sizes.storage(4, 16, 1, 1, label_top_k=2).to_dict()
+    saved = D3Pipeline.from_pretrained(tmp_path / "pipeline")
+    assert saved.latent_store.config.label_top_k == 2
+    assert saved.latent_store.soft_labels.gt(0).sum(1).max() <= 2  # the two largest of each label's four
+    assert torch.equal(saved.latent_store.soft_labels, result.pipeline.latent_store.soft_labels)

@@ -107,3 +107,43 @@ def test_sizes_no_module_can_have_are_refused(decoder, store, message):
     store = {"class_ids": [0, 1], "num_classes": 2, "latents_per_class": 1, "latent_dim": 196, **store}
     with pytest.raises(ValueError, match=message):
         storage_report(store, decoder)
+
+
+def test_float32_saves_the_modules_tensors_as_they_are(tmp_path):
+    from safetensors.torch import save_file
+
+    store = GaussianLatentStore(class_ids=[0, 1, 2], num_classes=3, latents_per_class=2, latent_dim=8)
+    store.save_pretrained(tmp_path / "store")
+    save_file(store.state_dict(), tmp_path / "plain.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "store" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (tmp_path / "plain.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("storage_dtype", STORAGE_DTYPES)
+def test_a_store_of_top_k_labels_keeps_k_probabilities_saves_k_values_and_ids_and_counts_their_bytes(
+        storage_dtype, tmp_path):
+    store = GaussianLatentStore(class_ids=[4, 0, 2, 5], num_classes=7, latents_per_class=3, latent_dim=16,
+                                storage_dtype=storage_dtype, label_top_k=2)
+    labels = torch.rand(12, 7).softmax(1)
+    store.set_soft_labels(labels)
+    kept = labels.topk(2, dim=1)
+    assert (store.soft_labels > 0).sum(1).tolist() == [2] * 12  # the two largest, renormalised
+    assert torch.allclose(store.soft_labels.gather(1, kept.indices), kept.values / kept.values.sum(1, keepdim=True))
+
+    store.save_pretrained(tmp_path / "store")
+    with safe_open(str(tmp_path / "store" / "diffusion_pytorch_model.safetensors"), "pt") as saved:
+        assert "soft_labels" not in saved.keys()
+        assert saved.get_tensor("soft_label_ids").dtype == torch.int16
+        assert saved.get_tensor("soft_label_ids").shape == saved.get_tensor("soft_label_values").shape == (12, 2)
+    report = storage_report(store.config, D3Decoder.from_preset("small", 28, 1).config)
+    assert report.latent_bytes + report.label_bytes == file_bytes(tmp_path / "store")
+    assert report.label_values == 12 * (2 + 2 + 2)  # k probabilities, k class ids, the class and subtask ids
+    loaded = GaussianLatentStore.from_pretrained(tmp_path / "store")
+    assert loaded.config.label_top_k == 2
+    assert torch.allclose(loaded.soft_labels, store.soft_labels, atol=1 / 254)  # int8: per component, of its largest
+    assert torch.equal(loaded.soft_labels > 0, store.soft_labels > 0)
+
+
+def test_top_k_must_be_at_most_the_classes():
+    with pytest.raises(ValueError, match=r"label_top_k=8 must be None \(whole labels\) or 1 to num_classes=7"):
+        GaussianLatentStore(class_ids=[0], num_classes=7, label_top_k=8)

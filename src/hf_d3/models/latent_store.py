@@ -11,6 +11,9 @@ from torch import nn
 
 from ..quantization import StoredInDtype, check_storage_dtype
 
+# The class ids of a `label_top_k` store's soft labels (at most 32,767 classes)
+LABEL_ID_DTYPE = torch.int16
+
 
 def folded_ids(class_ids: Sequence[int]) -> str:
     """Class ids as logs and errors show them: a list with each run of three or more consecutive ids folded, so
@@ -22,6 +25,15 @@ def folded_ids(class_ids: Sequence[int]) -> str:
         else:
             runs.append([c])
     return "[" + ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs) + "]"
+
+
+def keep_top_k(soft_labels: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Each row of `soft_labels` with only its `top_k` largest probabilities, renormalised to sum to 1 (None: as it
+    is). What a store of `label_top_k` keeps (docs/method.md, Storage)."""
+    if top_k is None:
+        return soft_labels
+    values, ids = soft_labels.topk(top_k, dim=1)
+    return torch.zeros_like(soft_labels).scatter_(1, ids, values / values.sum(1, keepdim=True))
 
 
 def store_sizes(class_ids: Sequence[int], num_classes: int, latents_per_class: int, latent_dim: int,
@@ -69,6 +81,9 @@ class GaussianLatentStore(StoredInDtype, ModelMixin, ConfigMixin):
             warm start from one real image per Gaussian sets every variance to the same value anyway.
         storage_dtype: how `save_pretrained` stores the floating tensors (`hf_d3.quantization`): "float32" (as
             held), "float16", "bfloat16" or "int8" (a scale per Gaussian and per soft label).
+        label_top_k: keep only the k largest probabilities of each soft label (`set_soft_labels`), stored as k
+            values and k int16 class ids instead of `num_classes` values; default None, the whole label. At many
+            classes the labels are most of the storage (docs/method.md, Storage).
     """
 
     config_name = "config.json"
@@ -84,9 +99,12 @@ class GaussianLatentStore(StoredInDtype, ModelMixin, ConfigMixin):
         subtask_sizes: Sequence[int] | None = None,
         logvar_dim: int | None = None,
         storage_dtype: str = "float32",
+        label_top_k: int | None = None,
     ):
         super().__init__()
         check_storage_dtype(storage_dtype)
+        if label_top_k is not None and not 1 <= label_top_k <= num_classes:
+            raise ValueError(f"label_top_k={label_top_k} must be None (whole labels) or 1 to num_classes={num_classes}")
         class_ids = list(class_ids)
         subtask_sizes, logvar_dim = store_sizes(class_ids, num_classes, latents_per_class, latent_dim, class_names,
                                                 subtask_sizes, logvar_dim)
@@ -111,6 +129,26 @@ class GaussianLatentStore(StoredInDtype, ModelMixin, ConfigMixin):
     def class_names(self) -> list[str]:
         names = self.config.class_names
         return list(names) if names is not None else [str(i) for i in range(self.config.num_classes)]
+
+    @torch.no_grad()
+    def set_soft_labels(self, soft_labels: torch.Tensor) -> None:
+        """Give every component its soft label [num_components, num_classes], keeping the `label_top_k` largest
+        probabilities of each (renormalised) when the store has one: what is held is what is saved."""
+        self.soft_labels.copy_(keep_top_k(soft_labels, self.config.label_top_k))
+
+    def _compact(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # label_top_k: a soft label is saved as its k kept probabilities and their class ids
+        if (top_k := self.config.label_top_k) is None:
+            return state_dict
+        compact = {name: tensor for name, tensor in state_dict.items() if name != "soft_labels"}
+        values, ids = state_dict["soft_labels"].topk(top_k, dim=1)
+        return {**compact, "soft_label_values": values, "soft_label_ids": ids.to(LABEL_ID_DTYPE)}
+
+    def _expand(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if "soft_label_ids" in state_dict:
+            ids, values = state_dict.pop("soft_label_ids").long(), state_dict.pop("soft_label_values")
+            dense = torch.zeros(ids.shape[0], self.config.num_classes, dtype=values.dtype)
+            state_dict["soft_labels"] = dense.scatter_(1, ids, values)
 
     def std(self, components: torch.Tensor | None = None) -> torch.Tensor:
         """Standard deviation of every latent dimension of `components` (default all), [n, latent_dim]."""
