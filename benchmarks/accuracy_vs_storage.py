@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 import yaml
 from record import load_records, save_record  # this folder is on sys.path when the script runs
-from report import baselines_reaching_d3
+from report import PAPER_FORMAT, baselines_reaching_d3, format_order, format_text, storage_format
 from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Pipeline  # (the import also registers the classifiers with the Auto classes)
@@ -142,20 +142,23 @@ def hand_sized_config(dataset: str, budget: float, config_path: Path, folder: Pa
 class Budget:
     """A budget of `ipc` IPC-equivalents in `unit`: stored values against an image's values, or stored bytes against
     a uint8 image's bytes, where the baselines' images are uint8 and their soft labels are stored as D3 stores its
-    own in `storage_dtype` (`hf_d3.storage.real_image_bytes`)."""
+    own in `storage_dtype` (`hf_d3.storage.real_image_bytes`); in either unit, with `label_top_k`, a soft label
+    keeps and stores its k largest probabilities, as D3's do."""
 
     ipc: float
     unit: str
     storage_dtype: str
     num_classes: int
     values_per_image: int
+    label_top_k: int | None = None
 
     def cost(self, images_per_class: int, soft: bool, downsample: int = 1) -> dict:
         """The storage of `images_per_class` real (or prototype) images per class, stored `downsample` times smaller
         per side, with a soft label (`soft`) or a class id each: in values, in bytes and as IPC-equivalents."""
         n, per_image = self.num_classes, self.values_per_image // downsample**2
-        values = prototype_storage(n, images_per_class, per_image, soft_labels=soft)
-        size = real_image_bytes(n, images_per_class, per_image, self.storage_dtype if soft else None)
+        values = prototype_storage(n, images_per_class, per_image, soft_labels=soft, label_top_k=self.label_top_k)
+        size = real_image_bytes(n, images_per_class, per_image, self.storage_dtype if soft else None,
+                                self.label_top_k)
         image_values = n * self.values_per_image
         return {"values": values, "bytes": size, "ipc_equivalent": values / image_values,
                 "ipc_equivalent_bytes": size / image_values}
@@ -168,9 +171,11 @@ class Budget:
 
     @property
     def folder_name(self) -> str:
-        """`ipc<B>` in values with float32 D3 (the curve's first unit), else e.g. `bytes<B>-int8`."""
+        """`ipc<B>` in values with float32 D3 and whole labels (the curve's first format), else e.g.
+        `bytes<B>-int8` or `ipc<B>-top10`."""
         name = f"{'ipc' if self.unit == 'values' else 'bytes'}{self.ipc:g}"
-        return name if self.storage_dtype == "float32" else f"{name}-{self.storage_dtype}"
+        name = name if self.storage_dtype == "float32" else f"{name}-{self.storage_dtype}"
+        return name if self.label_top_k is None else f"{name}-top{self.label_top_k}"
 
 
 def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int) -> dict:
@@ -216,7 +221,8 @@ def prototype_set(config, shared: RunPlan, train, test: RealImages, budget: Budg
 def prototype_sampler(config, prototypes: torch.Tensor, teacher, num_classes: int, hard_label_weight: float):
     """The prototypes with the teacher's labels at the config's temperature and `hard_label_weight`."""
     classes = torch.arange(num_classes).repeat_interleave(len(prototypes) // num_classes)
-    soft = teacher_labels(teacher, prototypes, config.relabel.relabel_temperature, classes, hard_label_weight)
+    soft = teacher_labels(teacher, prototypes, config.relabel.relabel_temperature, classes, hard_label_weight,
+                          config.representation.label_top_k)
     return lambda _g: (prototypes, soft)
 
 
@@ -233,7 +239,7 @@ def real_sampler(config, pool: RealImages, teacher, ipc: int, temperature: float
     the non-held-out pool."""
     return random_real_sampler(pool.images, pool.labels, len(pool.class_names), ipc, config.run.seed,
                                None if temperature is None else teacher, temperature or 1.0, hard_label_weight,
-                               downsample)
+                               downsample, config.representation.label_top_k)
 
 
 def held_out_and_pool(train_tensors: RealImages, seed: int) -> tuple[torch.Tensor, RealImages]:
@@ -258,7 +264,7 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
               seeds: int, methods: list[str], r_plus_s: dict | None = None) -> dict:
     """The rows of R+H, R+S and R+S-low (in that order, R+S-low after R+S: it reuses its choices, from this call or
     `r_plus_s`, R+S's saved row)."""
-    n, seed = len(test.class_names), config.run.seed
+    n, seed, top_k = len(test.class_names), config.run.seed, config.representation.label_top_k
     _, pool = held_out_and_pool(train_tensors, seed)
     score = held_out_scorer(config, train_tensors, n)
     rows = {}
@@ -268,7 +274,7 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
         temperature, weight, held_out_scores = None, None, None
         if method == "R+S":  # the temperature and hard-label weight whose student scores best on held-out images
             held_out_scores = {str(w): choose_temperature(score, pool, ipc, teacher, TEMPERATURES, seed,
-                                                            hard_label_weight=w)[1]
+                                                            hard_label_weight=w, label_top_k=top_k)[1]
                                for w in baseline_label_weights(config.relabel.hard_label_weight)}
             best = max(((w, t) for w, scores in held_out_scores.items() for t in scores),
                        key=lambda k: held_out_scores[k[0]][k[1]])
@@ -279,7 +285,8 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
             held_out_scores = {str(f): choose_temperature(
                 score, pool, budget.images_within(soft=True, downsample=f)[0], teacher,
                 TEMPERATURES, seed, known=r_plus_s["held_out_accuracy"][str(weight)] if f == 1 else None,
-                hard_label_weight=weight, downsample=f)[1] for f in downsample_factors(test.images.shape[-1])}
+                hard_label_weight=weight, downsample=f, label_top_k=top_k)[1]
+                for f in downsample_factors(test.images.shape[-1])}
             best = max(((f, t) for f, scores in held_out_scores.items() for t in scores),
                        key=lambda k: held_out_scores[k[0]][k[1]])
             downsample, temperature = int(best[0]), float(best[1])
@@ -338,7 +345,8 @@ BEFORE_IT_EXISTED = {"hard_label_weight": 0.0}
 # settings only distilled sets depend on (their sizes, warm start and objective): a new distillation setting keeps
 # the random-real rows
 DISTILLATION_ONLY = ({f.name for f in dataclasses.fields(DistillationConfig)}
-                     | {f.name for f in dataclasses.fields(RepresentationConfig)}) - {"budget_unit", "storage_dtype"}
+                     | {f.name for f in dataclasses.fields(RepresentationConfig)}) - {"budget_unit", "storage_dtype",
+                                                                                          "label_top_k"}
 # settings that say where and how a run reports, not what it computes (and where the data is read from: a row's
 # key names its dataset)
 BOOKKEEPING = {"output_dir", "stage_dir", "log_every", "report_to", "collective_timeout_s", "checkpoint_every",
@@ -384,7 +392,8 @@ def is_done(folder: Path, method: str, settings: dict) -> bool:
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
     (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
     config = {**key["settings"], "dataset": portable(key["settings"]["dataset"])}
-    units = {k: key[k] for k, default in (("unit", "values"), ("storage_dtype", "float32")) if key[k] != default}
+    units = {k: key[k] for k, default in zip(("unit", "storage_dtype", "label_top_k"), PAPER_FORMAT, strict=True)
+             if key[k] != default}
     save_record("accuracy_vs_storage", {"dataset": key["dataset"], "budget_ipc": float(key["budget"]),
                                         "method": method, **units, "config": config}, row)
 
@@ -395,9 +404,9 @@ def portable(dataset: str) -> str:
     return os.path.relpath(path, ROOT) if path.is_absolute() else dataset
 
 
-def panel_of(saved: dict) -> tuple[str, str, str]:
-    """A figure panel: the dataset, the unit its budgets count and how D3 is stored."""
-    return saved["dataset"], saved.get("unit", "values"), saved.get("storage_dtype", "float32")
+def panel_of(saved: dict) -> tuple:
+    """A figure panel: the dataset and its storage format (`report.storage_format`)."""
+    return saved["dataset"], *storage_format(saved)
 
 
 def merge_and_plot(out: Path, figure: Path) -> dict:
@@ -405,13 +414,14 @@ def merge_and_plot(out: Path, figure: Path) -> dict:
     for row in sorted(out.glob("*/*/row_*.json")):
         saved = json.loads(row.read_text())
         panels.setdefault(panel_of(saved), {}).setdefault(saved["budget"], {})[saved["method"]] = saved["row"]
-    results = {" ".join(panel): budgets for panel, budgets in sorted(panels.items())}
+    results = {" ".join(map(str, panel)): budgets for panel, budgets in sorted(panels.items(), key=str)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(panels_from_records(), figure)
-    for (dataset, unit, dtype), budgets in sorted(panels.items()):
+    for (dataset, *form), budgets in sorted(panels.items(), key=str):
+        unit = form[0]
         ipc_key = "ipc_equivalent" if unit == "values" else "ipc_equivalent_bytes"
-        print(f"\n{dataset}, budgets in {unit}, D3 stored in {dtype}: test accuracy (%), mean +- std over seeds, "
-              f"at the stored IPC-equivalent in {unit}")
+        print(f"\n{dataset}, {format_text(form)}: test accuracy (%), mean +- std over seeds, at the stored "
+              f"IPC-equivalent in {unit}")
         print("| budget | " + " | ".join(SHOWN) + " |\n|---|" + "---|" * len(SHOWN))
         for budget in sorted(budgets, key=float):
             cells = []
@@ -429,15 +439,14 @@ def merge_and_plot(out: Path, figure: Path) -> dict:
 
 
 def panels_from_records(path: Path = ROOT / "benchmarks/results/accuracy_vs_storage.json") -> dict:
-    """The figure's panels from the curve's records, the latest of each dataset, unit, dtype, budget and method (as
+    """The figure's panels from the curve's records, the latest of each dataset, storage format, budget and method (as
     BENCHMARKS.md shows them: the last written of the latest date), whichever run or output folder wrote them."""
     chosen = {}
     for index, record in enumerate(load_records(path)):
         s = record["settings"]
         if "variant" in s:
             continue
-        key = (s["dataset"], s.get("unit", "values"), s.get("storage_dtype", "float32"), f"{s['budget_ipc']:g}",
-               s["method"])
+        key = (s["dataset"], *storage_format(s), f"{s['budget_ipc']:g}", s["method"])
         if key not in chosen or (record["date"], index) >= chosen[key][0]:
             chosen[key] = ((record["date"], index), record["figures"])
     panels = {}
@@ -453,16 +462,17 @@ def plot(panels: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # one row per unit (values first), one column per dataset
+    # one row per storage format (the paper's first), one column per dataset
     datasets = [d for d in TITLES if any(panel[0] == d for panel in panels)]
-    units = sorted({panel[1:] for panel in panels}, key=lambda u: (u != ("values", "float32"), u))
-    fig, axes = plt.subplots(len(units), len(datasets), figsize=(6 * len(datasets), 4.5 * len(units)),
+    forms = sorted({panel[1:] for panel in panels}, key=format_order)
+    fig, axes = plt.subplots(len(forms), len(datasets), figsize=(6 * len(datasets), 4.5 * len(forms)),
                              squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
-    for (dataset, unit, dtype), budgets in sorted(panels.items()):
-        ax = axes[units.index((unit, dtype)), datasets.index(dataset)]
+    for (dataset, *form), budgets in panels.items():
+        ax = axes[forms.index(tuple(form)), datasets.index(dataset)]
         ax.set_visible(True)
+        unit = form[0]
         ipc_key = "ipc_equivalent" if unit == "values" else "ipc_equivalent_bytes"
         for method in SHOWN:
             points = sorted(((row[ipc_key], 100 * torch.tensor(row["accuracies"]))
@@ -478,8 +488,7 @@ def plot(panels: dict, path: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"stored {unit}, in IPC-equivalents (log)" + ("" if unit == "values" else ": uint8 images"))
         ax.set_ylabel("test accuracy (%)")
-        unit_text = "" if (unit, dtype) == ("values", "float32") else f"\nin {unit}, D3 in {dtype}"
-        ax.set_title(TITLES[dataset] + unit_text)
+        ax.set_title(TITLES[dataset] + ("" if tuple(form) == PAPER_FORMAT else "\n" + format_text(form)))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -491,13 +500,13 @@ def caption(panels: dict) -> str:
     """What the figure says about D3 against the baselines: the budgets where a baseline's mean reaches D3's, per
     panel (report.py says the same under each table of BENCHMARKS.md). The cards show it under the figure."""
     reached = []
-    for (dataset, unit, dtype), budgets in sorted(panels.items(), key=lambda item: list(TITLES).index(item[0][0])):
+    for (dataset, *form), budgets in sorted(panels.items(), key=lambda item: (list(TITLES).index(item[0][0]),
+                                                                              format_order(item[0][1:]))):
         means = {b: {m: statistics.mean(row["accuracies"]) for m, row in rows.items()} for b, rows in budgets.items()}
         where = [f"{b} ({', '.join(found)})" for b in sorted(means, key=float)
                  if (found := baselines_reaching_d3(means[b]))]
         if where:
-            unit_text = "values" if unit == "values" else f"{unit}, D3 in {dtype}"
-            reached.append(f"{TITLES[dataset]} in {unit_text}: at {', '.join(where)}")
+            reached.append(f"{TITLES[dataset]} {format_text(form)}: at {', '.join(where)}")
     if not reached:
         return "D3's mean is above every baseline's at every budget measured."
     return ("Where D3 is not worth it: a baseline's mean test accuracy is at or above D3's at these budgets "
@@ -542,7 +551,7 @@ def main():
     representation = base.representation
     for ipc in args.budgets:
         budget = Budget(ipc, representation.budget_unit, representation.storage_dtype, len(test.class_names),
-                        test.images[0].numel())
+                        test.images[0].numel(), representation.label_top_k)
         folder = out / budget.folder_name
         folder.mkdir(parents=True, exist_ok=True)
         # every method's labels mix the class in at the weight D3 gets at this budget
@@ -551,7 +560,7 @@ def main():
         config = dataclasses.replace(base, relabel=dataclasses.replace(base.relabel, hard_label_weight=weight))
         settings = {**base_settings, "hard_label_weight": config.relabel.hard_label_weight}
         key = {"dataset": args.dataset, "budget": f"{ipc:g}", "unit": budget.unit,
-               "storage_dtype": budget.storage_dtype, "settings": settings}
+               "storage_dtype": budget.storage_dtype, "label_top_k": budget.label_top_k, "settings": settings}
         if "D3" in args.methods and not is_done(folder, "D3", settings):
             # the weight explicitly: D3's run would choose it from its values' IPC-equivalent, not from a budget
             # in bytes

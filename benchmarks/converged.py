@@ -82,7 +82,7 @@ def main():
     score = held_out_scorer(base, train_tensors, n)
     for budget in args.budgets:
         budget_of = Budget(budget, base.representation.budget_unit, base.representation.storage_dtype, n,
-                           test.images[0].numel())
+                           test.images[0].numel(), base.representation.label_top_k)
         folder = out / budget_of.folder_name
         curve_row = saved_row(folder, "prototypes")
         if curve_row is None:
@@ -131,7 +131,8 @@ def main():
                "hard_label_weight": weight, "held_out_by_multiple": {str(m): s for m, s in sorted(scores.items())},
                "converged": converged(scores, args.at_least, args.min_gain)}
         key = {"dataset": args.dataset, "budget": f"{budget:g}", "unit": budget_of.unit,
-               "storage_dtype": budget_of.storage_dtype, "settings": settings_converged}
+               "storage_dtype": budget_of.storage_dtype, "label_top_k": budget_of.label_top_k,
+               "settings": settings_converged}
         save_row(folder, "prototypes-converged", key, row)
     merge_and_plot(args.output_dir, args.output_dir / "accuracy_vs_storage.png")
 

@@ -21,6 +21,7 @@ DATASETS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (3,390
             "tiny_imagenet": "Tiny ImageNet at 32x32 (CPU protocol: recipes/configs/tinyimagenet_cpu.yaml)"}
 METHODS = ("D3", "D3-hand", "prototypes", "prototypes-converged", "R+H", "R+S", "R+S-low")
 BASELINES = tuple(m for m in METHODS if not m.startswith("D3"))
+PAPER_FORMAT = ("values", "float32", None)  # `storage_format`: budgets in values, D3 in float32, whole soft labels
 MACHINES = {  # what each machine id of the records is
     "amd-epyc-2c": "2-core x86_64 AMD EPYC (KVM, AVX-512), 24 GiB, no GPU; Python 3.11, torch 2.13.0 CPU, "
                    "`MALLOC_*` as in the Makefile",
@@ -57,6 +58,24 @@ def latest(records: list[dict], **settings) -> dict | None:
     return max(enumerate(found), key=lambda pair: (pair[1]["date"], pair[0]))[1] if found else None
 
 
+def storage_format(settings: dict) -> tuple[str, str, int | None]:
+    """A curve record's (or row's) storage format: the unit its budget counts, how its D3 is stored, and how many
+    probabilities a soft label keeps (None: all)."""
+    return settings.get("unit", "values"), settings.get("storage_dtype", "float32"), settings.get("label_top_k")
+
+
+def format_order(storage_format: tuple) -> tuple:
+    """Sorts the paper's format (values, float32, whole labels) first."""
+    return storage_format != PAPER_FORMAT, str(storage_format)
+
+
+def format_text(storage_format: tuple) -> str:
+    """How a table or panel names a format other than the paper's: 'in bytes, D3 in int8, top-10 labels'."""
+    unit, dtype, top_k = storage_format
+    return ", ".join([f"in {unit}"] + ([f"D3 in {dtype}"] if dtype != "float32" else [])
+                     + ([f"top-{top_k} labels"] if top_k is not None else []))
+
+
 def baselines_reaching_d3(means: dict[str, float]) -> list[str]:
     """The baselines whose mean accuracy is at or above D3's at one budget (none where D3 was not measured)."""
     return [m for m in BASELINES if "D3" in means and means.get(m, -1.0) >= means["D3"]]
@@ -83,13 +102,11 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
              "(-converged: until held-out accuracy stops rising, `benchmarks/converged.py`); R+H / R+S: random "
              "real images, class / teacher labels; R+S-low: R+S stored 2 or 4 times smaller per side. "
              "`benchmarks/accuracy_vs_storage.py`; `-`: not measured.", ""]
-    def unit_of(record: dict) -> tuple[str, str]:  # what its budget counts, how its D3 is stored
-        return record["settings"].get("unit", "values"), record["settings"].get("storage_dtype", "float32")
-
     for dataset, title in DATASETS.items():
-        for unit, dtype in sorted({unit_of(r) for r in curve if r["settings"]["dataset"] == dataset},
-                                  key=lambda u: (u != ("values", "float32"), u)):
-            records = [r for r in curve if r["settings"]["dataset"] == dataset and unit_of(r) == (unit, dtype)]
+        for form in sorted({storage_format(r["settings"]) for r in curve if r["settings"]["dataset"] == dataset},
+                           key=format_order):
+            records = [r for r in curve
+                       if r["settings"]["dataset"] == dataset and storage_format(r["settings"]) == form]
             rows, d3_beaten = [], []
             for budget in sorted({r["settings"]["budget_ipc"] for r in records}):
                 row = [f"{budget:g}"]
@@ -106,8 +123,8 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
                 rows.append(row)
                 if beaten := baselines_reaching_d3(means):
                     d3_beaten.append(f"{budget:g} ({', '.join(beaten)})")
-            where = "" if (unit, dtype) == ("values", "float32") else f", in {unit} (D3 stored in {dtype})"
-            lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {unit})", *METHODS], rows), ""]
+            where = "" if form == PAPER_FORMAT else ", " + format_text(form)
+            lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {form[0]})", *METHODS], rows), ""]
             if d3_beaten:
                 lines += ["**A baseline at or above D3** (mean) at budget " + ", ".join(d3_beaten) + ".", ""]
             peaks = [(budget, record["figures"]["peak_rss_gib"]) for budget in sorted({r["settings"]["budget_ipc"]

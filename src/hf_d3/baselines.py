@@ -52,10 +52,11 @@ def random_real_sampler(
     temperature: float = 1.0,
     hard_label_weight: float = 0.0,
     downsample: int = 1,
+    label_top_k: int | None = None,
 ) -> EpochSampler:
     """A fixed random subset of `images_per_class` real images per class, the same every epoch, labelled
-    one-hot (R+H) or by the teacher (R+S: `hf_d3.teacher.teacher_labels` at `temperature` and
-    `hard_label_weight`, the labels D3's Gaussians get). With `downsample` > 1 (R+S-low) the images are stored that
+    one-hot (R+H) or by the teacher (R+S: `hf_d3.teacher.teacher_labels` at `temperature`, `hard_label_weight` and
+    `label_top_k`, the labels D3's Gaussians get). With `downsample` > 1 (R+S-low) the images are stored that
     many times smaller per side (`stored_smaller`) and shown to students and teacher upsampled to the training side
     (`shown_at`)."""
     picked = pick_per_class(labels, num_classes, images_per_class, seed)
@@ -65,7 +66,7 @@ def random_real_sampler(
     if teacher is None:
         targets = nn.functional.one_hot(labels[picked], num_classes).float()
     else:
-        targets = teacher_labels(teacher, subset, temperature, labels[picked], hard_label_weight)
+        targets = teacher_labels(teacher, subset, temperature, labels[picked], hard_label_weight, label_top_k)
     return lambda _generator: (subset, targets)
 
 
@@ -108,13 +109,14 @@ def choose_temperature(
     known: Mapping[str, float] | None = None,
     hard_label_weight: float = 0.0,
     downsample: int = 1,
+    label_top_k: int | None = None,
 ) -> tuple[float, dict[str, float]]:
     """The R+S (or, with `downsample`, R+S-low) temperature whose student scores best by `score` (a student trained
-    on `images_per_class` pool images labelled at that temperature and `hard_label_weight`, tested on held-out
-    images). `known` holds scores already measured, by `str(temperature)`; returns the best temperature and every
-    score."""
+    on `images_per_class` pool images labelled at that temperature, `hard_label_weight` and `label_top_k`, tested on
+    held-out images). `known` holds scores already measured, by `str(temperature)`; returns the best temperature
+    and every score."""
     known = dict(known or {})
     scores = {str(t): known[str(t)] if str(t) in known else score(random_real_sampler(
         pool.images, pool.labels, len(pool.class_names), images_per_class, seed, teacher, t, hard_label_weight,
-        downsample)) for t in temperatures}
+        downsample, label_top_k)) for t in temperatures}
     return float(max(scores, key=scores.get)), scores

@@ -56,12 +56,26 @@ class StorageReport:
         return asdict(self)
 
 
+def soft_label_values(num_classes: int, label_top_k: int | None = None) -> int:
+    """The stored values of one soft label: `num_classes` probabilities, or with `label_top_k` the k kept
+    probabilities and their k class ids."""
+    return num_classes if label_top_k is None else 2 * label_top_k
+
+
+def soft_label_bytes(count: int, num_classes: int, storage_dtype: str = "float32", held_itemsize: int = 4,
+                     label_top_k: int | None = None) -> int:
+    """The bytes of `count` soft labels (`soft_label_values`) in `storage_dtype` (int8: a scale per label), held in
+    floats of `held_itemsize` bytes; a `label_top_k` label's class ids are int16."""
+    if label_top_k is None:
+        return stored_bytes([count, num_classes], storage_dtype, held_itemsize)
+    return stored_bytes([count, label_top_k], storage_dtype, held_itemsize) + count * label_top_k * LABEL_ID_BYTES
+
+
 def component_values(latent_dim: int, logvar_dim: int, num_classes: int, label_top_k: int | None = None
                      ) -> tuple[int, int, int]:
-    """What one Gaussian component stores: its mean and log-variances, its `num_classes`-way soft label (with
-    `label_top_k`, its k kept probabilities and their k class ids), and its integer class id and subtask id."""
-    label = num_classes if label_top_k is None else 2 * label_top_k
-    return latent_dim + logvar_dim, label, 2
+    """What one Gaussian component stores: its mean and log-variances, its soft label (`soft_label_values`), and
+    its integer class id and subtask id."""
+    return latent_dim + logvar_dim, soft_label_values(num_classes, label_top_k), 2
 
 
 def component_bytes(latent_dim: int, logvar_dim: int, num_classes: int, storage_dtype: str = "float32",
@@ -69,11 +83,7 @@ def component_bytes(latent_dim: int, logvar_dim: int, num_classes: int, storage_
     """The bytes of what one Gaussian component stores (`component_values`) in `storage_dtype`, held in floats of
     `held_itemsize` bytes: its mean and log-variances, its soft label, its two integer ids."""
     latents = sum(stored_bytes([1, n], storage_dtype, held_itemsize) for n in (latent_dim, logvar_dim))
-    if label_top_k is None:
-        label = stored_bytes([1, num_classes], storage_dtype, held_itemsize)
-    else:
-        label = stored_bytes([1, label_top_k], storage_dtype, held_itemsize) + label_top_k * LABEL_ID_BYTES
-    return latents, label, 2 * INTEGER_BYTES
+    return latents, soft_label_bytes(1, num_classes, storage_dtype, held_itemsize, label_top_k), 2 * INTEGER_BYTES
 
 
 def generator_tensors(decoder: Mapping) -> tuple[list[tuple[tuple[int, ...], int]], int]:
@@ -153,9 +163,11 @@ def storage_report(latent_store: Mapping, decoder: Mapping, latent_store_dtype: 
     )
 
 
-def prototype_storage(num_classes: int, images_per_class: int, values_per_image: int, soft_labels: bool) -> int:
-    """Stored values of a prototype-image dataset: its images, plus a soft label or a class id per image."""
-    per_label = num_classes if soft_labels else 1
+def prototype_storage(num_classes: int, images_per_class: int, values_per_image: int, soft_labels: bool,
+                      label_top_k: int | None = None) -> int:
+    """Stored values of a prototype-image dataset: its images, plus a soft label (whole, or its `label_top_k`
+    largest probabilities: `soft_label_values`) or a class id per image."""
+    per_label = soft_label_values(num_classes, label_top_k) if soft_labels else 1
     return num_classes * images_per_class * (values_per_image + per_label)
 
 
@@ -165,10 +177,11 @@ def largest_ipc_within(budget_values: int, num_classes: int, values_per_image: i
 
 
 def real_image_bytes(num_classes: int, images_per_class: int, values_per_image: int,
-                     soft_label_dtype: str | None) -> int:
+                     soft_label_dtype: str | None, label_top_k: int | None = None) -> int:
     """Bytes of an image set as image datasets are published: uint8 pixels, and per image a class id (int64, as
-    D3's) or, with `soft_label_dtype`, a soft label stored as D3 stores its soft labels in that `storage_dtype`."""
+    D3's) or, with `soft_label_dtype`, a soft label stored as D3 stores its soft labels in that `storage_dtype` (and
+    `label_top_k`)."""
     images = num_classes * images_per_class
-    labels = images * INTEGER_BYTES if soft_label_dtype is None else stored_bytes([images, num_classes],
-                                                                                 soft_label_dtype)
+    labels = (images * INTEGER_BYTES if soft_label_dtype is None
+              else soft_label_bytes(images, num_classes, soft_label_dtype, label_top_k=label_top_k))
     return images * values_per_image + labels

@@ -20,7 +20,7 @@ from .distill.distiller import DECODE_PART
 from .experts import train_classifier
 from .factories import build_net
 from .models.decoder import D3Decoder
-from .models.latent_store import GaussianLatentStore
+from .models.latent_store import GaussianLatentStore, keep_top_k
 
 if TYPE_CHECKING:
     from .run_plan import RunPlan
@@ -77,8 +77,10 @@ def hard_label_weight_for(ipc_equivalent: float) -> float:
 
 @torch.no_grad()
 def teacher_labels(teacher: nn.Module, images: torch.Tensor, temperature: float = 1.0,
-                   classes: torch.Tensor | None = None, hard_label_weight: float = 0.0) -> torch.Tensor:
-    """softmax(teacher(images) / temperature), mixed with the one-hot `classes` at `hard_label_weight`.
+                   classes: torch.Tensor | None = None, hard_label_weight: float = 0.0,
+                   label_top_k: int | None = None) -> torch.Tensor:
+    """softmax(teacher(images) / temperature), mixed with the one-hot `classes` at `hard_label_weight`, each label
+    then cut to its `label_top_k` largest probabilities, renormalised (`keep_top_k`; None: whole).
 
     The mix is knowledge distillation's hard-plus-soft target (Hinton et al., 2015): the soft cross-entropy is linear
     in its target, so a mixed label trains like the weighted sum of the two losses. It matters when the teacher is
@@ -88,11 +90,11 @@ def teacher_labels(teacher: nn.Module, images: torch.Tensor, temperature: float 
     teacher.eval()
     soft = (teacher(images).logits / temperature).softmax(dim=1)
     if hard_label_weight == 0:
-        return soft
+        return keep_top_k(soft, label_top_k)
     if classes is None:
         raise ValueError(f"hard_label_weight={hard_label_weight} needs the images' classes")
     hard = nn.functional.one_hot(classes.to(soft.device), soft.shape[1]).to(soft.dtype)
-    return hard_label_weight * hard + (1 - hard_label_weight) * soft
+    return keep_top_k(hard_label_weight * hard + (1 - hard_label_weight) * soft, label_top_k)
 
 
 @torch.no_grad()

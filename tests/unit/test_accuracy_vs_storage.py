@@ -102,6 +102,17 @@ def test_a_budget_in_bytes_gives_uint8_images_about_four_times_the_room(bench):
     assert values.folder_name == "ipc2" and in_bytes.folder_name == "bytes2-int8"
 
 
+def test_with_top_k_labels_the_baselines_labels_cost_k_values_and_k_ids(bench):
+    # 200 classes of 32x32x3 images at 2 IPC-equivalent: whole soft labels cost 200 values an image, top-10 ones 20
+    whole, top_10 = (bench.Budget(2, "values", "float32", 200, 3072, k) for k in (None, 10))
+    assert whole.images_within(soft=True, downsample=2) == (6, False)  # 768 + 200 values each
+    assert top_10.images_within(soft=True, downsample=2) == (7, False)  # 768 + 20
+    assert top_10.cost(1, soft=True)["values"] == 200 * (3072 + 20)
+    in_bytes = bench.Budget(2, "bytes", "int8", 200, 3072, 10)
+    assert in_bytes.cost(1, soft=True)["bytes"] == 200 * (3072 + 10 + 4 + 10 * 2)  # int8 values, a scale, int16 ids
+    assert top_10.folder_name == "ipc2-top10" and in_bytes.folder_name == "bytes2-int8-top10"
+
+
 def test_the_figure_draws_the_latest_record_of_each_panel_budget_and_method(bench, tmp_path):
     def record(date, accuracy, **settings):
         return {"benchmark": "accuracy_vs_storage", "command": "c", "commit": "x", "date": date, "machine": "m",
@@ -114,8 +125,9 @@ def test_the_figure_draws_the_latest_record_of_each_panel_budget_and_method(benc
         record("2026-12-07", 0.05, unit="bytes", storage_dtype="int8"),  # another panel
         record("2026-12-07", 0.02, method="R+S"), record("2026-12-07", 0.09, variant="probe")]))
     panels = bench.panels_from_records(path)
-    values, in_bytes = panels[("tiny_imagenet", "values", "float32")], panels[("tiny_imagenet", "bytes", "int8")]
-    assert set(panels) == {("tiny_imagenet", "values", "float32"), ("tiny_imagenet", "bytes", "int8")}
+    values, in_bytes = (panels[("tiny_imagenet", "values", "float32", None)],
+                        panels[("tiny_imagenet", "bytes", "int8", None)])
+    assert set(panels) == {("tiny_imagenet", "values", "float32", None), ("tiny_imagenet", "bytes", "int8", None)}
     assert {m: row["accuracies"] for m, row in values["2"].items()} == {"D3": [0.03], "R+S": [0.02]}
     assert in_bytes["2"]["D3"]["accuracies"] == [0.05]
 
@@ -124,11 +136,11 @@ def test_the_caption_names_each_budget_where_a_baseline_reaches_d3(bench):
     def rows(**means):
         return {method: {"accuracies": [mean - 0.01, mean + 0.01]} for method, mean in means.items()}
 
-    panels = {("cifar10", "bytes", "int8"): {"1": rows(D3=0.30, **{"R+S": 0.20}),
+    panels = {("cifar10", "bytes", "int8", None): {"1": rows(D3=0.30, **{"R+S": 0.20}),
                                              "10": rows(D3=0.40, **{"R+S": 0.41, "R+H": 0.40, "prototypes": 0.39})},
-              ("fashion_mnist", "values", "float32"): {"2": rows(D3=0.70, prototypes=0.69)}}
+              ("fashion_mnist", "values", "float32", None): {"2": rows(D3=0.70, prototypes=0.69)}}
     assert bench.caption(panels) == ("Where D3 is not worth it: a baseline's mean test accuracy is at or above D3's "
                                      "at these budgets (IPC-equivalents): CIFAR-10 subset (5,085 train / 1,017 test) "
                                      "in bytes, D3 in int8: at 10 (R+H, R+S).")
-    del panels[("cifar10", "bytes", "int8")]
+    del panels[("cifar10", "bytes", "int8", None)]
     assert bench.caption(panels) == "D3's mean is above every baseline's at every budget measured."

@@ -75,6 +75,19 @@ def test_relabel_mixes_the_class_in_at_hard_label_weight():
         teacher_labels(teacher, decoder(store.mean), hard_label_weight=0.5)
 
 
+def test_top_k_labels_keep_the_k_largest_of_the_mixed_label_renormalised():
+    store, decoder = make_store_and_decoder()
+    torch.manual_seed(1)
+    teacher = make_net().eval()
+    images = decoder.eval()(store.mean).detach()
+    whole = teacher_labels(teacher, images, 2.0, store.component_class, 0.25)
+    top_2 = teacher_labels(teacher, images, 2.0, store.component_class, 0.25, label_top_k=2)
+    kept = whole.topk(2, dim=1)
+    assert (top_2 > 0).sum(1).tolist() == [2] * 8
+    assert torch.allclose(top_2.gather(1, kept.indices), kept.values / kept.values.sum(1, keepdim=True))
+    assert torch.allclose(teacher_labels(teacher, images, 2.0, label_top_k=4), teacher_labels(teacher, images, 2.0))
+
+
 def test_the_hard_label_weight_grows_with_the_storage_and_a_given_one_wins():
     weights = [hard_label_weight_for(b) for b in (0.5, 1, 2, 5, 10, 20, 50, 100)]
     assert weights[:2] == [0.0, 0.0] and weights[-2:] == [1.0, 1.0]  # the teacher's alone, the class's alone
