@@ -152,7 +152,9 @@ def d3_row(run: Path) -> dict:
 
 
 def r_plus_s_rows(config, settings: dict, out: Path, budgets: list[float], device: torch.device) -> dict:
-    """R+S at each budget; a row is kept in `out/r_plus_s_ipc<k>.json` with the `settings` it was computed under."""
+    """R+S at each budget; a row is kept in `out/r_plus_s_ipc<k>.json` with the `settings` it was computed under
+    (but the budget list: a row is one budget's, so a rerun with another list keeps it)."""
+    settings = {k: v for k, v in settings.items() if k != "budgets"}
     data, seed = config.data, config.run.seed
     train = load_images(load_split(data, data.train_split), data.resolution, data.channels,
                         image_column=data.image_column, label_column=data.label_column)
