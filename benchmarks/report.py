@@ -235,10 +235,6 @@ def speed_table(results: dict, notes: Notes) -> list[str]:
                          notes(flops)])
             rows.append(["its convolutions' floor at one convolution's rate (s)",
                          f"{figures['convolution_floor_s']:.2f}", machine, notes(flops)])
-        if side := latest(on, part="side_by_side"):
-            ratios = side["figures"].get("ratio")
-            rows.append(["MTT iteration, today's code / before issue 23 (per round)",
-                         ", ".join(f"x{r:.2f}" for r in ratios), machine, notes(side)])
     for machine in ("amd-epyc-2c", "intel-xeon-2c"):
         if run := latest([r for r in demo if r["machine"] == machine and "wall_time" in r["figures"]]):
             threads = run["settings"]["threads"]
@@ -275,15 +271,17 @@ def scale_tables(results: dict, notes: Notes) -> list[str]:
     rows = []
     for record in results["data_path"]:
         s, ranks = record["settings"], record["figures"].get("ranks", [])
+        if s["path"] != "new":  # the data path before the image cache: its comparison is in the records and git
+            continue
         batch = " ".join(s["overrides"]) or "-"
         peak_start = max(r["peak_rss_at_expert_start_mib"] for r in ranks) if ranks else None
         first_step = [r["time_to_first_expert_step_s"] for r in ranks if r["time_to_first_expert_step_s"]]
-        rows.append([s["path"], f"{s['train_images']:,}", s["image_cache"], batch,
+        rows.append([f"{s['train_images']:,}", s["image_cache"], batch,
                      f"{max(first_step):.0f}" if first_step else "not run",
                      f"{peak_start:,.0f}" if peak_start else "-", notes(record)])
     lines += ["Data path at ImageNet's shape: per rank, 2 gloo ranks, `imagenet_64_ipc10.yaml` with 4 subtasks on a "
               "generated 1,000-class stand-in; the worse of the two ranks (`benchmarks/data_path.py`).", "",
-              *table(["data path", "train images", "image cache", "overrides", "s to 1st expert step",
+              *table(["train images", "image cache", "overrides", "s to 1st expert step",
                       "peak RSS to expert start (MiB)", "note"], rows), ""]
     return lines
 
@@ -301,7 +299,7 @@ def render(results_dir: Path = RESULTS) -> str:
             "Every figure's record (per-seed accuracies, timings, memory, settings) is in "
             "[`benchmarks/results/`](benchmarks/results/); a benchmark script writes its record there "
             "(`benchmarks/record.py`), and `python benchmarks/report.py` rewrites this page. Earlier figures: "
-            "`git log -p benchmarks/results`.", ""]
+            "`git log -p benchmarks/results`; comparisons with code since replaced are in the records alone.", ""]
     machines = ["Machines:", "", *(f"- `{name}`: {text}" for name, text in MACHINES.items()), ""]
     return "\n".join([*head, *body, "## Notes", "", *notes.markdown(), "", *machines])
 
