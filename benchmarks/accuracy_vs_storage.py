@@ -503,14 +503,15 @@ def caption(panels: dict) -> str:
     for (dataset, *form), budgets in sorted(panels.items(), key=lambda item: (list(TITLES).index(item[0][0]),
                                                                               format_order(item[0][1:]))):
         means = {b: {m: statistics.mean(row["accuracies"]) for m, row in rows.items()} for b, rows in budgets.items()}
-        where = [f"{b} ({', '.join(found)})" for b in sorted(means, key=float)
-                 if (found := baselines_reaching_d3(means[b]))]
+        where = [f"{b} ({', '.join(m + '*' * bool(budgets[b][m].get('over_budget')) for m in found)})"
+                 for b in sorted(means, key=float) if (found := baselines_reaching_d3(means[b]))]
         if where:
             reached.append(f"{TITLES[dataset]} {format_text(form)}: at {', '.join(where)}")
     if not reached:
         return "D3's mean is above every baseline's at every budget measured."
+    over = " (*: over the budget, as one image a class with its label does not fit)" if "*" in str(reached) else ""
     return ("Where D3 is not worth it: a baseline's mean test accuracy is at or above D3's at these budgets "
-            "(IPC-equivalents): " + "; ".join(reached) + ".")
+            "(IPC-equivalents): " + "; ".join(reached) + over + ".")
 
 
 def main():

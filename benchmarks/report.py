@@ -101,7 +101,8 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
              "the budget; D3-hand: a shipped config's sizes; prototypes: real images optimised by D3's objective "
              "(-converged: until held-out accuracy stops rising, `benchmarks/converged.py`); R+H / R+S: random "
              "real images, class / teacher labels; R+S-low: R+S stored 2 or 4 times smaller per side. "
-             "`benchmarks/accuracy_vs_storage.py`; `-`: not measured.", ""]
+             "`benchmarks/accuracy_vs_storage.py`; `-`: not measured; `*`: over the budget (one image a class with "
+             "its label does not fit).", ""]
     for dataset, title in DATASETS.items():
         for form in sorted({storage_format(r["settings"]) for r in curve if r["settings"]["dataset"] == dataset},
                            key=format_order):
@@ -119,7 +120,8 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
                     means[method] = statistics.mean(record["figures"]["accuracies"])
                     command = re.sub(r"--methods( [^-\s]\S*)+", "--methods <methods>",
                                      re.sub(r"--budgets( [\d.]+)+", "--budgets <budgets>", record["command"]))
-                    row.append(f"{mean_std(record['figures']['accuracies'], 100)} {notes(record, command)}")
+                    over = "*" if record["figures"].get("over_budget") else ""
+                    row.append(f"{mean_std(record['figures']['accuracies'], 100)}{over} {notes(record, command)}")
                 rows.append(row)
                 if beaten := baselines_reaching_d3(means):
                     d3_beaten.append(f"{budget:g} ({', '.join(beaten)})")

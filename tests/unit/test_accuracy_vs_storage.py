@@ -134,13 +134,15 @@ def test_the_figure_draws_the_latest_record_of_each_panel_budget_and_method(benc
 
 def test_the_caption_names_each_budget_where_a_baseline_reaches_d3(bench):
     def rows(**means):
-        return {method: {"accuracies": [mean - 0.01, mean + 0.01]} for method, mean in means.items()}
+        return {method: {"accuracies": [mean - 0.01, mean + 0.01], "over_budget": method == "R+H"}
+                for method, mean in means.items()}
 
     panels = {("cifar10", "bytes", "int8", None): {"1": rows(D3=0.30, **{"R+S": 0.20}),
                                              "10": rows(D3=0.40, **{"R+S": 0.41, "R+H": 0.40, "prototypes": 0.39})},
               ("fashion_mnist", "values", "float32", None): {"2": rows(D3=0.70, prototypes=0.69)}}
     assert bench.caption(panels) == ("Where D3 is not worth it: a baseline's mean test accuracy is at or above D3's "
                                      "at these budgets (IPC-equivalents): CIFAR-10 subset (5,085 train / 1,017 test) "
-                                     "in bytes, D3 in int8: at 10 (R+H, R+S).")
+                                     "in bytes, D3 in int8: at 10 (R+H*, R+S) (*: over the budget, as one image a "
+                                     "class with its label does not fit).")
     del panels[("cifar10", "bytes", "int8", None)]
     assert bench.caption(panels) == "D3's mean is above every baseline's at every budget measured."
