@@ -27,6 +27,7 @@ def keys(plan) -> dict[str, str]:
     ({"compile_inner_step": True}, set()),
     ({"storage_dtype": "int8"}, {"evaluation"}),  # stored at the end of the run: the students see it
     ({"storage_dtype": "float32"}, set()),  # the default, given
+    ({"label_top_k": 2}, {"evaluation"}),  # relabelled at the end of the run, like the storage dtype
     ({"iterations": 500}, {"subtask", "evaluation"}),  # a subtask of more iterations: another stage, continued
     ({"max_distill_time_s": 60.0}, {"subtask", "evaluation"}),
     ({"expert_lr": 1}, {"expert", "subtask", "teacher", "evaluation"}),
