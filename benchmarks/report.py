@@ -111,7 +111,7 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
             rows, d3_beaten = [], []
             for budget in sorted({r["settings"]["budget_ipc"] for r in records}):
                 row = [f"{budget:g}"]
-                means = {}
+                means, marked = {}, {}
                 for method in METHODS:
                     record = latest(records, budget_ipc=budget, method=method)
                     if record is None:
@@ -121,10 +121,11 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
                     command = re.sub(r"--methods( [^-\s]\S*)+", "--methods <methods>",
                                      re.sub(r"--budgets( [\d.]+)+", "--budgets <budgets>", record["command"]))
                     over = "*" if record["figures"].get("over_budget") else ""
+                    marked[method] = method + over
                     row.append(f"{mean_std(record['figures']['accuracies'], 100)}{over} {notes(record, command)}")
                 rows.append(row)
                 if beaten := baselines_reaching_d3(means):
-                    d3_beaten.append(f"{budget:g} ({', '.join(beaten)})")
+                    d3_beaten.append(f"{budget:g} ({', '.join(marked[m] for m in beaten)})")
             where = "" if form == PAPER_FORMAT else ", " + format_text(form)
             lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {form[0]})", *METHODS], rows), ""]
             if d3_beaten:
