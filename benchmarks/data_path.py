@@ -67,7 +67,8 @@ def worker(result_dir: Path, steps: int, config_args: list[str]) -> None:
             "seconds_to_last_step": time.time() - started if calls else None,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-            "hf_d3": str(Path(hf_d3.__file__).parent)}))
+            # which source ran, named without a path of the machine: this checkout's, or `--old_src`
+            "hf_d3": "src/hf_d3" if Path(hf_d3.__file__).parent == ROOT / "src" / "hf_d3" else "--old_src"}))
         os._exit(0)  # the measurement is taken: nothing else of the run is needed
 
     def train_classifier(*args, **kwargs):  # entered with the expert's data loaded and its network built
