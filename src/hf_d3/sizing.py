@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field, replace
 from .config import PAPER_SIZES, D3Config, RepresentationConfig
 from .factories import build_decoder
 from .models.decoder import upsampling_stages
+from .models.latent_store import check_label_top_k
 from .quantization import VALUE_BYTES
 from .storage import StorageReport, component_bytes, component_values, decoder_bytes, decoder_values, storage_report
 
@@ -151,8 +152,7 @@ def _check_inputs(storage_budget_ipc: float, num_classes: int, resolution: int, 
         raise ValueError(f"storage_dtype={storage_dtype!r} is not valid; choose one of {list(VALUE_BYTES)}")
     if budget_unit not in ("values", "bytes"):
         raise ValueError(f"budget_unit={budget_unit!r} is not valid; choose values or bytes")
-    if label_top_k is not None and not 1 <= label_top_k <= num_classes:
-        raise ValueError(f"label_top_k={label_top_k} must be None (whole labels) or 1 to num_classes={num_classes}")
+    check_label_top_k(label_top_k, num_classes)
 
 
 def solve_sizes(storage_budget_ipc: float, num_classes: int, resolution: int, channels: int,

@@ -27,6 +27,11 @@ def folded_ids(class_ids: Sequence[int]) -> str:
     return "[" + ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs) + "]"
 
 
+def check_label_top_k(label_top_k: int | None, num_classes: int) -> None:
+    if label_top_k is not None and not 1 <= label_top_k <= num_classes:
+        raise ValueError(f"label_top_k={label_top_k} must be None (whole labels) or 1 to num_classes={num_classes}")
+
+
 def keep_top_k(soft_labels: torch.Tensor, top_k: int | None) -> torch.Tensor:
     """Each row of `soft_labels` with only its `top_k` largest probabilities, renormalised to sum to 1 (None: as it
     is). What a store of `label_top_k` keeps (docs/method.md, Storage)."""
@@ -103,8 +108,7 @@ class GaussianLatentStore(StoredInDtype, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         check_storage_dtype(storage_dtype)
-        if label_top_k is not None and not 1 <= label_top_k <= num_classes:
-            raise ValueError(f"label_top_k={label_top_k} must be None (whole labels) or 1 to num_classes={num_classes}")
+        check_label_top_k(label_top_k, num_classes)
         class_ids = list(class_ids)
         subtask_sizes, logvar_dim = store_sizes(class_ids, num_classes, latents_per_class, latent_dim, class_names,
                                                 subtask_sizes, logvar_dim)
