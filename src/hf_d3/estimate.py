@@ -59,8 +59,8 @@ def estimate_run(config: D3Config, plan: RunPlan, num_train_images: int) -> Esti
     net_flops, net_values = _per_image(build_net(experts, data, num_classes), image)
     student = dataclasses.replace(experts, architecture=config.evaluation.eval_architecture)
     student_flops, _ = _per_image(build_net(student, data, num_classes), image)
-    decoder = build_decoder(plan.sizes, data, len(plan.subtasks))
-    decoder_flops, _ = _per_image(decoder, torch.zeros(1, plan.sizes.latent_dim))
+    # every subtask's generator has the same sizes, and an image passes through one of them
+    decoder_flops, _ = _per_image(build_decoder(plan.sizes, data, 1), torch.zeros(1, plan.sizes.latent_dim))
 
     used = min(num_train_images, num_classes * (data.max_train_per_class or num_train_images))
     components = [len(classes) * plan.sizes.latents_per_class for classes in plan.subtasks]
