@@ -270,7 +270,7 @@ def scale_tables(results: dict, notes: Notes) -> list[str]:
                      record["machine"], notes(record)])
     lines = ["## Scale", "", "Federated distillation: the distillation phase's wall time (s), Fashion-MNIST, 300 "
              "images per class, 30 iterations (`benchmarks/federated_speedup.py`).", "",
-             *table(["run", "wall time (s)", "machine", "note"], rows), ""]
+             *table(["run", "wall time (s)", "machine", "note"], rows), "", *many_classes_table(results, notes)]
     rows = []
     for record in results["data_path"]:
         s, ranks = record["settings"], record["figures"].get("ranks", [])
@@ -287,6 +287,27 @@ def scale_tables(results: dict, notes: Notes) -> list[str]:
               *table(["train images", "image cache", "overrides", "s to 1st expert step",
                       "peak RSS to expert start (MiB)", "note"], rows), ""]
     return lines
+
+
+def many_classes_table(results: dict, notes: Notes) -> list[str]:
+    """K=1 against K subtasks at one budget, the K subtasks on 1 and 2 processes (each timed from nothing)."""
+    rows = []
+    for record in results.get("federated_many_classes", []):
+        s, figures = record["settings"], record["figures"]
+        timed = s["timed_from_nothing"]
+        rows.append([DATASETS[s["dataset"]].split(" (")[0], f"{s['budget']:g}", str(s["num_subtasks"]),
+                     str(s["processes"]), mean_std(figures["accuracies"], 100), str(len(figures["accuracies"])),
+                     f"{figures['distill_wall_time_s'] / 60:.1f}" if timed else "curve's stages",
+                     f"{figures['speedup']:.2f}x" if "speedup" in figures else "-",
+                     f"{max(figures['peak_memory_gib_per_subtask']):.2f}", record["machine"], notes(record)])
+    if not rows:
+        return []
+    return ["Federated distillation at many classes, on the curve's protocol (`benchmarks/federated_many_classes.py`):"
+            " accuracy (%) over the students, the distillation phase (data, experts, distillation, gather) in minutes "
+            "where it ran from an empty stage folder, and the largest peak resident memory of a subtask (GiB). The "
+            "2-process run's pipeline is compared with the 1-process run's in its record.", "",
+            *table(["dataset", "IPC-eq", "K", "processes", "accuracy", "students", "minutes", "speedup",
+                    "peak GiB", "machine", "note"], rows), ""]
 
 
 def render(results_dir: Path = RESULTS) -> str:
