@@ -52,6 +52,7 @@ def _render(template_name: str, **values) -> str:
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
     )
+    environment.filters["thousands"] = "{:,}".format  # 1,207,637 values: counts of many classes stay readable
     return environment.from_string(source).render(**values)
 
 

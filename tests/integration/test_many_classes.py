@@ -93,6 +93,8 @@ def test_the_pipeline_card_says_which_classes_its_grid_shows(many_classes_run):
                                 settings=json.loads((output_dir / "config.json").read_text()))
     assert "one row for each of 20 of the 200 classes, evenly spaced" in card
     assert "200 classes" in ModelCard(card).text and "salamander" not in card  # the classes counted, not listed
+    storage = result.pipeline.storage_report()
+    assert storage.total_values >= 10_000 and f"{storage.total_values:,} values (" in card  # digits grouped
 
 
 def test_the_dataset_card_does_not_list_the_classes_in_its_text(many_classes_run, local_hub, new_repo_id):

@@ -137,7 +137,7 @@ def test_pipeline_card(local_hub, published):
     assert "87.31 ± 0.42%" in text
     assert f"{storage.ipc_equivalent:.2f} images per class equivalent** in values; " \
            f"{storage.ipc_equivalent_bytes:.2f} in bytes" in text
-    assert f"{storage.total_values} values (" in text and f" in {pipe.decoder.config.storage_dtype}), **" in text
+    assert f"{storage.total_values:,} values (" in text and f" in {pipe.decoder.config.storage_dtype}), **" in text
     assert "812 s wall time, 3.00 GiB peak memory" in text
     assert f'D3Pipeline.from_pretrained("{repo_id}")' in text and "pipe.to_dataset(" in text
     assert "arXiv:2403.00999" in text and "Alvarez-Melis" in text and "@article{" in text
