@@ -16,16 +16,18 @@ Per budget, in `<out>/<dataset>/ipc<B>/`:
    (10 and 50), also D3-hand: the same with that config's hand-chosen sizes (the auto-sizing's yardstick).
 2. Prototypes: the most real images per class whose pixels and soft labels fit in the budget (at least one),
    distilled from the same experts for the same iterations (`hf_d3.baselines.distill_prototypes`), relabelled
-   by the same teacher at the config's temperature.
-3. R+H / R+S: the most real images per class that fit with a class id / a soft label (at least one), R+S at the
-   temperature whose student scores best on held-out training images.
+   by the same teacher.
+3. R+H / R+S: the most real images per class that fit with a class id / a soft label (at least one).
 4. R+S-low: R+S with its images stored 1, 2 or 4 times smaller per side (`hf_d3.baselines.stored_smaller`), so up
    to 16x as many fit, upsampled to the training side for the teacher and the students; the factor and temperature
    are chosen together on the held-out images, at the hard-label weight R+S chose (factor 1 is R+S: its scores are
    reused).
+Every method with soft labels labels at the temperature (`TEMPERATURES`) whose student scores best on held-out
+training images (D3: its run's pipeline relabelled at each, then run again at the best, which reuses its subtasks).
 D3's soft labels mix the class in at the `hard_label_weight` of its budget (`hf_d3.teacher.hard_label_weight_for`
 unless the command line sets one). The prototypes and R+S choose on the held-out images between that mix and the
-teacher's labels alone (weight 0), R+S jointly with its temperature; R+H's are class ids.
+teacher's labels alone (weight 0), jointly with the temperature; R+H's are class ids. A row saved with a smaller
+grid of temperatures lends its held-out scores, and its test accuracies where its choice stands (`earlier_row`).
 A baseline that needs more than the budget (one image per class does not fit) is marked `over_budget`. Every student
 uses the config's evaluation settings and `--seeds` seeds; where two methods at a budget are within 2 std of each
 other, both get students with the next seeds up to `--close_seeds` (a student depends on its seed alone). Finished
@@ -78,7 +80,7 @@ from hf_d3.federated import train_expert_trajectories
 from hf_d3.run_plan import RunPlan, make_plan
 from hf_d3.stages import subtask_seed
 from hf_d3.storage import prototype_storage, real_image_bytes
-from hf_d3.teacher import hard_label_weight_for, load_teacher, teacher_labels
+from hf_d3.teacher import hard_label_weight_for, load_teacher, relabel, teacher_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"fashion_mnist": ROOT / "recipes/configs/fashion_mnist.yaml",
@@ -95,7 +97,11 @@ HAND_SIZED = {("fashion_mnist", 10): "fashion_mnist.yaml", ("fashion_mnist", 50)
               ("cifar10", 10): "cifar10_ipc10.yaml", ("cifar10", 50): "cifar10_ipc50.yaml"}
 TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 train / 1,017 test)",
           "tiny_imagenet": "Tiny ImageNet at 32x32 (CPU protocol)"}
-TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+# the labels' temperatures every method with soft labels chooses from on held-out images (R+S, R+S-low, the
+# prototypes and D3): on Tiny ImageNet the held-out scores of the first grid (1, 2, 4, 8) still rose at its smallest
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+# the temperature rows were labelled at before they chose one (`relabel_temperature`'s default)
+FIRST_TEMPERATURE = 1.0
 # R+S-low stores its images this many times smaller per side (1: R+S itself, whose held-out scores it reuses)
 DOWNSAMPLE_FACTORS = (1, 2, 4)
 
@@ -199,6 +205,23 @@ def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: i
             "peak_rss_gib": round(peak_rss_gib, 2)}
 
 
+def chosen_d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, teacher, score,
+                  earlier: dict | None) -> dict:
+    """D3's row at the labels' temperature whose held-out score is best (`d3_held_out_scores`): its run at the
+    config's temperature (an `earlier` row's, `earlier_row`, where its run is there), then, where another scores
+    best, its run again at that one, which relabels and trains the students anew (its subtasks are reused)."""
+    if earlier is not None and (run / "metrics.json").is_file():
+        row, made = earlier, earlier.get("temperature", FIRST_TEMPERATURE)
+    else:
+        row = d3_row(config_path, args, shared, run, seeds)
+        made = json.loads((run / "config.json").read_text())["relabel_temperature"]
+    scores = d3_held_out_scores(run, teacher, score, row.get("held_out_accuracy") or {})
+    best = float(max(scores, key=scores.get))
+    if best != made:
+        row = d3_row(config_path, [*args, "--relabel_temperature", str(best)], shared, run, seeds)
+    return {**row, "temperature": best, "held_out_accuracy": scores}
+
+
 def prototype_set(config, shared: RunPlan, train, test: RealImages, budget: Budget) -> tuple[torch.Tensor, dict]:
     """The prototypes (class by class) and their row without labels or accuracies (deterministic at a fixed thread
     count, so a top-up redistills the same images); in bytes, their pixels rounded to uint8 levels, as they would be
@@ -218,10 +241,11 @@ def prototype_set(config, shared: RunPlan, train, test: RealImages, budget: Budg
     return prototypes, {**budget.cost(ipc, soft=True), "over_budget": over, "images_per_class": ipc, **stats}
 
 
-def prototype_sampler(config, prototypes: torch.Tensor, teacher, num_classes: int, hard_label_weight: float):
-    """The prototypes with the teacher's labels at the config's temperature and `hard_label_weight`."""
+def prototype_sampler(config, prototypes: torch.Tensor, teacher, num_classes: int, hard_label_weight: float,
+                      temperature: float):
+    """The prototypes with the teacher's labels at `temperature` and `hard_label_weight`."""
     classes = torch.arange(num_classes).repeat_interleave(len(prototypes) // num_classes)
-    soft = teacher_labels(teacher, prototypes, config.relabel.relabel_temperature, classes, hard_label_weight,
+    soft = teacher_labels(teacher, prototypes, temperature, classes, hard_label_weight,
                           config.representation.label_top_k)
     return lambda _g: (prototypes, soft)
 
@@ -261,9 +285,11 @@ def downsample_factors(side: int) -> list[int]:
 
 
 def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budget: Budget,
-              seeds: int, methods: list[str], r_plus_s: dict | None = None) -> dict:
+              seeds: int, methods: list[str], r_plus_s: dict | None = None, earlier: dict | None = None) -> dict:
     """The rows of R+H, R+S and R+S-low (in that order, R+S-low after R+S: it reuses its choices, from this call or
-    `r_plus_s`, R+S's saved row)."""
+    `r_plus_s`, R+S's saved row). `earlier` holds rows of these methods saved before the grid of temperatures
+    grew (`earlier_row`): their held-out scores are reused, and their test accuracies where the choice stands."""
+    earlier = earlier or {}
     n, seed, top_k = len(test.class_names), config.run.seed, config.representation.label_top_k
     _, pool = held_out_and_pool(train_tensors, seed)
     score = held_out_scorer(config, train_tensors, n)
@@ -272,9 +298,11 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
         soft, downsample = method != "R+H", 1
         ipc, over = budget.images_within(soft)
         temperature, weight, held_out_scores = None, None, None
+        known = earlier.get(method, {}).get("held_out_accuracy") or {}
         if method == "R+S":  # the temperature and hard-label weight whose student scores best on held-out images
             held_out_scores = {str(w): choose_temperature(score, pool, ipc, teacher, TEMPERATURES, seed,
-                                                            hard_label_weight=w, label_top_k=top_k)[1]
+                                                            known=known.get(str(w)), hard_label_weight=w,
+                                                            label_top_k=top_k)[1]
                                for w in baseline_label_weights(config.relabel.hard_label_weight)}
             best = max(((w, t) for w, scores in held_out_scores.items() for t in scores),
                        key=lambda k: held_out_scores[k[0]][k[1]])
@@ -282,39 +310,76 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
         if method == "R+S-low":  # the factor and temperature, at R+S's hard-label weight
             r_plus_s = rows.get("R+S", r_plus_s)
             weight = r_plus_s["hard_label_weight"]
+            if earlier.get(method, {}).get("hard_label_weight") != weight:
+                known = {}  # scored at another weight
+            known["1"] = r_plus_s["held_out_accuracy"][str(weight)]
             held_out_scores = {str(f): choose_temperature(
-                score, pool, budget.images_within(soft=True, downsample=f)[0], teacher,
-                TEMPERATURES, seed, known=r_plus_s["held_out_accuracy"][str(weight)] if f == 1 else None,
-                hard_label_weight=weight, downsample=f, label_top_k=top_k)[1]
+                score, pool, budget.images_within(soft=True, downsample=f)[0], teacher, TEMPERATURES, seed,
+                known=known.get(str(f)), hard_label_weight=weight, downsample=f, label_top_k=top_k)[1]
                 for f in downsample_factors(test.images.shape[-1])}
             best = max(((f, t) for f, scores in held_out_scores.items() for t in scores),
                        key=lambda k: held_out_scores[k[0]][k[1]])
             downsample, temperature = int(best[0]), float(best[1])
             ipc, over = budget.images_within(soft=True, downsample=downsample)
-        sampler = real_sampler(config, pool, teacher, ipc, temperature, weight or 0.0, downsample)
-        rows[method] = {**budget.cost(ipc, soft, downsample), "over_budget": over,
-                        "accuracies": evaluate_with_config(config.evaluation, config.experts, sampler, test.images,
-                                                           test.labels, n, seeds=seeds).accuracies,
-                        "images_per_class": ipc, "temperature": temperature, "hard_label_weight": weight,
-                        "downsample": downsample, "held_out_accuracy": held_out_scores}
+        choice = {"images_per_class": ipc, "temperature": temperature, "hard_label_weight": weight,
+                  "downsample": downsample}
+        accuracies = carried_accuracies(earlier.get(method), choice) or evaluate_with_config(
+            config.evaluation, config.experts, real_sampler(config, pool, teacher, ipc, temperature, weight or 0.0,
+                                                            downsample),
+            test.images, test.labels, n, seeds=seeds).accuracies
+        rows[method] = {**budget.cost(ipc, soft, downsample), "over_budget": over, "accuracies": accuracies,
+                        **choice, "held_out_accuracy": held_out_scores}
     return rows
 
 
+def carried_accuracies(earlier: dict | None, choice: dict) -> list[float] | None:
+    """The test accuracies of an `earlier` row of the same method (`earlier_row`) whose choices on held-out images
+    were these (its students trained on what this row's would: a student depends on its seed alone), else None."""
+    if earlier is None:
+        return None
+    made = {"temperature": FIRST_TEMPERATURE, "downsample": 1, **earlier}
+    return earlier["accuracies"] if all(made.get(k) == v for k, v in choice.items()) else None
+
+
 def prototype_row(config, shared: RunPlan, train, train_tensors: RealImages, test: RealImages, teacher,
-                  budget: Budget, seeds: int) -> dict:
-    """The prototypes' row, labelled at the hard-label weight whose student scores best on held-out images (the
-    prototypes are distilled from all training images, held-out ones included: the choice is between labels of
-    the same images)."""
+                  budget: Budget, seeds: int, earlier: dict | None = None) -> dict:
+    """The prototypes' row, labelled at the hard-label weight and temperature whose student scores best on held-out
+    images (the prototypes are distilled from all training images, held-out ones included: the choice is between
+    labels of the same images). An `earlier` row (`earlier_row`) lends its scores, and its accuracies where the
+    choice stands."""
     n = len(test.class_names)
     prototypes, row = prototype_set(config, shared, train, test, budget)
     score = held_out_scorer(config, train_tensors, n)
-    held_out_scores = {str(w): score(prototype_sampler(config, prototypes, teacher, n, w))
-                       for w in baseline_label_weights(config.relabel.hard_label_weight)}
-    weight = float(max(held_out_scores, key=held_out_scores.get))
-    sampler = prototype_sampler(config, prototypes, teacher, n, weight)
-    accuracies = evaluate_with_config(config.evaluation, config.experts, sampler, test.images, test.labels, n,
-                                      seeds=seeds).accuracies
-    return {**row, "accuracies": accuracies, "hard_label_weight": weight, "held_out_accuracy": held_out_scores}
+    known = (earlier or {}).get("held_out_accuracy") or {}
+    known = {w: s if isinstance(s, dict) else {str(FIRST_TEMPERATURE): s} for w, s in known.items()}  # one per weight
+    held_out_scores = {}
+    for w in baseline_label_weights(config.relabel.hard_label_weight):
+        scores = held_out_scores[str(w)] = dict(known.get(str(w), {}))
+        for t in TEMPERATURES:
+            if str(t) not in scores:
+                scores[str(t)] = score(prototype_sampler(config, prototypes, teacher, n, w, t))
+    best = max(((w, t) for w, scores in held_out_scores.items() for t in scores),
+               key=lambda k: held_out_scores[k[0]][k[1]])
+    choice = {"hard_label_weight": float(best[0]), "temperature": float(best[1])}
+    accuracies = carried_accuracies(earlier, choice) or evaluate_with_config(
+        config.evaluation, config.experts, prototype_sampler(config, prototypes, teacher, n, **choice),
+        test.images, test.labels, n, seeds=seeds).accuracies
+    return {**row, "accuracies": accuracies, **choice, "held_out_accuracy": held_out_scores}
+
+
+def d3_held_out_scores(run: Path, teacher, score, known: dict[str, float]) -> dict[str, float]:
+    """The held-out score of D3's pipeline in `run` relabelled at each of `TEMPERATURES` (`known`: scored already),
+    as its run relabels (`hf_d3.teacher.relabel`, at the run's hard-label weight, then stored in its storage dtype;
+    from the saved decoder, which in 8 or 16 bits is the run's within the quantisation error)."""
+    chosen = json.loads((run / "config.json").read_text())
+    scores = dict(known)
+    for temperature in TEMPERATURES:
+        if str(temperature) not in scores:
+            pipe = D3Pipeline.from_pretrained(run / "pipeline")
+            relabel(pipe.latent_store, pipe.decoder, teacher, temperature, chosen["hard_label_weight"])
+            pipe.set_storage_dtype(chosen["storage_dtype"])
+            scores[str(temperature)] = score(pipeline_sampler(pipe))
+    return scores
 
 
 def close_methods(rows: dict[str, dict]) -> set[str]:
@@ -334,7 +399,8 @@ def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan
             ["--config", str(run / "config.json")])
     if method == "prototypes":
         prototypes, _ = prototype_set(config, shared, train, test, budget)
-        return prototype_sampler(config, prototypes, teacher, len(test.class_names), row["hard_label_weight"]), config
+        return prototype_sampler(config, prototypes, teacher, len(test.class_names), row["hard_label_weight"],
+                                 row.get("temperature", FIRST_TEMPERATURE)), config
     _, pool = held_out_and_pool(train_tensors, config.run.seed)
     return real_sampler(config, pool, teacher, row["images_per_class"], row["temperature"],
                         row["hard_label_weight"] or 0.0, row.get("downsample", 1)), config
@@ -368,12 +434,14 @@ def same_settings(saved: dict, current: dict) -> bool:
 
 def row_settings(method: str, settings: dict) -> dict:
     """The settings a method's row depends on: random real images are drawn without the distillation's settings
-    (`DISTILLATION_ONLY`); R+H's labels are class ids, whatever the teacher's labels are; R+S and the prototypes
-    choose their labels' hard-label weight on held-out images."""
+    (`DISTILLATION_ONLY`); R+H's labels are class ids, whatever the teacher's labels are; every other method chooses
+    its labels' temperature from `TEMPERATURES` on held-out images, R+S and the prototypes their hard-label weight
+    too."""
     if method in ("R+H", "R+S", "R+S-low"):
         settings = {k: v for k, v in settings.items() if k not in DISTILLATION_ONLY}
     if method == "R+H":
         return {k: v for k, v in settings.items() if k != "hard_label_weight"}
+    settings = {**settings, "label_temperatures": list(TEMPERATURES)}
     if method in ("R+S", "R+S-low", "prototypes"):
         return {**settings, "baseline_label_weights": baseline_label_weights(settings["hard_label_weight"])}
     return settings
@@ -382,6 +450,15 @@ def row_settings(method: str, settings: dict) -> dict:
 def saved_row(folder: Path, method: str) -> dict | None:
     path = folder / f"row_{method}.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def earlier_row(folder: Path, method: str, settings: dict) -> dict | None:
+    """The saved row of `method` whose settings are these but its grid of temperatures (before `TEMPERATURES` grew,
+    or before the method chose one): its held-out scores carry over, and its test accuracies where its choice
+    stands (`carried_accuracies`)."""
+    saved = saved_row(folder, method)
+    rest = {k: v for k, v in settings.items() if k != "label_temperatures"}
+    return saved["row"] if saved is not None and same_settings(saved["settings"], rest) else None
 
 
 def is_done(folder: Path, method: str, settings: dict) -> bool:
@@ -562,16 +639,23 @@ def main():
         settings = {**base_settings, "hard_label_weight": config.relabel.hard_label_weight}
         key = {"dataset": args.dataset, "budget": f"{ipc:g}", "unit": budget.unit,
                "storage_dtype": budget.storage_dtype, "label_top_k": budget.label_top_k, "settings": settings}
-        if "D3" in args.methods and not is_done(folder, "D3", settings):
+        d3_runs = {}  # method: its config, arguments and run folder
+        if "D3" in args.methods:
             # the weight explicitly: D3's run would choose it from its values' IPC-equivalent, not from a budget
             # in bytes
-            d3_args = [*overrides, "--storage_budget_ipc", str(ipc), "--hard_label_weight", str(weight)]
-            save_row(folder, "D3", key, d3_row(config_path, d3_args, out / "shared", folder / "d3", args.seeds))
-        if ("D3-hand" in args.methods and budget.unit == "values" and (args.dataset, ipc) in HAND_SIZED
-                and not is_done(folder, "D3-hand", settings)):
-            hand_config = hand_sized_config(args.dataset, ipc, config_path, folder)
-            save_row(folder, "D3-hand", key, d3_row(hand_config, overrides, out / "shared", folder / "d3_hand",
-                                                    args.seeds))
+            d3_runs["D3"] = (config_path, [*overrides, "--storage_budget_ipc", str(ipc), "--hard_label_weight",
+                                           str(weight)], folder / "d3")
+        if "D3-hand" in args.methods and budget.unit == "values" and (args.dataset, ipc) in HAND_SIZED:
+            d3_runs["D3-hand"] = (hand_sized_config(args.dataset, ipc, config_path, folder), overrides,
+                                  folder / "d3_hand")
+        for method, (d3_config, d3_args, run) in d3_runs.items():
+            d3_settings = row_settings(method, settings)
+            if not is_done(folder, method, d3_settings):
+                train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
+                row = chosen_d3_row(d3_config, d3_args, out / "shared", run, args.seeds, teacher,
+                                    held_out_scorer(config, train_tensors, len(test.class_names)),
+                                    earlier_row(folder, method, d3_settings))
+                save_row(folder, method, {**key, "settings": d3_settings}, row)
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         baselines = [m for m in ("prototypes", "R+H", "R+S", "R+S-low")
                      if (m in args.methods or m == "R+S" and "R+S-low" in args.methods)  # R+S-low needs R+S's row
@@ -579,12 +663,14 @@ def main():
         if baselines:
             train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
         if "prototypes" in baselines:
-            row = prototype_row(config, shared, train, train_tensors, test, teacher, budget, args.seeds)
+            row = prototype_row(config, shared, train, train_tensors, test, teacher, budget, args.seeds,
+                                earlier_row(folder, "prototypes", row_settings("prototypes", settings)))
             save_row(folder, "prototypes", {**key, "settings": row_settings("prototypes", settings)}, row)
         if real := [m for m in baselines if m != "prototypes"]:
             r_plus_s = saved_row(folder, "R+S") if "R+S" not in real else None
+            earlier = {m: earlier_row(folder, m, row_settings(m, settings)) for m in real}
             for method, row in real_rows(config, train_tensors, test, teacher, budget, args.seeds, real,
-                                         r_plus_s and r_plus_s["row"]).items():
+                                         r_plus_s and r_plus_s["row"], earlier).items():
                 save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
         # methods within 2 std of another get students with the next seeds, until no close pair has too few
         rows = {m: saved_row(folder, m)["row"] for m in args.methods

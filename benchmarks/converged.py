@@ -8,8 +8,9 @@ objective and start, `accuracy_vs_storage.prototype_set`) are distilled afresh f
 iterations, in order, each scored by one student on the held-out training images, until the held-out accuracy has
 not risen by more than `--min_gain` points over the best so far and at least `--at_least` x the iterations have run.
 The multiple that scored best is the converged row: its students (`--seeds`) are tested, and the row records every
-multiple's held-out accuracy and distillation time. Labels: the teacher's at the hard-label weight the curve's
-prototypes row chose (run the curve's prototypes first).
+multiple's held-out accuracy and distillation time. Labels: the teacher's at the hard-label weight and temperature
+the curve's prototypes row chose (run the curve's prototypes first); where they change, the multiples distilled so
+far are scored again, not distilled again.
 
 The curve's stages are shared (`<out>/<dataset>/shared`), so the experts and teacher are the curve's. Each multiple's
 held-out score is kept in `<out>/<dataset>/ipc<B>/converged_prototypes.json` as it is measured (the prototypes in
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from accuracy_vs_storage import (  # this folder is on sys.path when the script runs
     CONFIGS,
+    FIRST_TEMPERATURE,
     Budget,
     base_config,
     held_out_scorer,
@@ -89,6 +91,7 @@ def main():
             raise SystemExit(f"{folder} has no prototypes row: run benchmarks/accuracy_vs_storage.py --methods "
                              f"prototypes --budgets {budget:g} first (its label weight is reused)")
         weight, settings = curve_row["row"]["hard_label_weight"], curve_row["settings"]
+        labels = {"hard_label_weight": weight, "temperature": curve_row["row"].get("temperature", FIRST_TEMPERATURE)}
         mine = {**base.to_dict(), "hard_label_weight": settings.get("hard_label_weight")}
         if not same_settings(settings, {k: v for k, v in mine.items() if k in settings}):
             raise SystemExit(f"{folder}'s prototypes row was made with other settings than these overrides "
@@ -96,39 +99,49 @@ def main():
         config = dataclasses.replace(base, relabel=dataclasses.replace(base.relabel, hard_label_weight=weight))
         progress_path = folder / "converged_prototypes.json"
         progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-        if progress.get("settings") != settings:
+        distilling = {k: v for k, v in settings.items() if k != "label_temperatures"}  # what the prototypes depend on
+        if {k: v for k, v in progress.get("settings", {}).items() if k != "label_temperatures"} != distilling:
             progress = {"settings": settings, "multiples": {}}
-        scores = {int(m): r["held_out_accuracy"] for m, r in progress["multiples"].items()}
+        if progress.get("labels") != labels:  # the prototypes stand, their scores with other labels do not
+            progress = {**progress, "settings": settings, "labels": labels,
+                        "multiples": {m: {k: v for k, v in r.items() if k != "held_out_accuracy"}
+                                      for m, r in progress["multiples"].items()}}
+        scores = {int(m): r["held_out_accuracy"] for m, r in progress["multiples"].items() if "held_out_accuracy" in r}
         for multiple in MULTIPLES:
             if converged(scores, args.at_least, args.min_gain):
                 break
             if multiple in scores:
                 continue
-            iterations = multiple * config.distillation.iterations
-            distilled = dataclasses.replace(config, distillation=dataclasses.replace(config.distillation,
-                                                                                  iterations=iterations))
-            start = time.perf_counter()
-            prototypes, row = prototype_set(distilled, shared, train, test, budget_of)
-            row["distill_wall_time_s"] = time.perf_counter() - start
-            save_file({"prototypes": prototypes.contiguous()}, folder / f"converged_prototypes_x{multiple}.safetensors")
-            scores[multiple] = 100 * score(prototype_sampler(config, prototypes, teacher, n, weight))
+            path = folder / f"converged_prototypes_x{multiple}.safetensors"
+            if str(multiple) in progress["multiples"] and path.is_file():
+                prototypes, row = load_file(path)["prototypes"], progress["multiples"][str(multiple)]
+            else:
+                iterations = multiple * config.distillation.iterations
+                distilled = dataclasses.replace(config, distillation=dataclasses.replace(config.distillation,
+                                                                                      iterations=iterations))
+                start = time.perf_counter()
+                prototypes, row = prototype_set(distilled, shared, train, test, budget_of)
+                row["distill_wall_time_s"] = time.perf_counter() - start
+                save_file({"prototypes": prototypes.contiguous()}, path)
+            scores[multiple] = 100 * score(prototype_sampler(config, prototypes, teacher, n, **labels))
             progress["multiples"][str(multiple)] = {**row, "held_out_accuracy": scores[multiple]}
             progress_path.write_text(json.dumps(progress, indent=2))
-            print(f"ipc {budget:g}: prototypes x{multiple} ({iterations} iterations): held-out "
-                  f"{scores[multiple]:.2f} %")
+            print(f"ipc {budget:g}: prototypes x{multiple} ({multiple * config.distillation.iterations} "
+                  f"iterations): held-out {scores[multiple]:.2f} %")
         best = max(scores, key=scores.get)
         settings_converged = {**row_settings("prototypes", settings), "multiples": list(MULTIPLES),
                               "at_least": args.at_least, "min_gain": args.min_gain}
         done = saved_row(folder, "prototypes-converged")
         if (is_done(folder, "prototypes-converged", settings_converged) and done["row"]["multiple"] == best
+                and done["row"].get("temperature", FIRST_TEMPERATURE) == labels["temperature"]
                 and len(done["row"]["accuracies"]) >= args.seeds):
             continue
         prototypes = load_file(folder / f"converged_prototypes_x{best}.safetensors")["prototypes"]
         accuracies = evaluate_with_config(config.evaluation, config.experts,
-                                          prototype_sampler(config, prototypes, teacher, n, weight),
+                                          prototype_sampler(config, prototypes, teacher, n, **labels),
                                           test.images, test.labels, n, seeds=args.seeds).accuracies
-        row = {**progress["multiples"][str(best)], "accuracies": accuracies, "multiple": best,
-               "hard_label_weight": weight, "held_out_by_multiple": {str(m): s for m, s in sorted(scores.items())},
+        row = {**progress["multiples"][str(best)], "accuracies": accuracies, "multiple": best, **labels,
+               "held_out_by_multiple": {str(m): s for m, s in sorted(scores.items())},
                "converged": converged(scores, args.at_least, args.min_gain)}
         key = {"dataset": args.dataset, "budget": f"{budget:g}", "unit": budget_of.unit,
                "storage_dtype": budget_of.storage_dtype, "label_top_k": budget_of.label_top_k,

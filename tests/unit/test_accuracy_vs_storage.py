@@ -39,7 +39,7 @@ def test_a_row_saved_before_a_setting_existed_counts_at_the_value_it_was_compute
 
 def test_real_images_with_class_ids_ignore_the_label_weight(bench, settings):
     r_h = bench.row_settings("R+H", settings)
-    assert "hard_label_weight" not in r_h and bench.row_settings("D3", settings) == settings
+    assert "hard_label_weight" not in r_h and bench.row_settings("D3", settings)["hard_label_weight"] == 1.0
     assert bench.same_settings(bench.row_settings("R+H", {**settings, "hard_label_weight": 0.0}), r_h)
 
 
@@ -67,12 +67,64 @@ def test_prototypes_are_labelled_by_the_teacher_with_the_class_mixed_in(bench):
                                                              torch.zeros(len(pixel_values))], 1))
 
     prototypes = torch.rand(4, 1, 2, 2)
-    sampler = bench.prototype_sampler(D3Config(), prototypes, Teacher(), 2, 0.25)
+    sampler = bench.prototype_sampler(D3Config(), prototypes, Teacher(), 2, 0.25, temperature=0.5)
     images, labels = sampler(None)
     classes = torch.tensor([0, 0, 1, 1])
-    teacher = torch.softmax(torch.stack([prototypes.flatten(1).sum(1), torch.zeros(4)], 1), 1)
+    teacher = torch.softmax(torch.stack([prototypes.flatten(1).sum(1), torch.zeros(4)], 1) / 0.5, 1)
     expected = 0.25 * torch.nn.functional.one_hot(classes, 2) + 0.75 * teacher
     assert images is prototypes and torch.allclose(labels, expected)
+
+
+def test_every_soft_label_method_chooses_its_temperature_and_an_earlier_grid_lends_its_scores(bench, settings,
+                                                                                            tmp_path):
+    for method in ("D3", "D3-hand", "prototypes", "R+S", "R+S-low"):
+        assert bench.row_settings(method, settings)["label_temperatures"] == list(bench.TEMPERATURES)
+    assert "label_temperatures" not in bench.row_settings("R+H", settings)
+    assert min(bench.TEMPERATURES) < bench.FIRST_TEMPERATURE  # the first grid's edge is inside the grid now
+
+    # a row saved before the grid grew is not done, but it is an earlier row of the same settings...
+    key = {"dataset": "fashion_mnist", "budget": "2", "unit": "values", "storage_dtype": "float32",
+           "label_top_k": None}
+    old = {"accuracies": [0.5, 0.6], "hard_label_weight": 0.0, "held_out_accuracy": {"0.0": 0.41}}
+    chosen = bench.row_settings("prototypes", settings)
+    before = {k: v for k, v in chosen.items() if k != "label_temperatures"}
+    (tmp_path / "row_prototypes.json").write_text(json.dumps({**key, "settings": before, "row": old}))
+    assert not bench.is_done(tmp_path, "prototypes", chosen)
+    assert bench.earlier_row(tmp_path, "prototypes", chosen) == old
+    assert bench.earlier_row(tmp_path, "prototypes", {**chosen, "eval_steps": 7}) is None  # ...of other settings not
+    # ...whose accuracies stand where the new choice is the one it made (the prototypes' before they chose a
+    # temperature: the first)
+    assert bench.carried_accuracies(old, {"hard_label_weight": 0.0, "temperature": 1.0}) == [0.5, 0.6]
+    assert bench.carried_accuracies(old, {"hard_label_weight": 0.0, "temperature": 0.5}) is None
+    assert bench.carried_accuracies(None, {"hard_label_weight": 0.0, "temperature": 1.0}) is None
+
+
+def test_d3_is_scored_at_every_temperature_as_its_run_relabels_it(bench, tmp_path):
+    from conftest import make_net, make_store_and_decoder
+
+    from hf_d3 import D3Pipeline
+
+    store, decoder = make_store_and_decoder()
+    run = tmp_path / "d3"
+    D3Pipeline(latent_store=store, decoder=decoder).save_pretrained(run / "pipeline")
+    (run / "config.json").write_text(json.dumps({"hard_label_weight": 0.0, "storage_dtype": "float32"}))
+    teacher = make_net()
+    labels_seen = {}
+
+    def score(sampler):  # the labels a student would see, by their sharpness: each temperature its own
+        _, soft = sampler(torch.Generator().manual_seed(0))
+        sharpness = soft.max(1).values.mean().item()
+        labels_seen[sharpness] = soft
+        return sharpness
+
+    scores = bench.d3_held_out_scores(run, teacher, score, known={"8.0": 0.0})
+    assert list(scores) == ["8.0", *(str(t) for t in bench.TEMPERATURES if t != 8.0)]  # the known one kept
+    assert scores["8.0"] == 0.0 and len(labels_seen) == len(bench.TEMPERATURES) - 1
+    assert scores["0.25"] > scores["1.0"] > scores["4.0"]  # a lower temperature, sharper labels
+    pipe = D3Pipeline.from_pretrained(run / "pipeline")
+    means = pipe.decoder(pipe.latent_store.mean, pipe.latent_store.component_subtask)
+    expected = bench.teacher_labels(teacher, means, 1.0)
+    assert torch.allclose(labels_seen[scores["1.0"]][: len(expected)], expected, atol=1e-6)  # the means come first
 
 
 def test_rows_within_2_std_of_another_get_more_seeds(bench):
