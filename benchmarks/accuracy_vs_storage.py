@@ -42,6 +42,7 @@ redraws the one the cards ship).
 import argparse
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import resource
@@ -57,8 +58,8 @@ from report import PAPER_FORMAT, baselines_reaching_d3, format_order, format_tex
 from transformers import AutoModelForImageClassification
 
 from hf_d3 import D3Pipeline  # (the import also registers the classifiers with the Auto classes)
+from hf_d3.atomic import write_json
 from hf_d3.baselines import (
-    choose_temperature,
     distill_prototypes,
     pick_per_class,
     random_real_sampler,
@@ -205,8 +206,36 @@ def d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: i
             "peak_rss_gib": round(peak_rss_gib, 2)}
 
 
-def chosen_d3_row(config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, teacher, score,
-                  earlier: dict | None) -> dict:
+class KeptScores:
+    """Held-out scores (`held_out_scorer`) kept in `<folder>/held_out_scores.json` the moment each is measured, so a
+    run killed while a method chooses keeps them: by method, its row's settings (but bookkeeping) and the choice."""
+
+    def __init__(self, folder: Path, make_score, settings_of):
+        self.path, self.make_score, self.settings_of = folder / "held_out_scores.json", make_score, settings_of
+        self.score = None  # made the first time a score is measured: it holds the held-out images
+
+    def __call__(self, method: str, choice: str, make_sampler) -> float:
+        settings = {k: v for k, v in self.settings_of(method).items() if k not in BOOKKEEPING}
+        key = f"{method} {hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]} {choice}"
+        kept = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if key not in kept:
+            self.score = self.score or self.make_score()
+            kept[key] = self.score(make_sampler())
+            write_json(self.path, kept)
+        return kept[key]
+
+
+def temperature_scores(held_out: KeptScores, method: str, choice: str, make_sampler,
+                       known: dict[str, float] | None) -> dict[str, float]:
+    """`method`'s held-out scores at each of `TEMPERATURES` for `choice` (its other choices, e.g. "weight 0.0"),
+    `make_sampler(temperature)` giving the set labelled at it; `known`: scores an earlier row measured."""
+    known = known or {}
+    return {str(t): known[str(t)] if str(t) in known else
+            held_out(method, f"{choice} temperature {t}".lstrip(), lambda t=t: make_sampler(t)) for t in TEMPERATURES}
+
+
+def chosen_d3_row(method: str, config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, teacher,
+                  held_out: KeptScores, earlier: dict | None) -> dict:
     """D3's row at the labels' temperature whose held-out score is best (`d3_held_out_scores`): its run at the
     config's temperature (an `earlier` row's, `earlier_row`, where its run is there), then, where another scores
     best, its run again at that one, which relabels and trains the students anew (its subtasks are reused)."""
@@ -215,7 +244,7 @@ def chosen_d3_row(config_path: Path, args: list[str], shared: Path, run: Path, s
     else:
         row = d3_row(config_path, args, shared, run, seeds)
         made = json.loads((run / "config.json").read_text())["relabel_temperature"]
-    scores = d3_held_out_scores(run, teacher, score, row.get("held_out_accuracy") or {})
+    scores = d3_held_out_scores(method, run, teacher, held_out, row.get("held_out_accuracy") or {})
     best = float(max(scores, key=scores.get))
     if best != made:
         row = d3_row(config_path, [*args, "--relabel_temperature", str(best)], shared, run, seeds)
@@ -284,15 +313,15 @@ def downsample_factors(side: int) -> list[int]:
     return [f for f in DOWNSAMPLE_FACTORS if side % f == 0]
 
 
-def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budget: Budget,
-              seeds: int, methods: list[str], r_plus_s: dict | None = None, earlier: dict | None = None) -> dict:
+def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budget: Budget, seeds: int,
+              methods: list[str], held_out: KeptScores, r_plus_s: dict | None = None,
+              earlier: dict | None = None) -> dict:
     """The rows of R+H, R+S and R+S-low (in that order, R+S-low after R+S: it reuses its choices, from this call or
     `r_plus_s`, R+S's saved row). `earlier` holds rows of these methods saved before the grid of temperatures
     grew (`earlier_row`): their held-out scores are reused, and their test accuracies where the choice stands."""
     earlier = earlier or {}
-    n, seed, top_k = len(test.class_names), config.run.seed, config.representation.label_top_k
-    _, pool = held_out_and_pool(train_tensors, seed)
-    score = held_out_scorer(config, train_tensors, n)
+    n = len(test.class_names)
+    _, pool = held_out_and_pool(train_tensors, config.run.seed)
     rows = {}
     for method in sorted(methods, key=METHODS.index):
         soft, downsample = method != "R+H", 1
@@ -300,10 +329,9 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
         temperature, weight, held_out_scores = None, None, None
         known = earlier.get(method, {}).get("held_out_accuracy") or {}
         if method == "R+S":  # the temperature and hard-label weight whose student scores best on held-out images
-            held_out_scores = {str(w): choose_temperature(score, pool, ipc, teacher, TEMPERATURES, seed,
-                                                            known=known.get(str(w)), hard_label_weight=w,
-                                                            label_top_k=top_k)[1]
-                               for w in baseline_label_weights(config.relabel.hard_label_weight)}
+            held_out_scores = {str(w): temperature_scores(
+                held_out, method, f"weight {w}", lambda t, w=w, ipc=ipc: real_sampler(config, pool, teacher, ipc, t, w),
+                known.get(str(w))) for w in baseline_label_weights(config.relabel.hard_label_weight)}
             best = max(((w, t) for w, scores in held_out_scores.items() for t in scores),
                        key=lambda k: held_out_scores[k[0]][k[1]])
             weight, temperature = float(best[0]), float(best[1])
@@ -313,10 +341,10 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
             if earlier.get(method, {}).get("hard_label_weight") != weight:
                 known = {}  # scored at another weight
             known["1"] = r_plus_s["held_out_accuracy"][str(weight)]
-            held_out_scores = {str(f): choose_temperature(
-                score, pool, budget.images_within(soft=True, downsample=f)[0], teacher, TEMPERATURES, seed,
-                known=known.get(str(f)), hard_label_weight=weight, downsample=f, label_top_k=top_k)[1]
-                for f in downsample_factors(test.images.shape[-1])}
+            held_out_scores = {str(f): temperature_scores(
+                held_out, method, f"weight {weight} factor {f}", lambda t, f=f, w=weight: real_sampler(
+                    config, pool, teacher, budget.images_within(soft=True, downsample=f)[0], t, w, f),
+                known.get(str(f))) for f in downsample_factors(test.images.shape[-1])}
             best = max(((f, t) for f, scores in held_out_scores.items() for t in scores),
                        key=lambda k: held_out_scores[k[0]][k[1]])
             downsample, temperature = int(best[0]), float(best[1])
@@ -341,23 +369,19 @@ def carried_accuracies(earlier: dict | None, choice: dict) -> list[float] | None
     return earlier["accuracies"] if all(made.get(k) == v for k, v in choice.items()) else None
 
 
-def prototype_row(config, shared: RunPlan, train, train_tensors: RealImages, test: RealImages, teacher,
-                  budget: Budget, seeds: int, earlier: dict | None = None) -> dict:
+def prototype_row(config, shared: RunPlan, train, test: RealImages, teacher, budget: Budget, seeds: int,
+                  held_out: KeptScores, earlier: dict | None = None) -> dict:
     """The prototypes' row, labelled at the hard-label weight and temperature whose student scores best on held-out
     images (the prototypes are distilled from all training images, held-out ones included: the choice is between
     labels of the same images). An `earlier` row (`earlier_row`) lends its scores, and its accuracies where the
     choice stands."""
     n = len(test.class_names)
     prototypes, row = prototype_set(config, shared, train, test, budget)
-    score = held_out_scorer(config, train_tensors, n)
     known = (earlier or {}).get("held_out_accuracy") or {}
     known = {w: s if isinstance(s, dict) else {str(FIRST_TEMPERATURE): s} for w, s in known.items()}  # one per weight
-    held_out_scores = {}
-    for w in baseline_label_weights(config.relabel.hard_label_weight):
-        scores = held_out_scores[str(w)] = dict(known.get(str(w), {}))
-        for t in TEMPERATURES:
-            if str(t) not in scores:
-                scores[str(t)] = score(prototype_sampler(config, prototypes, teacher, n, w, t))
+    held_out_scores = {str(w): temperature_scores(
+        held_out, "prototypes", f"weight {w}", lambda t, w=w: prototype_sampler(config, prototypes, teacher, n, w, t),
+        known.get(str(w))) for w in baseline_label_weights(config.relabel.hard_label_weight)}
     best = max(((w, t) for w, scores in held_out_scores.items() for t in scores),
                key=lambda k: held_out_scores[k[0]][k[1]])
     choice = {"hard_label_weight": float(best[0]), "temperature": float(best[1])}
@@ -367,19 +391,20 @@ def prototype_row(config, shared: RunPlan, train, train_tensors: RealImages, tes
     return {**row, "accuracies": accuracies, **choice, "held_out_accuracy": held_out_scores}
 
 
-def d3_held_out_scores(run: Path, teacher, score, known: dict[str, float]) -> dict[str, float]:
-    """The held-out score of D3's pipeline in `run` relabelled at each of `TEMPERATURES` (`known`: scored already),
+def d3_held_out_scores(method: str, run: Path, teacher, held_out: KeptScores,
+                       known: dict[str, float]) -> dict[str, float]:
+    """The held-out scores of D3's pipeline in `run` relabelled at each of `TEMPERATURES` (`known`: scored already),
     as its run relabels (`hf_d3.teacher.relabel`, at the run's hard-label weight, then stored in its storage dtype;
     from the saved decoder, which in 8 or 16 bits is the run's within the quantisation error)."""
     chosen = json.loads((run / "config.json").read_text())
-    scores = dict(known)
-    for temperature in TEMPERATURES:
-        if str(temperature) not in scores:
-            pipe = D3Pipeline.from_pretrained(run / "pipeline")
-            relabel(pipe.latent_store, pipe.decoder, teacher, temperature, chosen["hard_label_weight"])
-            pipe.set_storage_dtype(chosen["storage_dtype"])
-            scores[str(temperature)] = score(pipeline_sampler(pipe))
-    return scores
+
+    def relabelled(temperature: float):
+        pipe = D3Pipeline.from_pretrained(run / "pipeline")
+        relabel(pipe.latent_store, pipe.decoder, teacher, temperature, chosen["hard_label_weight"])
+        pipe.set_storage_dtype(chosen["storage_dtype"])
+        return pipeline_sampler(pipe)
+
+    return temperature_scores(held_out, method, "", relabelled, known)
 
 
 def close_methods(rows: dict[str, dict]) -> set[str]:
@@ -391,7 +416,7 @@ def close_methods(rows: dict[str, dict]) -> set[str]:
 
 
 def top_up_sampler(method: str, row: dict, config, folder: Path, shared: RunPlan, train, test: RealImages, teacher,
-                   budget: Budget, train_tensors: RealImages):
+                   budget: Budget, train_tensors: RealImages | None):
     """The epoch sampler that gave `row`'s accuracies, rebuilt, and the run config its students use."""
     if method in ("D3", "D3-hand"):
         run = folder / ("d3" if method == "D3" else "d3_hand")
@@ -623,6 +648,11 @@ def main():
     test = load_test_images(data)
     train_tensors = None
 
+    def train_images() -> RealImages:  # every training image, loaded the first time a method needs them
+        nonlocal train_tensors
+        train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
+        return train_tensors
+
     def evaluate(run_config, sampler, seeds: int, first_seed: int = 0):
         return evaluate_with_config(run_config.evaluation, run_config.experts, sampler, test.images, test.labels,
                                     len(test.class_names), seeds=seeds, first_seed=first_seed)
@@ -648,28 +678,26 @@ def main():
         if "D3-hand" in args.methods and budget.unit == "values" and (args.dataset, ipc) in HAND_SIZED:
             d3_runs["D3-hand"] = (hand_sized_config(args.dataset, ipc, config_path, folder), overrides,
                                   folder / "d3_hand")
+        held_out = KeptScores(folder, lambda c=config: held_out_scorer(c, train_images(), len(test.class_names)),
+                              lambda method, s=settings: row_settings(method, s))
         for method, (d3_config, d3_args, run) in d3_runs.items():
             d3_settings = row_settings(method, settings)
             if not is_done(folder, method, d3_settings):
-                train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
-                row = chosen_d3_row(d3_config, d3_args, out / "shared", run, args.seeds, teacher,
-                                    held_out_scorer(config, train_tensors, len(test.class_names)),
+                row = chosen_d3_row(method, d3_config, d3_args, out / "shared", run, args.seeds, teacher, held_out,
                                     earlier_row(folder, method, d3_settings))
                 save_row(folder, method, {**key, "settings": d3_settings}, row)
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         baselines = [m for m in ("prototypes", "R+H", "R+S", "R+S-low")
                      if (m in args.methods or m == "R+S" and "R+S-low" in args.methods)  # R+S-low needs R+S's row
                      and not is_done(folder, m, row_settings(m, settings))]
-        if baselines:
-            train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
         if "prototypes" in baselines:
-            row = prototype_row(config, shared, train, train_tensors, test, teacher, budget, args.seeds,
+            row = prototype_row(config, shared, train, test, teacher, budget, args.seeds, held_out,
                                 earlier_row(folder, "prototypes", row_settings("prototypes", settings)))
             save_row(folder, "prototypes", {**key, "settings": row_settings("prototypes", settings)}, row)
         if real := [m for m in baselines if m != "prototypes"]:
             r_plus_s = saved_row(folder, "R+S") if "R+S" not in real else None
             earlier = {m: earlier_row(folder, m, row_settings(m, settings)) for m in real}
-            for method, row in real_rows(config, train_tensors, test, teacher, budget, args.seeds, real,
+            for method, row in real_rows(config, train_images(), test, teacher, budget, args.seeds, real, held_out,
                                          r_plus_s and r_plus_s["row"], earlier).items():
                 save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
         # methods within 2 std of another get students with the next seeds, until no close pair has too few
@@ -677,10 +705,9 @@ def main():
                 if is_done(folder, m, row_settings(m, settings))}
         while todo := sorted(m for m in close_methods(rows) if len(rows[m]["accuracies"]) < args.close_seeds):
             method, row = todo[0], rows[todo[0]]
-            if method in ("R+H", "R+S", "R+S-low"):
-                train_tensors = train_tensors or load_images(train, data.resolution, data.channels, **columns)
             sampler, run_config = top_up_sampler(method, row, config, folder, shared, train, test, teacher,
-                                                 budget, train_tensors)
+                                                 budget, train_images() if method in ("R+H", "R+S", "R+S-low")
+                                                 else None)
             done = len(row["accuracies"])
             row["accuracies"] += evaluate(run_config, sampler, args.close_seeds - done, first_seed=done).accuracies
             save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)

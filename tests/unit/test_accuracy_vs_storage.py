@@ -117,14 +117,25 @@ def test_d3_is_scored_at_every_temperature_as_its_run_relabels_it(bench, tmp_pat
         labels_seen[sharpness] = soft
         return sharpness
 
-    scores = bench.d3_held_out_scores(run, teacher, score, known={"8.0": 0.0})
-    assert list(scores) == ["8.0", *(str(t) for t in bench.TEMPERATURES if t != 8.0)]  # the known one kept
-    assert scores["8.0"] == 0.0 and len(labels_seen) == len(bench.TEMPERATURES) - 1
+    held_out = bench.KeptScores(tmp_path, lambda: score, lambda method: {"eval_steps": 7, "output_dir": "here"})
+    scores = bench.d3_held_out_scores("D3", run, teacher, held_out, known={"8.0": 0.0})
+    assert list(scores) == [str(t) for t in bench.TEMPERATURES]
+    assert scores["8.0"] == 0.0 and len(labels_seen) == len(bench.TEMPERATURES) - 1  # the known one not measured
     assert scores["0.25"] > scores["1.0"] > scores["4.0"]  # a lower temperature, sharper labels
     pipe = D3Pipeline.from_pretrained(run / "pipeline")
     means = pipe.decoder(pipe.latent_store.mean, pipe.latent_store.component_subtask)
     expected = bench.teacher_labels(teacher, means, 1.0)
     assert torch.allclose(labels_seen[scores["1.0"]][: len(expected)], expected, atol=1e-6)  # the means come first
+
+    # every score was kept as it was measured: a rerun (a killed run's, or one where another output folder is
+    # bookkeeping) measures none again; other settings measure anew
+    again = bench.KeptScores(tmp_path, lambda: pytest.fail("measured again"), lambda method: {"eval_steps": 7})
+    assert bench.d3_held_out_scores("D3", run, teacher, again, known={"8.0": 0.0}) == scores
+    measured = []
+    other = bench.KeptScores(tmp_path, lambda: lambda sampler: measured.append(sampler) or 0.5,
+                             lambda method: {"eval_steps": 8})
+    bench.d3_held_out_scores("D3", run, teacher, other, known={})
+    assert len(measured) == len(bench.TEMPERATURES)
 
 
 def test_rows_within_2_std_of_another_get_more_seeds(bench):
