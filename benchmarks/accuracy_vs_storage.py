@@ -218,11 +218,16 @@ class KeptScores:
         settings = {k: v for k, v in self.settings_of(method).items() if k not in BOOKKEEPING}
         key = f"{method} {hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]} {choice}"
         kept = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        if key not in kept:
-            self.score = self.score or self.make_score()
-            kept[key] = self.score(make_sampler())
-            write_json(self.path, kept)
-        return kept[key]
+        if key in kept:
+            return kept[key]
+        self.score = self.score or self.make_score()
+        measured = self.score(make_sampler())
+        # two curve processes of other --methods may share the folder: read and write under a lock
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            kept = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            write_json(self.path, {**kept, key: measured})
+        return measured
 
 
 def temperature_scores(held_out: KeptScores, method: str, choice: str, make_sampler,
@@ -236,15 +241,18 @@ def temperature_scores(held_out: KeptScores, method: str, choice: str, make_samp
 
 def chosen_d3_row(method: str, config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, teacher,
                   held_out: KeptScores, earlier: dict | None) -> dict:
-    """D3's row at the labels' temperature whose held-out score is best (`d3_held_out_scores`): its run at the
-    config's temperature (an `earlier` row's, `earlier_row`, where its run is there), then, where another scores
-    best, its run again at that one, which relabels and trains the students anew (its subtasks are reused)."""
-    if earlier is not None and (run / "metrics.json").is_file():
+    """D3's row at the labels' temperature whose held-out score is best (`d3_held_out_scores`), from its run in
+    `run` at that temperature (which reuses the subtasks of any other, and the students of an earlier run at it).
+    The pipeline scored is an `earlier` row's run (`earlier_row`) where `run` still holds it, else a run with one
+    student; an earlier row's accuracies stand where its temperature wins."""
+    made = None  # the temperature `row`'s accuracies were measured at
+    config = run / "config.json"
+    if earlier is not None and config.is_file() and (json.loads(config.read_text())["relabel_temperature"]
+                                                     == earlier.get("temperature", FIRST_TEMPERATURE)):
         row, made = earlier, earlier.get("temperature", FIRST_TEMPERATURE)
     else:
-        row = d3_row(config_path, args, shared, run, seeds)
-        made = json.loads((run / "config.json").read_text())["relabel_temperature"]
-    scores = d3_held_out_scores(method, run, teacher, held_out, row.get("held_out_accuracy") or {})
+        d3_row(config_path, args, shared, run, seeds=1)
+    scores = d3_held_out_scores(method, run, teacher, held_out, (earlier or {}).get("held_out_accuracy") or {})
     best = float(max(scores, key=scores.get))
     if best != made:
         row = d3_row(config_path, [*args, "--relabel_temperature", str(best)], shared, run, seeds)
@@ -327,7 +335,8 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
         soft, downsample = method != "R+H", 1
         ipc, over = budget.images_within(soft)
         temperature, weight, held_out_scores = None, None, None
-        known = earlier.get(method, {}).get("held_out_accuracy") or {}
+        prior = earlier.get(method) or {}  # None where a method has no earlier row
+        known = prior.get("held_out_accuracy") or {}
         if method == "R+S":  # the temperature and hard-label weight whose student scores best on held-out images
             held_out_scores = {str(w): temperature_scores(
                 held_out, method, f"weight {w}", lambda t, w=w, ipc=ipc: real_sampler(config, pool, teacher, ipc, t, w),
@@ -338,7 +347,7 @@ def real_rows(config, train_tensors: RealImages, test: RealImages, teacher, budg
         if method == "R+S-low":  # the factor and temperature, at R+S's hard-label weight
             r_plus_s = rows.get("R+S", r_plus_s)
             weight = r_plus_s["hard_label_weight"]
-            if earlier.get(method, {}).get("hard_label_weight") != weight:
+            if prior.get("hard_label_weight") != weight:
                 known = {}  # scored at another weight
             known["1"] = r_plus_s["held_out_accuracy"][str(weight)]
             held_out_scores = {str(f): temperature_scores(

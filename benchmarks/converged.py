@@ -133,6 +133,7 @@ def main():
                               "at_least": args.at_least, "min_gain": args.min_gain}
         done = saved_row(folder, "prototypes-converged")
         if (is_done(folder, "prototypes-converged", settings_converged) and done["row"]["multiple"] == best
+                and done["row"]["hard_label_weight"] == weight
                 and done["row"].get("temperature", FIRST_TEMPERATURE) == labels["temperature"]
                 and len(done["row"]["accuracies"]) >= args.seeds):
             continue

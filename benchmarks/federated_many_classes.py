@@ -13,8 +13,9 @@ hard-label weight for B:
   each trains its experts and distils its subtasks from nothing and `distill_wall_time_s` (data, experts,
   distillation, gather) times the whole of that work. The 2-process run trains 1 student (its pipeline is compared
   with the 1-process run's, tensor by tensor: a subtask's seed does not depend on the process count).
-A finished run (its `metrics.json`) is kept, so a rerun continues with the next; a timing run that did not finish
-restarts from an empty stage folder, since the time of a resumed run is not the time of the work. Pin nothing: the
+A finished run (its `metrics.json`, made by the same command: `benchmark_args.json`) is kept, so a rerun continues
+with the next; a timing run that did not finish restarts from an empty stage folder, since the time of a resumed
+run is not the time of the work. Pin nothing: the
 2-process run needs both cores, and the machine otherwise idle (/proc/pressure/cpu).
 """
 
@@ -85,7 +86,8 @@ def main():
     config = parse_config(["--config", str(config_path), *overrides, "--output_dir", str(out / "shared")])
     prepare_shared(config, load_split(config.data, config.data.train_split))
     shared, folder = out / "shared", out / f"federated{args.budget:g}"
-    weight = hard_label_weight_for(args.budget)
+    weight = config.relabel.hard_label_weight  # as the curve: the budget's unless the command line sets one
+    weight = hard_label_weight_for(args.budget) if weight is None else weight
     common = ["--config", str(config_path), *overrides, "--storage_budget_ipc", str(args.budget), "--hard_label_weight",
               str(weight)]
     one_thread = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -97,16 +99,20 @@ def main():
     }
     metrics = {}
     for name, (subtasks, processes, seeds, stage_dir, fresh) in runs.items():
-        run = folder / name
-        if not (run / "metrics.json").is_file():
+        run, command = folder / name, [*common, "--num_subtasks", str(subtasks), "--output_dir", str(folder / name),
+                                       "--stage_dir", str(stage_dir), "--eval_seeds", str(seeds)]
+        made_by = run / "benchmark_args.json"
+        if not ((run / "metrics.json").is_file() and made_by.is_file()
+                and json.loads(made_by.read_text()) == [processes, *command]):
             if fresh:
                 fresh_stage_dir(stage_dir, shared)
-            distill([*common, "--num_subtasks", str(subtasks), "--output_dir", str(run), "--stage_dir",
-                     str(stage_dir), "--eval_seeds", str(seeds)], processes, one_thread)
+            distill(command, processes, one_thread)
+            made_by.write_text(json.dumps([processes, *command]))
         metrics[name] = json.loads((run / "metrics.json").read_text())
 
     same = same_pipeline(folder / f"k{k}-p1", folder / f"k{k}-p2")
-    base = {"dataset": args.dataset, "budget": args.budget, "unit": "values", "hard_label_weight": weight}
+    base = {"dataset": args.dataset, "budget": args.budget, "unit": "values", "hard_label_weight": weight,
+            "overrides": overrides}
     for name, (subtasks, processes, *_rest) in runs.items():
         m = metrics[name]
         figures = {"accuracies": m["accuracies"], "ipc_equivalent": m["storage"]["ipc_equivalent"],

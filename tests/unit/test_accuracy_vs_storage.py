@@ -138,6 +138,33 @@ def test_d3_is_scored_at_every_temperature_as_its_run_relabels_it(bench, tmp_pat
     assert len(measured) == len(bench.TEMPERATURES)
 
 
+def test_the_real_image_rows_in_a_new_folder_and_beside_an_earlier_grid(bench, fmnist4_tensors, tmp_path):
+    from conftest import TINY_RUN, make_net
+
+    from hf_d3.data import RealImages
+
+    config = D3Config.from_dict({**TINY_RUN, "dataset": "unused", "hard_label_weight": 0.5})
+    test = RealImages(fmnist4_tensors.images[:8], fmnist4_tensors.labels[:8], fmnist4_tensors.class_names)
+    budget = bench.Budget(2, "values", "float32", 4, 256)
+    settings = {"eval_steps": 4}
+    measured = []
+    held_out = bench.KeptScores(tmp_path, lambda: lambda sampler: measured.append(sampler) or 0.1 * len(measured),
+                                lambda method: settings)
+    methods = ["R+H", "R+S", "R+S-low"]
+    rows = bench.real_rows(config, fmnist4_tensors, test, make_net(), budget, 1, methods, held_out,
+                           earlier=dict.fromkeys(methods))  # no method has an earlier row
+    grid = len(bench.TEMPERATURES)
+    assert len(measured) == 2 * grid + 2 * grid  # R+S: 2 weights; R+S-low: factors 2 and 4 (1 is R+S's)
+    assert rows["R+S"]["temperature"] in bench.TEMPERATURES and rows["R+H"]["temperature"] is None
+    # an earlier row whose choice stands lends its accuracies; its held-out scores spare every measurement
+    earlier = {m: {**rows[m], "accuracies": [0.99]} for m in methods}
+    again = bench.real_rows(config, fmnist4_tensors, test, make_net(), budget, 1, methods,
+                            bench.KeptScores(tmp_path / "elsewhere", lambda: pytest.fail("measured"),
+                                             lambda method: settings), earlier=earlier)
+    assert again["R+S"]["accuracies"] == again["R+S-low"]["accuracies"] == [0.99]
+    assert again["R+H"]["accuracies"] == [0.99]
+
+
 def test_rows_within_2_std_of_another_get_more_seeds(bench):
     rows = {"D3": {"accuracies": [0.70, 0.72, 0.71]}, "R+S": {"accuracies": [0.715, 0.705, 0.725]},
             "R+H": {"accuracies": [0.50, 0.51, 0.49]}}
