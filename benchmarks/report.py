@@ -102,7 +102,8 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
              "(-converged: until held-out accuracy stops rising, `benchmarks/converged.py`); R+H / R+S: random "
              "real images, class / teacher labels; R+S-low: R+S stored 2 or 4 times smaller per side. "
              "`benchmarks/accuracy_vs_storage.py`; `-`: not measured; `*`: over the budget (one image a class with "
-             "its label does not fit).", ""]
+             "its label does not fit); `°`: soft labels at the temperature (0.25-8) whose student scored best on "
+             "held-out images (without it: R+S and R+S-low chose from 1-8, D3 and the prototypes used 1).", ""]
     for dataset, title in DATASETS.items():
         for form in sorted({storage_format(r["settings"]) for r in curve if r["settings"]["dataset"] == dataset},
                            key=format_order):
@@ -121,8 +122,10 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
                     command = re.sub(r"--methods( [^-\s]\S*)+", "--methods <methods>",
                                      re.sub(r"--budgets( [\d.]+)+", "--budgets <budgets>", record["command"]))
                     over = "*" if record["figures"].get("over_budget") else ""
+                    chosen = "°" if "label_temperatures" in record["settings"].get("config", {}) else ""
                     marked[method] = method + over
-                    row.append(f"{mean_std(record['figures']['accuracies'], 100)}{over} {notes(record, command)}")
+                    row.append(f"{mean_std(record['figures']['accuracies'], 100)}{over}{chosen} "
+                               f"{notes(record, command)}")
                 rows.append(row)
                 if beaten := baselines_reaching_d3(means):
                     d3_beaten.append(f"{budget:g} ({', '.join(marked[m] for m in beaten)})")

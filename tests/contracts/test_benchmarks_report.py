@@ -49,12 +49,14 @@ def test_the_page_says_where_a_baseline_reaches_d3_and_folds_a_command_run_at_tw
     records = [curve_record("D3", [0.60, 0.62], "aaaaaaa1"), curve_record("R+S", [0.61, 0.61], "bbbbbbb2"),
                curve_record("R+H", [0.50, 0.52], "bbbbbbb2"), curve_record("D3", [0.70], "aaaaaaa1", budget=2.0),
                curve_record("prototypes", [0.69], "aaaaaaa1", budget=2.0)]
+    records[-1]["settings"]["config"] = {"label_temperatures": [0.5, 1.0]}  # its labels' temperature chosen
     for path in (ROOT / "benchmarks" / "results").glob("*.json"):  # the other tables' records as they are
         (tmp_path / path.name).write_text(path.read_text())
     (tmp_path / "accuracy_vs_storage.json").write_text(json.dumps(records))
     page = render(tmp_path)
 
     assert "**A baseline at or above D3** (mean) at budget 1 (R+S)." in page  # 61 >= 61; R+H and budget 2 below
+    assert "| 69.00 ± 0.00° [1] |" in page and "| 70.00 ± 0.00 [1] |" in page  # ° marks the chosen temperature
     notes = [line for line in page.splitlines() if "accuracy_vs_storage.py --budgets" in line]
     assert notes == ["1. m, 2026-12-07, aaaaaaa, bbbbbbb: `python benchmarks/accuracy_vs_storage.py "
                      "--budgets <budgets> --methods <methods>`"]
