@@ -60,6 +60,7 @@ from transformers import AutoModelForImageClassification
 from hf_d3 import D3Pipeline  # (the import also registers the classifiers with the Auto classes)
 from hf_d3.atomic import write_json
 from hf_d3.baselines import (
+    choose_temperature,
     distill_prototypes,
     pick_per_class,
     random_real_sampler,
@@ -234,9 +235,8 @@ def temperature_scores(held_out: KeptScores, method: str, choice: str, make_samp
                        known: dict[str, float] | None) -> dict[str, float]:
     """`method`'s held-out scores at each of `TEMPERATURES` for `choice` (its other choices, e.g. "weight 0.0"),
     `make_sampler(temperature)` giving the set labelled at it; `known`: scores an earlier row measured."""
-    known = known or {}
-    return {str(t): known[str(t)] if str(t) in known else
-            held_out(method, f"{choice} temperature {t}".lstrip(), lambda t=t: make_sampler(t)) for t in TEMPERATURES}
+    return choose_temperature(lambda t: held_out(method, f"{choice} temperature {t}".lstrip(), lambda: make_sampler(t)),
+                              TEMPERATURES, known)[1]
 
 
 def chosen_d3_row(method: str, config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, teacher,

@@ -142,7 +142,7 @@ def real_image_rows(config, out: Path, main_run: dict, temperatures: list[float]
 
     ipc_hard = largest_ipc_within(budget, n, per_image, soft_labels=False)
     ipc_soft = largest_ipc_within(budget, n, per_image, soft_labels=True)
-    best, held_out_accuracy = choose_temperature(held_out_score, pool, ipc_soft, teacher, temperatures, seed,
+    best, held_out_accuracy = choose_temperature(lambda t: held_out_score(real(ipc_soft, t)), temperatures,
                                                  done["held_out"])
     for name, ipc, temperature in ((f"R+H ({ipc_hard} img/class)", ipc_hard, None),
                                    (f"R+S ({ipc_soft} img/class, T={best:g})", ipc_soft, best)):

@@ -2,7 +2,7 @@
 subtasks on 1 process against 2 in wall time, on the curve's protocol (`benchmarks/accuracy_vs_storage.py`).
 
     python benchmarks/federated_many_classes.py --output_dir outputs/curve [--dataset tiny_imagenet] [--budget 2]
-        [--num_subtasks 4] [--seeds 3] [any D3Config override, as the curve takes them]
+        [--num_subtasks 4] [--seeds 3] [--runs k1 k4-p1 k4-p2] [any D3Config override, as the curve takes them]
 
 Runs, in `<out>/<dataset>/federated<B>/`, each `recipes/distill.py` with `--storage_budget_ipc B` and the curve's
 hard-label weight for B:
@@ -77,6 +77,9 @@ def main():
     parser.add_argument("--budget", type=float, default=2, help="IPC-equivalent, in values")
     parser.add_argument("--num_subtasks", type=int, default=4, help="K of the federated runs (at least 2)")
     parser.add_argument("--seeds", type=int, default=3, help="students of the K=1 and K-subtask 1-process runs")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
+                        help="make only these runs (k1, k<K>-p1, k<K>-p2; default all), e.g. k1 on one core beside "
+                             "k<K>-p1 on the other; the records are written once all three have finished")
     args, overrides = parser.parse_known_args()
     if args.num_subtasks < 2:
         parser.error(f"--num_subtasks {args.num_subtasks}: the federated runs need at least 2")
@@ -97,6 +100,9 @@ def main():
         f"k{k}-p1": (k, 1, args.seeds, folder / f"k{k}-p1-stages", True),
         f"k{k}-p2": (k, 2, 1, folder / f"k{k}-p2-stages", True),
     }
+    unknown = sorted(set(args.runs or []) - set(runs))
+    if unknown:
+        parser.error(f"--runs {' '.join(unknown)}: the runs are {', '.join(runs)}")
     metrics = {}
     for name, (subtasks, processes, seeds, stage_dir, fresh) in runs.items():
         run, command = folder / name, [*common, "--num_subtasks", str(subtasks), "--output_dir", str(folder / name),
@@ -104,11 +110,16 @@ def main():
         made_by = run / "benchmark_args.json"
         if not ((run / "metrics.json").is_file() and made_by.is_file()
                 and json.loads(made_by.read_text()) == [processes, *command]):
+            if args.runs is not None and name not in args.runs:
+                continue
             if fresh:
                 fresh_stage_dir(stage_dir, shared)
             distill(command, processes, one_thread)
             made_by.write_text(json.dumps([processes, *command]))
         metrics[name] = json.loads((run / "metrics.json").read_text())
+    if len(metrics) < len(runs):
+        print(f"finished: {', '.join(metrics) or 'none'}; to come: {', '.join(sorted(set(runs) - set(metrics)))}")
+        return
 
     same = same_pipeline(folder / f"k{k}-p1", folder / f"k{k}-p2")
     base = {"dataset": args.dataset, "budget": args.budget, "unit": "values", "hard_label_weight": weight,

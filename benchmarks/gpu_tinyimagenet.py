@@ -178,7 +178,8 @@ def r_plus_s_rows(config, settings: dict, out: Path, budgets: list[float], devic
         path = out / f"r_plus_s_ipc{ipc}.json"
         if not path.is_file() or json.loads(path.read_text())["settings"] != settings:
             start = time.perf_counter()
-            best, scores = choose_temperature(held_out_score, pool, ipc, teacher, settings["temperatures"], seed)
+            best, scores = choose_temperature(lambda t, ipc=ipc: held_out_score(random_real_sampler(
+                pool.images, pool.labels, n, ipc, seed, teacher, t)), settings["temperatures"])
             sampler = random_real_sampler(pool.images, pool.labels, n, ipc, seed, teacher, best)
             accuracies = evaluate_with_config(config.evaluation, config.experts, sampler, test_images, test_labels,
                                               n).accuracies

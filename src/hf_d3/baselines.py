@@ -99,24 +99,11 @@ def split_held_out(num_images: int, seed: int, parts: int = 10) -> tuple[torch.T
     return order[: num_images // parts], order[num_images // parts:]
 
 
-def choose_temperature(
-    score: Callable[[EpochSampler], float],
-    pool: RealImages,
-    images_per_class: int,
-    teacher: nn.Module,
-    temperatures: Sequence[float],
-    seed: int = 0,
-    known: Mapping[str, float] | None = None,
-    hard_label_weight: float = 0.0,
-    downsample: int = 1,
-    label_top_k: int | None = None,
-) -> tuple[float, dict[str, float]]:
-    """The R+S (or, with `downsample`, R+S-low) temperature whose student scores best by `score` (a student trained
-    on `images_per_class` pool images labelled at that temperature, `hard_label_weight` and `label_top_k`, tested on
-    held-out images). `known` holds scores already measured, by `str(temperature)`; returns the best temperature
-    and every score."""
+def choose_temperature(score_at: Callable[[float], float], temperatures: Sequence[float],
+                       known: Mapping[str, float] | None = None) -> tuple[float, dict[str, float]]:
+    """The soft labels' temperature whose student scores best on held-out images, `score_at(t)` scoring a student
+    trained on a set labelled at `t`; `known` holds scores already measured, by `str(t)`, which are not measured
+    again. Returns the best temperature and every score (docs/method.md, Storage)."""
     known = dict(known or {})
-    scores = {str(t): known[str(t)] if str(t) in known else score(random_real_sampler(
-        pool.images, pool.labels, len(pool.class_names), images_per_class, seed, teacher, t, hard_label_weight,
-        downsample, label_top_k)) for t in temperatures}
+    scores = {str(t): known[str(t)] if str(t) in known else score_at(t) for t in temperatures}
     return float(max(scores, key=scores.get)), scores

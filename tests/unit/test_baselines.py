@@ -3,7 +3,7 @@ import torch
 from conftest import TINY_RUN
 
 from hf_d3 import build_classifier
-from hf_d3.baselines import distill_prototypes, pick_per_class, random_real_sampler, stored_smaller
+from hf_d3.baselines import choose_temperature, distill_prototypes, pick_per_class, random_real_sampler, stored_smaller
 from hf_d3.config import D3Config
 from hf_d3.data import RealImages
 from hf_d3.experts import train_classifier
@@ -100,3 +100,15 @@ def test_a_tiny_prototype_distillation(fmnist4_tensors):
     assert torch.equal(run()[0], prototypes)  # seeded
     one_each = distill_prototypes(start[::2], data, [(net, trajectory)], config, torch.Generator().manual_seed(0))
     assert torch.isfinite(one_each[0]).all()  # one prototype per class: MMD has no within-set pair
+
+
+def test_choose_temperature_takes_the_best_score_and_measures_nothing_known_again():
+    measured = []
+
+    def score_at(t):
+        measured.append(t)
+        return {0.5: 0.31, 2.0: 0.2}[t]
+
+    best, scores = choose_temperature(score_at, [0.5, 1.0, 2.0], known={"1.0": 0.4})
+    assert measured == [0.5, 2.0]
+    assert (best, scores) == (1.0, {"0.5": 0.31, "1.0": 0.4, "2.0": 0.2})
