@@ -96,14 +96,14 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
     curve = [r for r in results["accuracy_vs_storage"] if "variant" not in r["settings"]]
     lines = ["## Accuracy against storage", "",
              "Test accuracy (%, mean ± std over student seeds) of fresh students trained on what each method "
-             "stores within a budget in IPC-equivalents: in values (the paper's unit) or in bytes (D3's files "
-             "against uint8 images; real and prototype images uint8, soft labels stored as D3's). D3: sizes from "
-             "the budget; D3-hand: a shipped config's sizes; prototypes: real images optimised by D3's objective "
-             "(-converged: until held-out accuracy stops rising, `benchmarks/converged.py`); R+H / R+S: random "
-             "real images, class / teacher labels; R+S-low: R+S stored 2 or 4 times smaller per side. "
-             "`benchmarks/accuracy_vs_storage.py`; `-`: not measured; `*`: over the budget (one image a class with "
-             "its label does not fit); `°`: soft labels at the temperature (0.25-8) whose student scored best on "
-             "held-out images (without it: R+S and R+S-low chose from 1-8, D3 and the prototypes used 1).", ""]
+             "stores within a budget in IPC-equivalents: values (the paper's unit) or bytes (D3's files against "
+             "uint8 images; real and prototype images uint8, soft labels stored as D3's). D3: sizes from the "
+             "budget; D3-hand: a shipped config's; prototypes: real images optimised by D3's objective (-converged: "
+             "until held-out accuracy stops rising, `benchmarks/converged.py`); R+H / R+S: random real images, "
+             "class / teacher labels; R+S-low: R+S stored 2 or 4 times smaller per side. "
+             "`benchmarks/accuracy_vs_storage.py`; `-`: not measured; `*`: over the budget; `°`: soft labels at "
+             "the temperature (0.25-8) that scored best on held-out images (without: R+S and R+S-low chose from "
+             "1-8, D3 and prototypes used 1).", ""]
     for dataset, title in DATASETS.items():
         for form in sorted({storage_format(r["settings"]) for r in curve if r["settings"]["dataset"] == dataset},
                            key=format_order):
@@ -247,13 +247,16 @@ def speed_table(results: dict, notes: Notes) -> list[str]:
             rows.append([f"`make demo` wall time, {threads} thread{'s' * (threads > 1)}", run["figures"]["wall_time"],
                          machine, notes(run)])
     for config in ("imagenet_64_ipc1", "imagenet_64_ipc2", "imagenet_64_ipc10"):
-        for precision in ("no", "bf16"):
-            run = latest(gpu, config=f"recipes/configs/{config}.yaml", mixed_precision=precision,
-                         compile_inner_step=False, iterations=10, cudnn_benchmark=None)
-            if run:
-                name = f"{config}, {'float32' if precision == 'no' else 'bf16'}"
-                rows.append([f"{name}: iterations / s; peak GPU GiB", f"{run['figures']['iterations_per_second']:.2f}; "
-                             f"{run['figures']['peak_memory_gib']:.1f}", run["machine"], notes(run)])
+        runs = {precision: latest(gpu, config=f"recipes/configs/{config}.yaml", mixed_precision=precision,
+                                  compile_inner_step=False, iterations=10, cudnn_benchmark=None)
+                for precision in ("no", "bf16")}
+        runs = {"float32" if p == "no" else p: run for p, run in runs.items() if run}
+        if runs:
+            first = next(iter(runs.values()))
+            rows.append([f"{config}, {' / '.join(runs)}: iterations / s; peak GPU GiB",
+                         " / ".join(f"{r['figures']['iterations_per_second']:.2f}; "
+                                    f"{r['figures']['peak_memory_gib']:.1f}" for r in runs.values()),
+                         first["machine"], " ".join(dict.fromkeys(notes(r) for r in runs.values()))])
     if compiled := latest(gpu, compile_inner_step=True):
         rows.append(["imagenet_64_ipc1, compiled inner step: iterations / s",
                      f"{compiled['figures']['iterations_per_second']:.2f}", compiled["machine"], notes(compiled)])
@@ -301,16 +304,22 @@ def many_classes_table(results: dict, notes: Notes) -> list[str]:
         rows.append([DATASETS[s["dataset"]].split(" (")[0], f"{s['budget']:g}", str(s["num_subtasks"]),
                      str(s["processes"]), mean_std(figures["accuracies"], 100), str(len(figures["accuracies"])),
                      f"{figures['distill_wall_time_s'] / 60:.1f}" if timed else "curve's stages",
-                     f"{figures['speedup']:.2f}x" if "speedup" in figures else "-",
-                     f"{max(figures['peak_memory_gib_per_subtask']):.2f}", record["machine"], notes(record)])
+                     speedup(figures), f"{max(figures['peak_memory_gib_per_subtask']):.2f}", notes(record)])
     if not rows:
         return []
     return ["Federated distillation at many classes, on the curve's protocol (`benchmarks/federated_many_classes.py`):"
-            " accuracy (%) over the students, the distillation phase (data, experts, distillation, gather) in minutes "
-            "where it ran from an empty stage folder, and the largest peak resident memory of a subtask (GiB). The "
-            "2-process run's pipeline is compared with the 1-process run's in its record.", "",
+            " accuracy (%), minutes of the distillation phase (data, experts, distillation, gather) from an empty "
+            "stage folder, speedup over 1 process (and whether the pipelines are equal), a subtask's peak resident "
+            "memory (GiB).", "",
             *table(["dataset", "IPC-eq", "K", "processes", "accuracy", "students", "minutes", "speedup",
-                    "peak GiB", "machine", "note"], rows), ""]
+                    "peak GiB", "note"], rows), ""]
+
+
+def speedup(figures: dict) -> str:
+    if "speedup" not in figures:
+        return "-"
+    same = "same" if figures["same_pipeline_as_1_process"] else "different"
+    return f"{figures['speedup']:.2f}x, {same} pipeline"
 
 
 def render(results_dir: Path = RESULTS) -> str:
@@ -323,10 +332,9 @@ def render(results_dir: Path = RESULTS) -> str:
             *scale_tables(results, notes)]
     head = ["# Benchmarks", "",
             "<!-- Written by benchmarks/report.py from benchmarks/results/*.json: do not edit by hand. -->", "",
-            "Every figure's record (per-seed accuracies, timings, memory, settings) is in "
-            "[`benchmarks/results/`](benchmarks/results/); a benchmark script writes its record there "
-            "(`benchmarks/record.py`), and `python benchmarks/report.py` rewrites this page. Earlier figures: "
-            "`git log -p benchmarks/results`; comparisons with code since replaced are in the records alone.", ""]
+            "Each figure's record (per-seed accuracies, timings, memory, settings) is in "
+            "[`benchmarks/results/`](benchmarks/results/), written by its benchmark (`benchmarks/record.py`); "
+            "`python benchmarks/report.py` rewrites this page. History: `git log -p benchmarks/results`.", ""]
     machines = ["Machines:", "", *(f"- `{name}`: {text}" for name, text in MACHINES.items()), ""]
     return "\n".join([*head, *body, "## Notes", "", *notes.markdown(), "", *machines])
 
