@@ -102,6 +102,7 @@ TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 t
 # the labels' temperatures every method with soft labels chooses from on held-out images (R+S, R+S-low, the
 # prototypes and D3): on Tiny ImageNet the held-out scores of the first grid (1, 2, 4, 8) still rose at its smallest
 TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+RECORDS = ROOT / "benchmarks/results/accuracy_vs_storage.json"
 # the temperature rows were labelled at before they chose one (`relabel_temperature`'s default)
 FIRST_TEMPERATURE = 1.0
 # R+S-low stores its images this many times smaller per side (1: R+S itself, whose held-out scores it reuses)
@@ -502,11 +503,39 @@ def is_done(folder: Path, method: str, settings: dict) -> bool:
 
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
     (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
+    save_record("accuracy_vs_storage", record_settings(method, key), row)
+
+
+def record_settings(method: str, key: dict) -> dict:
+    """The settings of a row's record: its key, the dataset named as `portable` names it, the paper's format unsaid."""
     config = {**key["settings"], "dataset": portable(key["settings"]["dataset"])}
     units = {k: key[k] for k, default in zip(("unit", "storage_dtype", "label_top_k"), PAPER_FORMAT, strict=True)
              if key[k] != default}
-    save_record("accuracy_vs_storage", {"dataset": key["dataset"], "budget_ipc": float(key["budget"]),
-                                        "method": method, **units, "config": config}, row)
+    return {"dataset": key["dataset"], "budget_ipc": float(key["budget"]), "method": method, **units, "config": config}
+
+
+def restore_rows(folder: Path, key: dict, settings_of, results: Path = RECORDS) -> list[str]:
+    """Write the row file of each baseline that `folder` lacks but whose record is committed, with the record's
+    settings, so a fresh clone continues the curve where its records stop (`outputs/` travels nowhere): a record of
+    these settings (`same_settings`) makes the row done, one of an earlier grid of temperatures lends its scores
+    (`earlier_row`). D3's rows are not restored: a top-up of their students needs their run's pipeline.
+    `settings_of(method)`: its row's settings now. Returns the methods restored."""
+    records = load_records(results)
+    restored = []
+    for method in ("prototypes", "R+H", "R+S", "R+S-low"):
+        if saved_row(folder, method) is not None:
+            continue
+        current = settings_of(method)
+        wanted = {**record_settings(method, {**key, "settings": current}), "config": None}
+        grids = [r for r in records if {**r["settings"], "config": None} == wanted and same_settings(
+            r["settings"]["config"], {k: v for k, v in current.items() if k != "label_temperatures"})]
+        same = [r for r in grids if same_settings(r["settings"]["config"], current)]
+        if found := (same or grids)[-1:]:
+            (folder / f"row_{method}.json").write_text(json.dumps({
+                **key, "settings": found[0]["settings"]["config"], "method": method, "row": found[0]["figures"]},
+                indent=2))
+            restored.append(method)
+    return restored
 
 
 def portable(dataset: str) -> str:
@@ -549,7 +578,7 @@ def merge_and_plot(out: Path, figure: Path) -> dict:
     return results
 
 
-def panels_from_records(path: Path = ROOT / "benchmarks/results/accuracy_vs_storage.json") -> dict:
+def panels_from_records(path: Path = RECORDS) -> dict:
     """The figure's panels from the curve's records, the latest of each dataset, storage format, budget and method (as
     BENCHMARKS.md shows them: the last written of the latest date), whichever run or output folder wrote them."""
     chosen = {}
@@ -678,6 +707,8 @@ def main():
         settings = {**base_settings, "hard_label_weight": config.relabel.hard_label_weight}
         key = {"dataset": args.dataset, "budget": f"{ipc:g}", "unit": budget.unit,
                "storage_dtype": budget.storage_dtype, "label_top_k": budget.label_top_k, "settings": settings}
+        if restored := restore_rows(folder, key, lambda method, s=settings: row_settings(method, s)):
+            print(f"{folder}: rows of {', '.join(restored)} restored from {RECORDS.relative_to(ROOT)}")
         d3_runs = {}  # method: its config, arguments and run folder
         if "D3" in args.methods:
             # the weight explicitly: D3's run would choose it from its values' IPC-equivalent, not from a budget

@@ -236,3 +236,37 @@ def test_the_caption_names_each_budget_where_a_baseline_reaches_d3(bench):
                                      "class with its label does not fit).")
     del panels[("cifar10", "bytes", "int8", None)]
     assert bench.caption(panels) == "D3's mean is above every baseline's at every budget measured."
+
+
+def test_a_fresh_clone_restores_the_baselines_rows_from_their_committed_records(bench, settings, tmp_path):
+    key = {"dataset": "fashion_mnist", "budget": "2", "unit": "values", "storage_dtype": "float32",
+           "label_top_k": None, "settings": settings}
+
+    def settings_of(method):
+        return bench.row_settings(method, settings)
+
+    def record(method, config=None):
+        method_key = {**key, "settings": config or settings_of(method)}
+        return {"benchmark": "accuracy_vs_storage", "command": "python benchmarks/accuracy_vs_storage.py",
+                "commit": "0" * 40, "date": "2026-12-07", "machine": "amd-epyc-2c",
+                "settings": bench.record_settings(method, method_key), "figures": {"accuracies": [0.5], "of": method}}
+
+    stale = {**settings_of("R+S"), "eval_steps": 7}
+    earlier_grid = {**settings_of("prototypes"), "label_temperatures": [1.0, 2.0]}
+    results = tmp_path / "accuracy_vs_storage.json"
+    results.write_text(json.dumps([record("R+H"), record("R+S", stale), record("D3"), record("R+S-low"),
+                                   record("prototypes", earlier_grid)]))
+    folder = tmp_path / "ipc2"
+    folder.mkdir()
+    (folder / "row_R+S-low.json").write_text(json.dumps({**key, "method": "R+S-low", "row": {"of": "this machine"}}))
+
+    assert bench.restore_rows(folder, key, settings_of, results) == ["prototypes", "R+H"]
+    assert bench.is_done(folder, "R+H", settings_of("R+H"))
+    assert bench.saved_row(folder, "R+H")["row"] == {"accuracies": [0.5], "of": "R+H"}
+    assert not bench.is_done(folder, "R+S", settings_of("R+S"))  # its record has other settings
+    assert bench.saved_row(folder, "D3") is None  # a top-up of D3's students needs its run's pipeline
+    assert bench.saved_row(folder, "R+S-low")["row"] == {"of": "this machine"}
+    # a row of an earlier grid of temperatures is not done, but lends its scores
+    assert not bench.is_done(folder, "prototypes", settings_of("prototypes"))
+    assert bench.earlier_row(folder, "prototypes", settings_of("prototypes")) == {"accuracies": [0.5],
+                                                                                  "of": "prototypes"}
