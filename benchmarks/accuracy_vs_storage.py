@@ -32,8 +32,9 @@ A baseline that needs more than the budget (one image per class does not fit) is
 uses the config's evaluation settings and `--seeds` seeds; where two methods at a budget are within 2 std of each
 other, both get students with the next seeds up to `--close_seeds` (a student depends on its seed alone). Finished
 rows (`row_<method>.json`) are reused when their settings (but where to write and how to log) and torch's thread
-count match, so two processes with other `--budgets` can share a folder; a D3 row whose labels or students changed
-reuses its distilled subtasks (their stage keys do not change). Every run merges what is there into
+count match, so two processes with other `--budgets` can share a folder; a baseline's row missing there is restored
+from its committed record (`restore_rows`), so a fresh clone goes on where the records stop; a D3 row whose labels
+or students changed reuses its distilled subtasks (their stage keys do not change). Every run merges what is there into
 `<out>/results.json` and draws `--figure` (default `<out>/accuracy_vs_storage.png`) from the records in
 benchmarks/results, as BENCHMARKS.md shows them (`--plot_only --figure src/hf_d3/model_cards/accuracy_vs_storage.png`
 redraws the one the cards ship).
