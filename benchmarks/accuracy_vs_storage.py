@@ -503,8 +503,12 @@ def is_done(folder: Path, method: str, settings: dict) -> bool:
 
 
 def save_row(folder: Path, method: str, key: dict, row: dict) -> None:
-    (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
+    write_row(folder, method, key, row)
     save_record("accuracy_vs_storage", record_settings(method, key), row)
+
+
+def write_row(folder: Path, method: str, key: dict, row: dict) -> None:
+    (folder / f"row_{method}.json").write_text(json.dumps({**key, "method": method, "row": row}, indent=2))
 
 
 def record_settings(method: str, key: dict) -> dict:
@@ -531,10 +535,9 @@ def restore_rows(folder: Path, key: dict, settings_of, results: Path = RECORDS) 
         grids = [r for r in records if {**r["settings"], "config": None} == wanted and same_settings(
             r["settings"]["config"], {k: v for k, v in current.items() if k != "label_temperatures"})]
         same = [r for r in grids if same_settings(r["settings"]["config"], current)]
-        if found := (same or grids)[-1:]:
-            (folder / f"row_{method}.json").write_text(json.dumps({
-                **key, "settings": found[0]["settings"]["config"], "method": method, "row": found[0]["figures"]},
-                indent=2))
+        if grids:
+            found = (same or grids)[-1]
+            write_row(folder, method, {**key, "settings": found["settings"]["config"]}, found["figures"])
             restored.append(method)
     return restored
 

@@ -83,6 +83,10 @@ def main():
     args, overrides = parser.parse_known_args()
     if args.num_subtasks < 2:
         parser.error(f"--num_subtasks {args.num_subtasks}: the federated runs need at least 2")
+    k = args.num_subtasks
+    names = ["k1", f"k{k}-p1", f"k{k}-p2"]
+    if unknown := sorted(set(args.runs or []) - set(names)):
+        parser.error(f"--runs {' '.join(unknown)}: the runs are {', '.join(names)}")
 
     out = args.output_dir / args.dataset
     config_path = base_config(args.dataset, args.data_path, out)
@@ -94,15 +98,11 @@ def main():
     common = ["--config", str(config_path), *overrides, "--storage_budget_ipc", str(args.budget), "--hard_label_weight",
               str(weight)]
     one_thread = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    k = args.num_subtasks
-    runs = {  # name: (subtasks, processes, students, stage folder, fresh: timed from nothing)
-        "k1": (1, 1, args.seeds, shared, False),
-        f"k{k}-p1": (k, 1, args.seeds, folder / f"k{k}-p1-stages", True),
-        f"k{k}-p2": (k, 2, 1, folder / f"k{k}-p2-stages", True),
-    }
-    unknown = sorted(set(args.runs or []) - set(runs))
-    if unknown:
-        parser.error(f"--runs {' '.join(unknown)}: the runs are {', '.join(runs)}")
+    runs = dict(zip(names, (  # name: (subtasks, processes, students, stage folder, fresh: timed from nothing)
+        (1, 1, args.seeds, shared, False),
+        (k, 1, args.seeds, folder / f"k{k}-p1-stages", True),
+        (k, 2, 1, folder / f"k{k}-p2-stages", True),
+    ), strict=True))
     metrics = {}
     for name, (subtasks, processes, seeds, stage_dir, fresh) in runs.items():
         run, command = folder / name, [*common, "--num_subtasks", str(subtasks), "--output_dir", str(folder / name),
