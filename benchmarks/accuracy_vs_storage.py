@@ -22,11 +22,12 @@ Per budget, in `<out>/<dataset>/ipc<B>/`:
    to 16x as many fit, upsampled to the training side for the teacher and the students; the factor and temperature
    are chosen together on the held-out images, at the hard-label weight R+S chose (factor 1 is R+S: its scores are
    reused).
-Every method with soft labels labels at the temperature (`TEMPERATURES`) whose student scores best on held-out
-training images (D3: its run's pipeline relabelled at each, then run again at the best, which reuses its subtasks).
+Every method with soft labels labels at the temperature (`--temperatures`, default `TEMPERATURES`) whose student
+scores best on held-out training images (D3: its run's pipeline relabelled at each, then run again at the best, which
+reuses its subtasks).
 D3's soft labels mix the class in at the `hard_label_weight` of its budget (`hf_d3.teacher.hard_label_weight_for`
 unless the command line sets one). The prototypes and R+S choose on the held-out images between that mix and the
-teacher's labels alone (weight 0), jointly with the temperature; R+H's are class ids. A row saved with a smaller
+teacher's labels alone (weight 0), jointly with the temperature; R+H's are class ids. A row saved with another
 grid of temperatures lends its held-out scores, and its test accuracies where its choice stands (`earlier_row`).
 A baseline that needs more than the budget (one image per class does not fit) is marked `over_budget`. Every student
 uses the config's evaluation settings and `--seeds` seeds; where two methods at a budget are within 2 std of each
@@ -235,10 +236,11 @@ class KeptScores:
 
 def temperature_scores(held_out: KeptScores, method: str, choice: str, make_sampler,
                        known: dict[str, float] | None) -> dict[str, float]:
-    """`method`'s held-out scores at each of `TEMPERATURES` for `choice` (its other choices, e.g. "weight 0.0"),
-    `make_sampler(temperature)` giving the set labelled at it; `known`: scores an earlier row measured."""
+    """`method`'s held-out scores at each temperature of its row's grid (`row_settings`) for `choice` (its other
+    choices, e.g. "weight 0.0"), `make_sampler(temperature)` giving the set labelled at it; `known`: scores an
+    earlier row measured."""
     return choose_temperature(lambda t: held_out(method, f"{choice} temperature {t}".lstrip(), lambda: make_sampler(t)),
-                              TEMPERATURES, known)[1]
+                              held_out.settings_of(method)["label_temperatures"], known)[1]
 
 
 def chosen_d3_row(method: str, config_path: Path, args: list[str], shared: Path, run: Path, seeds: int, teacher,
@@ -404,9 +406,9 @@ def prototype_row(config, shared: RunPlan, train, test: RealImages, teacher, bud
 
 def d3_held_out_scores(method: str, run: Path, teacher, held_out: KeptScores,
                        known: dict[str, float]) -> dict[str, float]:
-    """The held-out scores of D3's pipeline in `run` relabelled at each of `TEMPERATURES` (`known`: scored already),
-    as its run relabels (`hf_d3.teacher.relabel`, at the run's hard-label weight, then stored in its storage dtype;
-    from the saved decoder, which in 8 or 16 bits is the run's within the quantisation error)."""
+    """The held-out scores of D3's pipeline in `run` relabelled at each temperature of its row's grid (`known`: scored
+    already), as its run relabels (`hf_d3.teacher.relabel`, at the run's hard-label weight, then stored in its
+    storage dtype; from the saved decoder, which in 8 or 16 bits is the run's within the quantisation error)."""
     chosen = json.loads((run / "config.json").read_text())
 
     def relabelled(temperature: float):
@@ -468,16 +470,16 @@ def same_settings(saved: dict, current: dict) -> bool:
     return all(saved.get(key, defaults.get(key)) == value for key, value in current.items() if key not in BOOKKEEPING)
 
 
-def row_settings(method: str, settings: dict) -> dict:
+def row_settings(method: str, settings: dict, temperatures=TEMPERATURES) -> dict:
     """The settings a method's row depends on: random real images are drawn without the distillation's settings
     (`DISTILLATION_ONLY`); R+H's labels are class ids, whatever the teacher's labels are; every other method chooses
-    its labels' temperature from `TEMPERATURES` on held-out images, R+S and the prototypes their hard-label weight
+    its labels' temperature from `temperatures` on held-out images, R+S and the prototypes their hard-label weight
     too."""
     if method in ("R+H", "R+S", "R+S-low"):
         settings = {k: v for k, v in settings.items() if k not in DISTILLATION_ONLY}
     if method == "R+H":
         return {k: v for k, v in settings.items() if k != "hard_label_weight"}
-    settings = {**settings, "label_temperatures": list(TEMPERATURES)}
+    settings = {**settings, "label_temperatures": sorted(float(t) for t in temperatures)}
     if method in ("R+S", "R+S-low", "prototypes"):
         return {**settings, "baseline_label_weights": baseline_label_weights(settings["hard_label_weight"])}
     return settings
@@ -489,7 +491,7 @@ def saved_row(folder: Path, method: str) -> dict | None:
 
 
 def earlier_row(folder: Path, method: str, settings: dict) -> dict | None:
-    """The saved row of `method` whose settings are these but its grid of temperatures (before `TEMPERATURES` grew,
+    """The saved row of `method` whose settings are these but its grid of temperatures (an earlier or other grid,
     or before the method chose one): its held-out scores carry over, and its test accuracies where its choice
     stands (`carried_accuracies`)."""
     saved = saved_row(folder, method)
@@ -669,6 +671,9 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--close_seeds", type=int, default=5,
                         help="seeds for every method within 2 std of another method at the same budget")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES),
+                        help="the grid every method with soft labels chooses its labels' temperature from on held-out "
+                        "images (a row of another grid lends the scores they share)")
     parser.add_argument("--plot_only", action="store_true")
     parser.add_argument("--figure", type=Path, default=None, help="where to draw the PNG (default: in output_dir; "
                         "src/hf_d3/model_cards/accuracy_vs_storage.png ships it with the pipeline cards)")
@@ -709,9 +714,12 @@ def main():
         weight = hard_label_weight_for(ipc) if weight is None else weight  # `base` sets no budget: this one does
         config = dataclasses.replace(base, relabel=dataclasses.replace(base.relabel, hard_label_weight=weight))
         settings = {**base_settings, "hard_label_weight": config.relabel.hard_label_weight}
+
+        def settings_of(method: str, settings=settings) -> dict:  # a row's settings at this budget
+            return row_settings(method, settings, args.temperatures)
         key = {"dataset": args.dataset, "budget": f"{ipc:g}", "unit": budget.unit,
                "storage_dtype": budget.storage_dtype, "label_top_k": budget.label_top_k, "settings": settings}
-        if restored := restore_rows(folder, key, lambda method, s=settings: row_settings(method, s)):
+        if restored := restore_rows(folder, key, settings_of):
             print(f"{folder}: rows of {', '.join(restored)} restored from {RECORDS.relative_to(ROOT)}")
         d3_runs = {}  # method: its config, arguments and run folder
         if "D3" in args.methods:
@@ -723,9 +731,9 @@ def main():
             d3_runs["D3-hand"] = (hand_sized_config(args.dataset, ipc, config_path, folder), overrides,
                                   folder / "d3_hand")
         held_out = KeptScores(folder, lambda c=config: held_out_scorer(c, train_images(), len(test.class_names)),
-                              lambda method, s=settings: row_settings(method, s))
+                              settings_of)
         for method, (d3_config, d3_args, run) in d3_runs.items():
-            d3_settings = row_settings(method, settings)
+            d3_settings = settings_of(method)
             if not is_done(folder, method, d3_settings):
                 row = chosen_d3_row(method, d3_config, d3_args, out / "shared", run, args.seeds, teacher, held_out,
                                     earlier_row(folder, method, d3_settings))
@@ -733,20 +741,20 @@ def main():
         # the baselines get the whole budget, which D3 fills only to 90-100 %: the comparison favours them
         baselines = [m for m in ("prototypes", "R+H", "R+S", "R+S-low")
                      if (m in args.methods or m == "R+S" and "R+S-low" in args.methods)  # R+S-low needs R+S's row
-                     and not is_done(folder, m, row_settings(m, settings))]
+                     and not is_done(folder, m, settings_of(m))]
         if "prototypes" in baselines:
             row = prototype_row(config, shared, train, test, teacher, budget, args.seeds, held_out,
-                                earlier_row(folder, "prototypes", row_settings("prototypes", settings)))
-            save_row(folder, "prototypes", {**key, "settings": row_settings("prototypes", settings)}, row)
+                                earlier_row(folder, "prototypes", settings_of("prototypes")))
+            save_row(folder, "prototypes", {**key, "settings": settings_of("prototypes")}, row)
         if real := [m for m in baselines if m != "prototypes"]:
             r_plus_s = saved_row(folder, "R+S") if "R+S" not in real else None
-            earlier = {m: earlier_row(folder, m, row_settings(m, settings)) for m in real}
+            earlier = {m: earlier_row(folder, m, settings_of(m)) for m in real}
             for method, row in real_rows(config, train_images(), test, teacher, budget, args.seeds, real, held_out,
                                          r_plus_s and r_plus_s["row"], earlier).items():
-                save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
+                save_row(folder, method, {**key, "settings": settings_of(method)}, row)
         # methods within 2 std of another get students with the next seeds, until no close pair has too few
         rows = {m: saved_row(folder, m)["row"] for m in args.methods
-                if is_done(folder, m, row_settings(m, settings))}
+                if is_done(folder, m, settings_of(m))}
         while todo := sorted(m for m in close_methods(rows) if len(rows[m]["accuracies"]) < args.close_seeds):
             method, row = todo[0], rows[todo[0]]
             sampler, run_config = top_up_sampler(method, row, config, folder, shared, train, test, teacher,
@@ -754,7 +762,7 @@ def main():
                                                  else None)
             done = len(row["accuracies"])
             row["accuracies"] += evaluate(run_config, sampler, args.close_seeds - done, first_seed=done).accuracies
-            save_row(folder, method, {**key, "settings": row_settings(method, settings)}, row)
+            save_row(folder, method, {**key, "settings": settings_of(method)}, row)
     merge_and_plot(args.output_dir, figure)
 
 

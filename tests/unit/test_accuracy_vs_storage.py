@@ -80,6 +80,7 @@ def test_every_soft_label_method_chooses_its_temperature_and_an_earlier_grid_len
     for method in ("D3", "D3-hand", "prototypes", "R+S", "R+S-low"):
         assert bench.row_settings(method, settings)["label_temperatures"] == list(bench.TEMPERATURES)
     assert "label_temperatures" not in bench.row_settings("R+H", settings)
+    assert bench.row_settings("R+S", settings, [0.5, 0.125])["label_temperatures"] == [0.125, 0.5]  # --temperatures
     assert min(bench.TEMPERATURES) < bench.FIRST_TEMPERATURE  # the first grid's edge is inside the grid now
 
     # a row saved before the grid grew is not done, but it is an earlier row of the same settings...
@@ -117,7 +118,9 @@ def test_d3_is_scored_at_every_temperature_as_its_run_relabels_it(bench, tmp_pat
         labels_seen[sharpness] = soft
         return sharpness
 
-    held_out = bench.KeptScores(tmp_path, lambda: score, lambda method: {"eval_steps": 7, "output_dir": "here"})
+    grid = list(bench.TEMPERATURES)
+    held_out = bench.KeptScores(tmp_path, lambda: score, lambda method: {"eval_steps": 7, "output_dir": "here",
+                                                                         "label_temperatures": grid})
     scores = bench.d3_held_out_scores("D3", run, teacher, held_out, known={"8.0": 0.0})
     assert list(scores) == [str(t) for t in bench.TEMPERATURES]
     assert scores["8.0"] == 0.0 and len(labels_seen) == len(bench.TEMPERATURES) - 1  # the known one not measured
@@ -129,13 +132,20 @@ def test_d3_is_scored_at_every_temperature_as_its_run_relabels_it(bench, tmp_pat
 
     # every score was kept as it was measured: a rerun (a killed run's, or one where another output folder is
     # bookkeeping) measures none again; other settings measure anew
-    again = bench.KeptScores(tmp_path, lambda: pytest.fail("measured again"), lambda method: {"eval_steps": 7})
+    again = bench.KeptScores(tmp_path, lambda: pytest.fail("measured again"),
+                             lambda method: {"eval_steps": 7, "label_temperatures": grid})
     assert bench.d3_held_out_scores("D3", run, teacher, again, known={"8.0": 0.0}) == scores
     measured = []
     other = bench.KeptScores(tmp_path, lambda: lambda sampler: measured.append(sampler) or 0.5,
-                             lambda method: {"eval_steps": 8})
+                             lambda method: {"eval_steps": 8, "label_temperatures": grid})
     bench.d3_held_out_scores("D3", run, teacher, other, known={})
     assert len(measured) == len(bench.TEMPERATURES)
+    # the grid is the row's: another grid scores its own temperatures, measuring only those no score is known at
+    measured.clear()
+    narrow = bench.KeptScores(tmp_path, lambda: lambda sampler: measured.append(sampler) or 0.5,
+                              lambda method: {"eval_steps": 9, "label_temperatures": [0.125, 0.25]})
+    assert list(bench.d3_held_out_scores("D3", run, teacher, narrow, known={"0.25": 0.1})) == ["0.125", "0.25"]
+    assert len(measured) == 1
 
 
 def test_the_real_image_rows_in_a_new_folder_and_beside_an_earlier_grid(bench, fmnist4_tensors, tmp_path):
@@ -146,7 +156,7 @@ def test_the_real_image_rows_in_a_new_folder_and_beside_an_earlier_grid(bench, f
     config = D3Config.from_dict({**TINY_RUN, "dataset": "unused", "hard_label_weight": 0.5})
     test = RealImages(fmnist4_tensors.images[:8], fmnist4_tensors.labels[:8], fmnist4_tensors.class_names)
     budget = bench.Budget(2, "values", "float32", 4, 256)
-    settings = {"eval_steps": 4}
+    settings = {"eval_steps": 4, "label_temperatures": list(bench.TEMPERATURES)}
     measured = []
     held_out = bench.KeptScores(tmp_path, lambda: lambda sampler: measured.append(sampler) or 0.1 * len(measured),
                                 lambda method: settings)
