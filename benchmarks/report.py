@@ -102,8 +102,8 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
              "until held-out accuracy stops rising, `benchmarks/converged.py`); R+H / R+S: random real images, "
              "class / teacher labels; R+S-low: R+S stored 2 or 4 times smaller per side. "
              "`benchmarks/accuracy_vs_storage.py`; `-`: not measured; `*`: over the budget; `°`: soft labels at "
-             "the temperature (0.25-8) that scored best on held-out images (without: R+S and R+S-low chose from "
-             "1-8, D3 and prototypes used 1).", ""]
+             "the temperature that scored best on held-out images, from 0.25-8 or the note's `--temperatures` "
+             "(without: R+S and R+S-low chose from 1-8, D3 and prototypes used 1).", ""]
     for dataset, title in DATASETS.items():
         for form in sorted({storage_format(r["settings"]) for r in curve if r["settings"]["dataset"] == dataset},
                            key=format_order):
