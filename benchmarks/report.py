@@ -17,7 +17,7 @@ from pathlib import Path
 from record import RESULTS, load_records
 
 ROOT = RESULTS.parents[1]
-DATASETS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (3,390 train images)",
+DATASETS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 subset (5,085 train images)",
             "tiny_imagenet": "Tiny ImageNet at 32x32 (CPU protocol: recipes/configs/tinyimagenet_cpu.yaml)"}
 METHODS = ("D3", "D3-hand", "prototypes", "prototypes-converged", "R+H", "R+S", "R+S-low")
 BASELINES = tuple(m for m in METHODS if not m.startswith("D3"))
@@ -95,7 +95,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def accuracy_tables(results: dict, notes: Notes) -> list[str]:
     curve = [r for r in results["accuracy_vs_storage"] if "variant" not in r["settings"]]
     lines = ["## Accuracy against storage", "",
-             "Test accuracy (%, mean ± std over student seeds) of fresh students trained on what each method "
+             "Test accuracy (%, mean ± std over seeds) of fresh students trained on what each method "
              "stores within a budget in IPC-equivalents: values (the paper's unit) or bytes (D3's files against "
              "uint8 images; real and prototype images uint8, soft labels stored as D3's). D3: sizes from the "
              "budget; D3-hand: a shipped config's; prototypes: real images optimised by D3's objective (-converged: "
@@ -103,17 +103,19 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
              "class / teacher labels; R+S-low: R+S stored 2 or 4 times smaller per side. "
              "`benchmarks/accuracy_vs_storage.py`; `-`: not measured; `*`: over the budget; `°`: soft labels at "
              "the temperature that scored best on held-out images, from 0.25-8 or the note's `--temperatures` "
-             "(without: R+S and R+S-low chose from 1-8, D3 and prototypes used 1).", ""]
+             "(without: R+S and R+S-low from 1-8, D3 and prototypes at 1).", ""]
     for dataset, title in DATASETS.items():
         for form in sorted({storage_format(r["settings"]) for r in curve if r["settings"]["dataset"] == dataset},
                            key=format_order):
             records = [r for r in curve
                        if r["settings"]["dataset"] == dataset and storage_format(r["settings"]) == form]
             rows, d3_beaten = [], []
+            # a method no budget of this table measured gets no column
+            methods = [m for m in METHODS if any(r["settings"]["method"] == m for r in records)]
             for budget in sorted({r["settings"]["budget_ipc"] for r in records}):
                 row = [f"{budget:g}"]
                 means, marked = {}, {}
-                for method in METHODS:
+                for method in methods:
                     record = latest(records, budget_ipc=budget, method=method)
                     if record is None:
                         row.append("-")
@@ -130,14 +132,14 @@ def accuracy_tables(results: dict, notes: Notes) -> list[str]:
                 if beaten := baselines_reaching_d3(means):
                     d3_beaten.append(f"{budget:g} ({', '.join(marked[m] for m in beaten)})")
             where = "" if form == PAPER_FORMAT else ", " + format_text(form)
-            lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {form[0]})", *METHODS], rows), ""]
+            lines += [f"### {title}{where}", "", *table([f"budget (IPC-eq, {form[0]})", *methods], rows), ""]
             if d3_beaten:
                 lines += ["**A baseline at or above D3** (mean) at budget " + ", ".join(d3_beaten) + ".", ""]
             peaks = [(budget, record["figures"]["peak_rss_gib"]) for budget in sorted({r["settings"]["budget_ipc"]
                      for r in records}) if (record := latest(records, budget_ipc=budget, method="D3"))
                      and "peak_rss_gib" in record["figures"]]
             if peaks:
-                lines += ["Peak resident memory of D3's run (GiB, one process): " + ", ".join(
+                lines += ["D3's peak resident memory (GiB): " + ", ".join(
                     f"{peak:.2f} at {budget:g}" for budget, peak in peaks) + ".", ""]
     return lines
 
@@ -170,13 +172,13 @@ def storage_dtype_table(results: dict, notes: Notes) -> list[str]:
         for dtype, row in figures.items():
             change = ("" if reference is None or dtype == "float32"
                       else f"{100 * (statistics.mean(row['accuracies']) - reference):+.2f}")
-            rows.append([record["settings"]["config"], dtype, mean_std(row["accuracies"], 100), change,
+            rows.append([Path(record["settings"]["config"]).name, dtype, mean_std(row["accuracies"], 100), change,
                          f"{row['total_bytes']:,}", f"{row['ipc_equivalent_bytes']:.2f}", notes(record)])
     if not rows:
         return []
     return ["### One distilled set in each storage dtype", "",
             "`benchmarks/storage_dtype.py`: the same distillation, quantised at the end of the run and relabelled "
-            "before; each dtype's students train on what its files give back. Accuracy (%), its change against "
+            "before; students train on what its files give back. Accuracy (%), its change against "
             "float32 (points), stored bytes and the IPC-equivalent in bytes.", "",
             *table(["config", "storage dtype", "accuracy", "vs float32", "bytes", "IPC-eq (bytes)", "note"], rows),
             ""]
@@ -187,13 +189,13 @@ def ceiling_table(results: dict, notes: Notes) -> list[str]:
     rows = []
     for record in results.get("ceiling", []):
         s, figures = record["settings"], record["figures"]
-        rows.append([s["dataset"], f"{s['resolution']}x{s['resolution']}", f"{s['architecture']}, depth "
+        rows.append([Path(s["dataset"]).name, f"{s['resolution']}x{s['resolution']}", f"{s['architecture']}, depth "
                      f"{s['net_depth']}, width {s['net_width']}", str(s["epochs"]), f"{figures['test_accuracy']:.2f}",
                      f"{figures['train_wall_time_s'] / 60:.0f}", record["machine"], notes(record)])
     if not rows:
         return []
-    return ["### Ceilings", "", "The protocol's network trained on every training image, as a run's relabelling "
-            "teacher is (`benchmarks/ceiling.py`): test accuracy (%) and training time (min, one thread).", "",
+    return ["### Ceilings", "", "The protocol's network trained on every training image "
+            "(`benchmarks/ceiling.py`): test accuracy (%) and training time (min, one thread).", "",
             *table(["dataset", "images", "network", "epochs", "accuracy", "minutes", "machine", "note"], rows), ""]
 
 
@@ -239,7 +241,7 @@ def speed_table(results: dict, notes: Notes) -> list[str]:
             figures = flops["figures"]["flops"]
             rows.append(["MTT iteration, one thread (s)", f"{figures['seconds_per_iteration']:.2f}", machine,
                          notes(flops)])
-            rows.append(["its convolutions' floor at one convolution's rate (s)",
+            rows.append(["its convolutions at one convolution's rate (s)",
                          f"{figures['convolution_floor_s']:.2f}", machine, notes(flops)])
     for machine in ("amd-epyc-2c", "intel-xeon-2c"):
         if run := latest([r for r in demo if r["machine"] == machine and "wall_time" in r["figures"]]):
@@ -307,10 +309,9 @@ def many_classes_table(results: dict, notes: Notes) -> list[str]:
                      speedup(figures), f"{max(figures['peak_memory_gib_per_subtask']):.2f}", notes(record)])
     if not rows:
         return []
-    return ["Federated distillation at many classes, on the curve's protocol (`benchmarks/federated_many_classes.py`):"
-            " accuracy (%), minutes of the distillation phase (data, experts, distillation, gather) from an empty "
-            "stage folder, speedup over 1 process (and whether the pipelines are equal), a subtask's peak resident "
-            "memory (GiB).", "",
+    return ["Federated at many classes, on the curve's protocol (`benchmarks/federated_many_classes.py`):"
+            " accuracy (%), minutes of the distillation phase from an empty stage folder, speedup over 1 process "
+            "(and whether the pipelines are equal), a subtask's peak resident memory (GiB).", "",
             *table(["dataset", "IPC-eq", "K", "processes", "accuracy", "students", "minutes", "speedup",
                     "peak GiB", "note"], rows), ""]
 
