@@ -678,6 +678,8 @@ def main():
     parser.add_argument("--figure", type=Path, default=None, help="where to draw the PNG (default: in output_dir; "
                         "src/hf_d3/model_cards/accuracy_vs_storage.png ships it with the pipeline cards)")
     args, overrides = parser.parse_known_args()
+    if bad := [t for t in args.temperatures if not t > 0]:
+        parser.error(f"--temperatures {' '.join(f'{t:g}' for t in bad)}: a temperature must be above 0")
     figure = args.figure or args.output_dir / "accuracy_vs_storage.png"
     if args.plot_only:
         merge_and_plot(args.output_dir, figure)

@@ -4,6 +4,8 @@ by key: tests/integration/test_run.py).
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -280,3 +282,11 @@ def test_a_fresh_clone_restores_the_baselines_rows_from_their_committed_records(
     assert not bench.is_done(folder, "prototypes", settings_of("prototypes"))
     assert bench.earlier_row(folder, "prototypes", settings_of("prototypes")) == {"accuracies": [0.5],
                                                                                   "of": "prototypes"}
+
+
+def test_a_temperature_not_above_zero_is_refused_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path), "--temperatures", "0.5", "0",
+                             "-1"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--temperatures 0 -1: a temperature must be above 0" in result.stderr
+    assert not any(tmp_path.iterdir())
